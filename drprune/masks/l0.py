@@ -1,0 +1,213 @@
+"""Hard-concrete L0 masks toward a target shape (CoFi / Sheared-LLaMA), DESIGN.md 4.1."""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from drprune.errors import ConfigError
+from drprune.masks.base import MaskGenerator, MaskSet, expected_params
+from drprune.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+LIMIT_L, LIMIT_R, BETA, EPS = -0.1, 1.1, 2.0 / 3.0, 1e-6
+LOG_ALPHA_MIN, LOG_ALPHA_MAX = math.log(0.01), math.log(100.0)
+EVAL_SHARPEN = 0.8  # deterministic masks use sigmoid(log_alpha / BETA * 0.8), as in the anchors
+L0_MODULES = ("head", "head_layer", "mlp", "layer", "intermediate", "hidden")
+TARGET_KEYS = ("d_model", "n_heads", "n_kv_heads", "n_layers", "intermediate_size")
+
+
+class HardConcrete(nn.Module):
+    """`rows` independent groups of `n` gates, each group pruned to `target_size` units."""
+
+    def __init__(self, rows: int, n: int, target_size: int, droprate_init: float) -> None:
+        super().__init__()
+        self.n, self.target_size = n, target_size
+        init = math.log(1 - droprate_init) - math.log(droprate_init)
+        self.log_alpha = nn.Parameter(torch.full((rows, n), init))
+
+    @property
+    def target_sparsity(self) -> float:
+        return 1.0 - self.target_size / self.n
+
+    def constrain(self) -> None:
+        with torch.no_grad():
+            self.log_alpha.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+
+    def keep_prob(self) -> Tensor:
+        """P(z > 0) per gate."""
+        return 1 - torch.sigmoid(BETA * math.log(-LIMIT_L / LIMIT_R) - self.log_alpha)
+
+    def expected_sparsity(self) -> Tensor:
+        """Per row: 1 - expected kept fraction."""
+        return 1 - self.keep_prob().sum(-1) / self.n
+
+    def sample(self) -> Tensor:
+        u = torch.empty_like(self.log_alpha).uniform_(EPS, 1 - EPS)
+        s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + self.log_alpha) / BETA)
+        return (s * (LIMIT_R - LIMIT_L) + LIMIT_L).clamp(0, 1)
+
+    def deterministic(self, to_target: bool) -> Tensor:
+        """Soft keep values with the smallest `n - kept` of each row zeroed."""
+        soft = torch.sigmoid(self.log_alpha / BETA * EVAL_SHARPEN)
+        if to_target:
+            n_zero = torch.full((soft.shape[0],), self.n - self.target_size)
+        else:
+            n_zero = torch.round(self.n - self.keep_prob().sum(-1)).long()
+        out = soft.clone()
+        for row, k in enumerate(n_zero.tolist()):
+            if k > 0:
+                out[row, torch.topk(soft[row], k, largest=False).indices] = 0
+        return out
+
+
+def resolve_targets(cfg: ModelConfig, modules: list[str], target: Mapping[str, Any], prefix: str) -> dict[str, int]:
+    """Validate `target_model` against the source and return the kept size of each module.
+
+    Raised before any heavy work, naming the key and the fix.
+    """
+    unknown = [m for m in modules if m not in L0_MODULES]
+    if unknown:
+        raise ConfigError(f"{prefix}.pruning_modules has unknown modules {unknown}; valid: {list(L0_MODULES)}")
+    bad_keys = sorted(set(target) - set(TARGET_KEYS))
+    if bad_keys:
+        raise ConfigError(f"{prefix}.target_model has unknown keys {bad_keys}; valid: {list(TARGET_KEYS)}")
+    source = dict(d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                  n_layers=cfg.n_layers, intermediate_size=cfg.intermediate_size)
+    needs = {"head": "n_heads", "intermediate": "intermediate_size", "hidden": "d_model",
+             "layer": "n_layers", "head_layer": "n_layers", "mlp": "n_layers"}
+    for module in modules:
+        if target.get(needs[module]) is None:
+            raise ConfigError(
+                f"{prefix}.target_model.{needs[module]} is required when pruning_modules contains {module!r}"
+            )
+    for key, value in target.items():
+        if value is None:
+            continue
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{prefix}.target_model.{key}={value!r} must be a positive integer")
+        if value > source[key]:
+            raise ConfigError(
+                f"{prefix}.target_model.{key}={value} is larger than the source model's {key}={source[key]}: "
+                "a pruning target must be no larger than the source"
+            )
+    sizes: dict[str, int] = {}
+    if "head" in modules:
+        n_heads = target["n_heads"]
+        if n_heads % cfg.group_size:
+            raise ConfigError(
+                f"{prefix}.target_model.n_heads={n_heads} is not a whole number of GQA groups: the source "
+                f"has {cfg.group_size} query heads per KV head, so use a multiple of {cfg.group_size}"
+            )
+        kv = target.get("n_kv_heads")
+        if kv is not None and kv * cfg.group_size != n_heads:
+            raise ConfigError(
+                f"{prefix}.target_model.n_kv_heads={kv} does not match n_heads={n_heads} with "
+                f"{cfg.group_size} query heads per KV head: use n_kv_heads={n_heads // cfg.group_size}"
+            )
+        sizes["head"] = n_heads // cfg.group_size
+    if "intermediate" in modules:
+        sizes["intermediate"] = target["intermediate_size"]
+    if "hidden" in modules:
+        sizes["hidden"] = target["d_model"]
+        if cfg.tie_word_embeddings:
+            log.info("hidden pruning with tied embeddings: the shared matrix is scaled once at compaction")
+    for module in ("layer", "head_layer", "mlp"):
+        if module in modules:
+            sizes[module] = target["n_layers"]
+    return sizes
+
+
+class L0MaskGenerator(MaskGenerator):
+    """Hard-concrete gates per module with a Lagrangian pulling expected sparsity to the target."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        pruning_modules: list[str],
+        target_model: Mapping[str, Any],
+        lagrangian_warmup_steps: int = 0,
+        start_sparsity: float = 0.0,
+        eval_target_model: bool = True,
+        droprate_init: float = 0.01,
+        config_prefix: str = "model.mask_generator",
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.sizes = resolve_targets(cfg, list(pruning_modules), dict(target_model), config_prefix)
+        if not 0 < droprate_init < 1:
+            raise ConfigError(f"{config_prefix}.droprate_init={droprate_init} must be in (0, 1)")
+        self.warmup = int(lagrangian_warmup_steps)
+        self.start_sparsity = start_sparsity
+        self.eval_target_model = eval_target_model
+        shapes = {  # module -> (rows, gates per row)
+            "head": (cfg.n_layers, cfg.n_kv_heads), "intermediate": (cfg.n_layers, cfg.intermediate_size),
+            "hidden": (1, cfg.d_model), "layer": (1, cfg.n_layers), "head_layer": (1, cfg.n_layers),
+            "mlp": (1, cfg.n_layers),
+        }
+        self.gates = nn.ModuleDict(
+            {m: HardConcrete(*shapes[m], self.sizes[m], droprate_init) for m in self.sizes}
+        )
+        self.lambda_1 = nn.ParameterDict({m: nn.Parameter(torch.zeros(())) for m in self.sizes})
+        self.lambda_2 = nn.ParameterDict({m: nn.Parameter(torch.zeros(())) for m in self.sizes})
+        for p in list(self.lambda_1.values()) + list(self.lambda_2.values()):
+            p.register_hook(torch.neg)  # Lagrange multipliers climb: gradient ascent
+        self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def set_step(self, step: int) -> None:
+        self.step.fill_(step)
+
+    def _as_maskset(self, values: dict[str, Tensor]) -> MaskSet:
+        out = MaskSet()
+        for name, v in values.items():
+            out[name] = v if name in ("head", "intermediate") else v.reshape(-1)
+        return out
+
+    def forward(self) -> MaskSet:
+        if self.training:
+            for gate in self.gates.values():
+                gate.constrain()
+            return self._as_maskset({m: g.sample() for m, g in self.gates.items()})
+        return self._as_maskset({m: g.deterministic(self.eval_target_model) for m, g in self.gates.items()})
+
+    def hard_masks(self) -> MaskSet:
+        with torch.no_grad():
+            return self._as_maskset({m: g.deterministic(True) for m, g in self.gates.items()})
+
+    def target_sparsity(self, module: str) -> float:
+        """Linear warm-up from start_sparsity to the module's target sparsity."""
+        final = self.gates[module].target_sparsity
+        frac = 1.0 if self.warmup <= 0 else min(1.0, int(self.step) / self.warmup)
+        return self.start_sparsity + (final - self.start_sparsity) * frac
+
+    def regularization(self, masks: MaskSet) -> tuple[Tensor, dict[str, float]]:
+        loss = torch.zeros((), device=self.lambda_1[next(iter(self.sizes))].device)
+        stats: dict[str, float] = {}
+        for m, gate in self.gates.items():
+            expected = gate.expected_sparsity()
+            target = self.target_sparsity(m)
+            gap = expected - target
+            loss = loss + (self.lambda_1[m] * gap + self.lambda_2[m] * gap.pow(2)).mean()
+            stats[f"expected_sparsity/{m}"] = float(expected.mean())
+            stats[f"target_sparsity/{m}"] = target
+            stats[f"lambda_1/{m}"] = float(self.lambda_1[m])
+            stats[f"lambda_2/{m}"] = float(self.lambda_2[m])
+        with torch.no_grad():
+            stats["expected_params"] = float(expected_params(self.cfg, self.keep_probs(), embeddings=False))
+        stats["lagrangian_loss"] = float(loss)
+        return loss, stats
+
+    def keep_probs(self) -> MaskSet:
+        return self._as_maskset({m: g.keep_prob() for m, g in self.gates.items()})
+
+    def param_groups(self, lag_lr: float) -> list[dict[str, Any]]:
+        """Mask logits and Lagrange multipliers both at lag_lr, never weight-decayed."""
+        return [
+            {"params": [g.log_alpha for g in self.gates.values()], "lr": lag_lr, "weight_decay": 0.0},
+            {"params": list(self.lambda_1.values()) + list(self.lambda_2.values()), "lr": lag_lr,
+             "weight_decay": 0.0},
+        ]

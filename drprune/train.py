@@ -1,0 +1,197 @@
+"""Composer entry point: `composer drprune/train.py CONFIG.yaml key=value ...`.
+
+Also `python -m drprune.train CONFIG.yaml key=value ...` for one process. Everything is built from
+the YAML (Sheared-LLaMA / DRPruning keys) plus omegaconf dot-list overrides; every config problem is
+raised before the model is built or data is read.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from drprune.errors import ConfigError, UserError
+
+log = logging.getLogger("drprune.train")
+
+# Keys of the `model` node that are not ModelConfig fields.
+MODEL_NODE_EXTRAS = ("name", "path", "l0_module", "mask_generator")
+
+
+def load_config(path: str, overrides: list[str]) -> DictConfig:
+    try:
+        cfg = OmegaConf.load(path)
+    except FileNotFoundError as err:
+        raise UserError(f"config file {path} does not exist") from err
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. max_duration=20ba)")
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def model_config(cfg: DictConfig, init_state: dict | None):
+    """Model shape from the YAML, or from the `model.path` checkpoint (YAML shape keys must agree)."""
+    from drprune.convert.checkpoint import config_of_state
+    from drprune.models.config import ModelConfig
+
+    node = OmegaConf.to_container(cfg.model, resolve=True)
+    shape = {k: v for k, v in node.items() if k not in MODEL_NODE_EXTRAS}
+    if init_state is not None:
+        from_ckpt = config_of_state(init_state, ModelConfig.from_dict(shape) if shape else None)
+        merged = from_ckpt.to_dict()
+        runtime_only = {"attn_impl", "init_std", "max_seq_len"}
+        conflicts = {k: (v, merged[k]) for k, v in shape.items() if k in merged and merged[k] != v
+                     and k not in runtime_only}
+        if conflicts:
+            raise ConfigError(
+                "model keys contradict the checkpoint in model.path: "
+                + ", ".join(f"model.{k}={v!r} but the checkpoint has {c!r}" for k, (v, c) in conflicts.items())
+                + " (drop them from the YAML: the shape is read from the checkpoint)"
+            )
+        merged.update({k: v for k, v in shape.items() if k in runtime_only})
+        return ModelConfig.from_dict(merged)
+    return ModelConfig.from_dict(shape)
+
+
+def _batch_sizes(cfg: DictConfig) -> tuple[int, int]:
+    from composer.utils import dist
+
+    world = dist.get_world_size()
+    global_bs = int(cfg.global_train_batch_size)
+    if global_bs % world:
+        raise ConfigError(f"global_train_batch_size={global_bs} is not divisible by the world size {world}")
+    return global_bs // world, int(cfg.get("device_eval_batch_size", global_bs // world))
+
+
+def build_optimizer(cfg: DictConfig, model) -> Any:
+    from composer.optim import DecoupledAdamW
+
+    opt = cfg.get("optimizer", {})
+    name = opt.get("name", "decoupled_adamw")
+    if name != "decoupled_adamw":
+        raise ConfigError(f"optimizer.name={name!r} is not supported; use decoupled_adamw")
+    lr = float(opt.get("lr", 1e-4))
+    groups = model.param_groups(lr=lr, weight_decay=float(opt.get("weight_decay", 0.0)),
+                                lag_lr=float(opt.get("lag_lr", 1.0)))
+    return DecoupledAdamW(groups, lr=lr, betas=tuple(opt.get("betas", (0.9, 0.95))), eps=float(opt.get("eps", 1e-8)))
+
+
+def build_scheduler(cfg: DictConfig) -> Any:
+    from composer.optim import (ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler,
+                                LinearWithWarmupScheduler)
+
+    node = dict(cfg.get("scheduler", {"name": "constant_with_warmup", "t_warmup": "0ba"}))
+    name = node.pop("name", "cosine_with_warmup")
+    table = {"cosine_with_warmup": CosineAnnealingWithWarmupScheduler,
+             "constant_with_warmup": ConstantWithWarmupScheduler,
+             "linear_decay_with_warmup": LinearWithWarmupScheduler}
+    if name not in table:
+        raise ConfigError(f"scheduler.name={name!r} is unknown; valid: {sorted(table)}")
+    return table[name](**node)
+
+
+def _precision(cfg: DictConfig) -> str:
+    precision = cfg.get("precision", "fp32")
+    if precision != "fp32" and not torch.cuda.is_available():
+        log.warning("precision=%s needs a GPU; running in fp32 on CPU", precision)
+        return "fp32"
+    return precision
+
+
+def build_trainer(cfg: DictConfig):
+    """Validate the whole config, then build model, data, optimizer and the Composer Trainer."""
+    from composer import Evaluator, Trainer
+    from composer.algorithms import GradientClipping
+    from composer.utils import reproducibility
+
+    from drprune.callbacks import build_callbacks, build_loggers
+    from drprune.convert.checkpoint import decoder_state, load_decoder_weights, load_model_state
+    from drprune.data.loaders import build_eval_dataloader, build_train_dataloader, validate_data_config
+    from drprune.masks import build_mask_generator
+    from drprune.models.composer_model import PrunableLM
+
+    for key in ("max_duration", "global_train_batch_size"):
+        if cfg.get(key) is None:
+            raise ConfigError(f"{key} is required")
+    validate_data_config(cfg)
+    init_path = cfg.model.get("path")
+    init_state = load_model_state(init_path) if init_path else None
+    mcfg = model_config(cfg, init_state)
+    train_bs, eval_bs = _batch_sizes(cfg)
+    mask_generator = build_mask_generator(mcfg, cfg.model)  # validates target_model
+    set_names = list(cfg.get("callbacks", {}).get("data_loading", {}).get("set_names", []) or [])
+
+    reproducibility.seed_all(int(cfg.get("seed", 17)))
+    model = PrunableLM(mcfg, mask_generator, set_names)
+    if init_state is not None:
+        load_decoder_weights(model.model, decoder_state(init_state), init_path)
+        log.info("loaded weights from %s", init_path)
+    log.info("model: %s, %.2fM parameters%s", mcfg.family, model.model.num_params() / 1e6,
+             f", mask generator {type(mask_generator).__name__}" if mask_generator else "")
+
+    train_loader = build_train_dataloader(cfg, train_bs)
+    evaluators = []
+    if cfg.get("eval_loader") is not None:
+        evaluators.append(Evaluator(label="eval", dataloader=build_eval_dataloader(cfg, eval_bs),
+                                    metric_names=list(model.eval_metrics)))
+    algorithms = []
+    clip = cfg.get("algorithms", {}).get("gradient_clipping")
+    if clip is not None:
+        algorithms.append(GradientClipping(clip.get("clipping_type", "norm"), float(clip.clipping_threshold)))
+    parallelism = {"fsdp": OmegaConf.to_container(cfg.fsdp_config)} if cfg.get("fsdp_config") else None
+
+    return Trainer(
+        run_name=cfg.get("run_name"),
+        seed=int(cfg.get("seed", 17)),
+        model=model,
+        train_dataloader=train_loader,
+        eval_dataloader=evaluators or None,
+        optimizers=build_optimizer(cfg, model),
+        schedulers=build_scheduler(cfg),
+        max_duration=cfg.max_duration,
+        eval_interval=cfg.get("eval_interval", 1),
+        eval_subset_num_batches=int(cfg.get("eval_subset_num_batches", -1)),
+        algorithms=algorithms,
+        callbacks=build_callbacks(cfg, model, train_loader),
+        loggers=build_loggers(cfg),
+        progress_bar=bool(cfg.get("progress_bar", False)),
+        log_to_console=bool(cfg.get("log_to_console", True)),
+        console_log_interval=cfg.get("console_log_interval", "1ba"),
+        precision=_precision(cfg),
+        device_train_microbatch_size=cfg.get("device_train_microbatch_size", train_bs),
+        parallelism_config=parallelism,
+        save_folder=cfg.get("save_folder"),
+        save_interval=cfg.get("save_interval", "1ep"),
+        save_num_checkpoints_to_keep=int(cfg.get("save_num_checkpoints_to_keep", -1)),
+        save_overwrite=bool(cfg.get("save_overwrite", False)),
+        load_path=cfg.get("load_path"),
+        autoresume=bool(cfg.get("autoresume", False)),
+        python_log_level=cfg.get("python_log_level", None),
+        dist_timeout=float(cfg.get("dist_timeout", 600)),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print("usage: python -m drprune.train CONFIG.yaml [key=value ...]", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(argv[0], argv[1:])
+        trainer = build_trainer(cfg)
+    except UserError as err:
+        print(f"drprune.train: error: {err}", file=sys.stderr)
+        return 2
+    trainer.fit()
+    trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
