@@ -159,8 +159,8 @@ def _mlp_params(cfg: ModelConfig, inter: Any, d_in: Any, d_out: Any) -> Any:
 
 
 def _embedding_params(cfg: ModelConfig, d: Any) -> Any:
-    n = cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2)
-    return n + _norm_params(cfg, d)
+    """Token embedding and output head; the final norm counts as a non-embedding parameter."""
+    return cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2)
 
 
 def config_params(cfg: ModelConfig, embeddings: bool = True) -> int:
@@ -168,7 +168,7 @@ def config_params(cfg: ModelConfig, embeddings: bool = True) -> int:
     def width(selection: list[int] | None) -> int:
         return cfg.d_model if selection is None else len(selection)
 
-    total = _embedding_params(cfg, cfg.d_model) if embeddings else 0
+    total = _norm_params(cfg, cfg.d_model) + (_embedding_params(cfg, cfg.d_model) if embeddings else 0)
     for i in range(cfg.n_layers):
         s = cfg.layer_spec(i)
         if s.has_attn:
@@ -190,7 +190,7 @@ def expected_params(cfg: ModelConfig, masks: Mapping[str, Tensor], embeddings: b
         return m.sum()
 
     d = total("hidden", None, cfg.d_model)
-    count = _embedding_params(cfg, d) if embeddings else torch.zeros(())
+    count = _norm_params(cfg, d) + (_embedding_params(cfg, d) if embeddings else 0)
     for i in range(cfg.n_layers):
         layer = masks["layer"][i] if "layer" in masks else 1.0
         n_kv = total("head", i, cfg.n_kv_heads)
