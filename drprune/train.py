@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from drprune.errors import ConfigError, UserError
 
@@ -21,11 +23,21 @@ log = logging.getLogger("drprune.train")
 MODEL_NODE_EXTRAS = ("name", "path", "l0_module", "mask_generator")
 
 
+def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """A YAML file merged over its `base:` file (a path relative to it), recursively."""
+    if path in seen:
+        raise ConfigError(f"config {path} includes itself through `base:`")
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    cfg = OmegaConf.load(path)
+    base = cfg.pop("base", None)
+    if base is None:
+        return cfg
+    return OmegaConf.merge(_load_yaml((path.parent / base).resolve(), (*seen, path)), cfg)
+
+
 def load_config(path: str, overrides: list[str]) -> DictConfig:
-    try:
-        cfg = OmegaConf.load(path)
-    except FileNotFoundError as err:
-        raise UserError(f"config file {path} does not exist") from err
+    cfg = _load_yaml(Path(path).resolve())
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. max_duration=20ba)")
@@ -185,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(argv[0], argv[1:])
         trainer = build_trainer(cfg)
+    except MissingMandatoryValue as err:
+        print(f"drprune.train: error: config key {err.full_key} is required: add {err.full_key}=... "
+              "to the command line", file=sys.stderr)
+        return 2
     except UserError as err:
         print(f"drprune.train: error: {err}", file=sys.stderr)
         return 2
