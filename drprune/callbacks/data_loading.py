@@ -1,15 +1,233 @@
-"""Dynamic data loading callback (placeholder until the rules land: only `constant` is accepted)."""
+"""Dynamic data loading: move the domain mixture during training (constant / sheared / dro...).
+
+The rules themselves are pure functions in `drprune.mixture`; this callback gathers their inputs
+(EMA of per-domain training losses reduced over ranks, per-domain eval losses, tokens seen per
+domain), applies the rule after each evaluation, pushes the new proportions to the mixture dataset
+on every rank (rank 0's result is broadcast, so ranks can never drift apart), logs them every batch,
+and keeps all of it in Composer checkpoints for exact resume. Plots and a summary JSON go to
+`save_folder` at every evaluation and at the end of the run.
+"""
 from __future__ import annotations
 
+import json
+import logging
+import math
+from pathlib import Path
 from typing import Any
 
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
 from omegaconf import DictConfig
 
 from drprune.errors import ConfigError
+from drprune.mixture import UpdateType, constant_update, dro_update, parse_update_type, sheared_update
+
+log = logging.getLogger(__name__)
 
 
-def build_data_loading_callback(params: dict[str, Any], cfg: DictConfig, model: Any, loader: Any) -> None:
-    update_type = params.get("update_type", "constant")
-    if update_type != "constant":
-        raise ConfigError(f"callbacks.data_loading.update_type={update_type!r} is not available yet")
-    return None
+class DynamicLoadingCallback(Callback):
+    def __init__(
+        self,
+        set_names: list[str],
+        proportion: list[float],
+        update_type: UpdateType,
+        dataset: Any,
+        *,
+        reference_loss: list[float] | None = None,
+        rho: float = 0.1,
+        ema: float = 0.1,
+        min_prob: float = 0.2,
+        clamp_q_to_min: bool = True,
+        save_folder: str | None = None,
+    ) -> None:
+        self.set_names, self.update_type, self.dataset = list(set_names), update_type, dataset
+        self.rho, self.ema, self.min_prob, self.clamp_q_to_min = rho, ema, min_prob, clamp_q_to_min
+        self.save_folder = Path(save_folder) if save_folder else None
+        k = len(self.set_names)
+        self.p = list(proportion)
+        self.p0 = list(proportion)
+        self.p0_init = list(proportion)
+        self.reference_loss = list(reference_loss) if reference_loss is not None else None
+        self.ema_loss: list[float | None] = [None] * k
+        self.tokens_seen = [0] * k
+        self.weight_history: list[tuple[int, list[float]]] = []
+        self.eval_history: list[tuple[int, list[float], list[float] | None]] = []
+        self._batch_sums = torch.zeros(2 * k, dtype=torch.float64)
+        self.fitter = None
+        if update_type.dynamic_reference:
+            from drprune.mixture import ReferenceLossFitter
+
+            self.fitter = ReferenceLossFitter(self.set_names)
+
+    # ---------------------------------------------------------------- training losses
+    def after_loss(self, state: State, logger: Logger) -> None:
+        outputs, batch = state.outputs, state.batch
+        if not isinstance(outputs, dict) or "loss_sum" not in outputs or "set" not in batch:
+            return
+        k = len(self.set_names)
+        ids = batch["set"].to(outputs["loss_sum"].device)
+        sums = torch.zeros(k, dtype=torch.float64, device=ids.device)
+        counts = torch.zeros(k, dtype=torch.float64, device=ids.device)
+        sums.index_add_(0, ids, outputs["loss_sum"].double())
+        counts.index_add_(0, ids, outputs["tokens"].double())
+        self._batch_sums += torch.cat([sums, counts]).cpu()
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        totals = self._batch_sums.clone()
+        self._batch_sums.zero_()
+        device = state.device.tensor_to_device(totals) if hasattr(state, "device") else totals
+        dist.all_reduce(device)
+        totals = device.cpu()
+        k = len(self.set_names)
+        for i in range(k):
+            tokens = float(totals[k + i])
+            if tokens > 0:
+                mean = float(totals[i]) / tokens
+                prev = self.ema_loss[i]
+                self.ema_loss[i] = mean if prev is None else (1 - self.ema) * prev + self.ema * mean
+                self.tokens_seen[i] += int(tokens)
+        step = int(state.timestamp.batch)
+        self.weight_history.append((step, list(self.p)))
+        logger.log_metrics({f"metrics/train/{name}_weight": w for name, w in zip(self.set_names, self.p)})
+
+    # ---------------------------------------------------------------- the rule
+    def eval_end(self, state: State, logger: Logger) -> None:
+        eval_losses = self._eval_losses(state)
+        step = int(state.timestamp.batch)
+        if self.fitter is not None and eval_losses is not None:
+            self._update_reference(state, eval_losses)
+        self.eval_history.append((step, eval_losses or [], list(self.reference_loss) if self.reference_loss else None))
+        new_p = self._apply_rule(eval_losses)
+        new_p = dist.all_gather_object(new_p)[0]  # rank 0's result everywhere
+        if new_p != self.p:
+            log.info("step %d: proportions %s -> %s", step, _fmt(self.p), _fmt(new_p))
+        self.p = new_p
+        self.dataset.update_proportion(self.p)
+        self._write_outputs()
+
+    def _eval_losses(self, state: State) -> list[float] | None:
+        metrics = state.eval_metrics.get("eval", {})
+        values = []
+        for name in self.set_names:
+            metric = metrics.get(f"{name}_LanguageCrossEntropy")
+            if metric is None:
+                return None
+            values.append(float(metric.compute()))
+        return values
+
+    def _apply_rule(self, eval_losses: list[float] | None) -> list[float]:
+        rule = self.update_type.rule
+        if rule == "constant":
+            return constant_update(self.p)
+        losses = eval_losses if (rule == "sheared" or self.update_type.use_eval) else self.ema_loss
+        if losses is None or any(v is None or not math.isfinite(v) for v in losses):
+            log.warning("no %s loss for every domain yet; proportions unchanged",
+                        "eval" if losses is eval_losses else "training")
+            return list(self.p)
+        if rule == "sheared":
+            return sheared_update(self.p, losses, self.reference_loss)
+        q = dro_update(self.p0, losses, self.reference_loss, self.rho, min_prob=self.min_prob,
+                       clamp_q_to_min=self.clamp_q_to_min)
+        if self.update_type.dynamic_ratio:
+            from drprune.mixture import dyall_ratio_update
+
+            self.p0 = dyall_ratio_update(self.p0, q, self.p0_init)
+        return q
+
+    def _update_reference(self, state: State, eval_losses: list[float]) -> None:
+        sparsity = _model_sparsity(state)
+        for i, name in enumerate(self.set_names):
+            if math.isfinite(eval_losses[i]) and self.tokens_seen[i] > 0:
+                self.fitter.observe(name, self.tokens_seen[i], sparsity, eval_losses[i])
+        self.reference_loss = self.fitter.refit(self.reference_loss)
+
+    # ---------------------------------------------------------------- outputs
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self._write_outputs()
+        if self.fitter is not None:
+            self.fitter.close()
+
+    def _write_outputs(self) -> None:
+        if self.save_folder is None or dist.get_global_rank() != 0:
+            return
+        from drprune.callbacks.plots import plot_eval_losses, plot_weights
+
+        self.save_folder.mkdir(parents=True, exist_ok=True)
+        plot_weights(self.weight_history, self.set_names, self.save_folder / "domain_weights.png")
+        plot_eval_losses(self.eval_history, self.set_names, self.save_folder / "domain_eval_loss.png")
+        summary = {
+            "update_type": self.update_type.text, "set_names": self.set_names, "final_proportion": self.p,
+            "reference_ratio": self.p0, "reference_loss": self.reference_loss, "ema_train_loss": self.ema_loss,
+            "tokens_seen": dict(zip(self.set_names, self.tokens_seen)),
+            "last_eval_loss": self.eval_history[-1][1] if self.eval_history else None,
+        }
+        tmp = self.save_folder / "data_loading_summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.replace(self.save_folder / "data_loading_summary.json")
+
+    # ---------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "p": self.p, "p0": self.p0, "reference_loss": self.reference_loss, "ema_loss": self.ema_loss,
+            "tokens_seen": self.tokens_seen, "weight_history": self.weight_history,
+            "eval_history": self.eval_history,
+            "fitter": self.fitter.state_dict() if self.fitter is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.p, self.p0 = list(state["p"]), list(state["p0"])
+        self.reference_loss, self.ema_loss = state["reference_loss"], list(state["ema_loss"])
+        self.tokens_seen = list(state["tokens_seen"])
+        self.weight_history = [(s, list(w)) for s, w in state["weight_history"]]
+        self.eval_history = [tuple(e) for e in state["eval_history"]]
+        if self.fitter is not None and state.get("fitter") is not None:
+            self.fitter.load_state_dict(state["fitter"])
+        self.dataset.update_proportion(self.p)
+
+
+def _fmt(p: list[float]) -> str:
+    return "[" + ", ".join(f"{x:.3f}" for x in p) + "]"
+
+
+def _model_sparsity(state: State) -> float:
+    """Fraction of non-embedding parameters the masks currently remove (0 without masks)."""
+    model = state.model.module if hasattr(state.model, "module") else state.model
+    stats = getattr(model, "last_stats", {}) or {}
+    if "expected_params" not in stats:
+        return 0.0
+    from drprune.masks.base import config_params
+
+    return max(0.0, 1.0 - stats["expected_params"] / config_params(model.model.cfg, embeddings=False))
+
+
+def build_data_loading_callback(params: dict[str, Any], cfg: DictConfig, model: Any, loader: Any) -> Callback | None:
+    """From `callbacks.data_loading`; None when the mixture is not dynamic."""
+    prefix = "callbacks.data_loading"
+    if not params.get("dynamic", False):
+        return None
+    update_type = parse_update_type(params.get("update_type", "constant"))
+    dataset = getattr(loader, "dataset", None)
+    if not hasattr(dataset, "update_proportion"):
+        raise ConfigError(f"{prefix}.dynamic=true needs the dynamic mixture dataset as the train loader")
+    set_names = list(dataset.set_names)
+    reference = params.get("reference_loss")
+    if update_type.rule != "constant":
+        if reference is None:
+            raise ConfigError(
+                f"{prefix}.reference_loss is required for update_type={update_type.text!r}: one target loss "
+                f"per domain in set_names order ({set_names}), e.g. the source model's eval losses"
+            )
+        if len(reference) != len(set_names):
+            raise ConfigError(f"{prefix}.reference_loss has {len(reference)} values for {len(set_names)} domains")
+    for key in ("rho", "ema"):
+        if key in params and not float(params[key]) >= 0:
+            raise ConfigError(f"{prefix}.{key}={params[key]} must be >= 0")
+    return DynamicLoadingCallback(
+        set_names, list(dataset.proportion), update_type, dataset,
+        reference_loss=[float(x) for x in reference] if reference is not None else None,
+        rho=float(params.get("rho", 0.1)), ema=float(params.get("ema", 0.1)),
+        min_prob=float(params.get("min_prob", 0.2)), clamp_q_to_min=bool(params.get("clamp_q_to_min", True)),
+        save_folder=cfg.get("save_folder"),
+    )

@@ -1,8 +1,13 @@
-"""Feeds training progress to the mask generator, logs its stats, saves masks at every eval."""
+"""Feeds training progress to the mask generator, logs its stats, saves masks at every eval.
+
+Also keeps the expected sparsity of each module per step (in checkpoints, for exact resume) and
+plots it to `save_folder/expected_sparsity.png` at every eval and at the end of the run.
+"""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from composer.core import Callback, State
@@ -12,35 +17,55 @@ from composer.utils import dist
 log = logging.getLogger(__name__)
 
 
+def _unwrap(state: State) -> Any:
+    return state.model.module if hasattr(state.model, "module") else state.model
+
+
 class PruningCallback(Callback):
     def __init__(self, save_folder: str | None = None) -> None:
-        self.save_folder = save_folder
-
-    @staticmethod
-    def _generator(state: State):
-        return getattr(state.model, "mask_generator", None) or getattr(
-            getattr(state.model, "module", None), "mask_generator", None
-        )
+        self.save_folder = Path(save_folder) if save_folder else None
+        self.sparsity_history: dict[str, list[tuple[int, float]]] = {}
 
     def batch_start(self, state: State, logger: Logger) -> None:
-        gen = self._generator(state)
-        if gen is not None:
-            gen.set_step(int(state.timestamp.batch))
+        _unwrap(state).mask_generator.set_step(int(state.timestamp.batch))
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        model = state.model.module if hasattr(state.model, "module") else state.model
-        if model.last_stats:
-            logger.log_metrics({f"pruning/{k}": v for k, v in model.last_stats.items()})
+        stats = _unwrap(state).last_stats
+        if not stats:
+            return
+        logger.log_metrics({f"pruning/{k}": v for k, v in stats.items()})
+        step = int(state.timestamp.batch)
+        for key, value in stats.items():
+            if key.startswith("expected_sparsity/"):
+                self.sparsity_history.setdefault(key.split("/", 1)[1], []).append((step, value))
 
     def eval_end(self, state: State, logger: Logger) -> None:
-        gen = self._generator(state)
-        if gen is None or self.save_folder is None or dist.get_global_rank() != 0:
+        if self.save_folder is None or dist.get_global_rank() != 0:
             return
         step = int(state.timestamp.batch)
-        path = Path(self.save_folder) / f"zs_s{step}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        masks = {k: v.cpu() for k, v in gen.hard_masks().items()}
+        self.save_folder.mkdir(parents=True, exist_ok=True)
+        path = self.save_folder / f"zs_s{step}.pt"
+        masks = {k: v.cpu() for k, v in _unwrap(state).mask_generator.hard_masks().items()}
         tmp = path.with_suffix(".pt.tmp")
         torch.save(masks, tmp)
         tmp.replace(path)
         log.info("saved masks of step %d to %s", step, path)
+        self._plot()
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        if self.save_folder is not None and dist.get_global_rank() == 0:
+            self.save_folder.mkdir(parents=True, exist_ok=True)
+            self._plot()
+
+    def _plot(self) -> None:
+        if self.sparsity_history:
+            from drprune.callbacks.plots import plot_series
+
+            plot_series(self.sparsity_history, self.save_folder / "expected_sparsity.png",
+                        ylabel="expected sparsity", title="Expected sparsity per pruned module")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sparsity_history": self.sparsity_history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sparsity_history = {k: [tuple(p) for p in v] for k, v in state["sparsity_history"].items()}
