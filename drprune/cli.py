@@ -1,6 +1,6 @@
-"""The `drprune` command.
+"""drprune: prune a pretrained LLM into a smaller one that is still good.
 
-Each feature area owns its sub-commands in a small `cli` module exposing `register(subparsers)`;
+The `drprune` command. Each feature area owns its sub-commands in a small `cli` module exposing `register(subparsers)`;
 heavy imports happen inside the command functions so `drprune --help` stays fast.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from drprune.errors import UserError
 # Modules that add sub-commands; order is the order in `drprune --help`.
 COMMAND_MODULES: tuple[str, ...] = (
     "drprune.convert.cli",
+    "drprune.eval.cli",
 )
 
 

@@ -227,3 +227,14 @@ def copy_tokenizer(tokenizer_dir: str | Path | None, out_dir: Path) -> None:
         raise UserError(f"{src} holds no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})")
     for name in copied:
         shutil.copy2(src / name, out_dir / name)
+
+
+def load_any_decoder(model: str | Path) -> PrunableDecoder:
+    """A decoder from a HF folder (or hub id) or a drprune/Composer checkpoint file."""
+    path = Path(model)
+    if path.is_file():
+        return load_decoder(path)
+    cfg, tensors, _ = load_hf(str(model))
+    decoder = PrunableDecoder(cfg)
+    load_decoder_weights(decoder, tensors, str(model))
+    return decoder

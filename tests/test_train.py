@@ -1,0 +1,97 @@
+"""Pruning runs of the tiny config through the real Composer Trainer on CPU."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from composer.loggers import InMemoryLogger
+
+from drprune.data.testing import write_synthetic_mds
+from drprune.train import build_trainer, load_config, main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny" / "prune.yaml")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_synthetic_mds(tmp_path_factory.mktemp("mds") / "data", {"a": "repetitive", "b": "random"},
+                               seq_len=64, vocab_size=49152, n_train=160, n_eval=8)
+
+
+def overrides(data_dir: Path, save: Path, *extra: str) -> list[str]:
+    return [f"data_local={data_dir}", "callbacks.data_loading.set_names=[a,b]", f"save_folder={save}",
+            "loggers.inmemory={}", *extra]
+
+
+def run(args: list[str]):
+    trainer = build_trainer(load_config(TINY, args))
+    trainer.fit()
+    memory = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger))
+    return trainer, memory
+
+
+def test_pruning_run_learns_prunes_and_resumes(tmp_path, data_dir):
+    save = tmp_path / "run"
+    trainer, memory = run(overrides(data_dir, save, "max_duration=20ba"))
+    ce = [float(v) for _, v in memory.data["loss/train/ce_loss"]]
+    assert sum(ce[-3:]) / 3 < sum(ce[:3]) / 3 - 0.5
+    gen = trainer.state.model.mask_generator
+    for module in ("head", "intermediate", "hidden", "layer"):
+        first = float(memory.data[f"pruning/expected_sparsity/{module}"][0][1])
+        last = float(memory.data[f"pruning/expected_sparsity/{module}"][-1][1])
+        target = gen.gates[module].target_sparsity
+        assert abs(last - target) < abs(first - target), module
+    assert (save / "latest-rank0.pt").exists() and (save / "zs_s20.pt").exists()
+    masks = torch.load(save / "zs_s20.pt")
+    assert int((masks["hidden"] != 0).sum()) == 48 and int((masks["layer"] != 0).sum()) == 3
+    final = {k: v.clone() for k, v in trainer.state.model.state_dict().items() if torch.is_tensor(v)}
+    trainer.close()
+
+    # autoresume picks up the latest checkpoint and continues to the new duration
+    resumed, _ = run(overrides(data_dir, save, "max_duration=24ba", "autoresume=true"))
+    assert int(resumed.state.timestamp.batch) == 24
+    resumed.close()
+
+    # resuming from batch 10 reproduces the uninterrupted run exactly
+    again, _ = run(overrides(data_dir, tmp_path / "again", "max_duration=20ba",
+                             f"load_path={save / 'ep0-ba10-rank0.pt'}"))
+    for key, value in again.state.model.state_dict().items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, final[key]), key
+    again.close()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["model.mask_generator.target_model.n_heads=3"], "whole number of GQA groups"),
+    (["model.mask_generator.target_model.d_model=512"], "larger than the source"),
+    (["model.mask_generator.pruning_modules=[head,attention]"], "unknown modules"),
+    (["global_train_batch_size=3", "model.mask_generator.target_model.n_layers=9"], "larger than the source"),
+])
+def test_bad_configs_fail_before_training(tmp_path, data_dir, capsys, extra, message):
+    save = tmp_path / "run"
+    assert main([TINY, *overrides(data_dir, save, *extra)]) == 2
+    assert message in capsys.readouterr().err
+    assert not save.exists()
+
+
+def test_missing_required_key_is_named(tmp_path, capsys):
+    assert main([TINY, f"save_folder={tmp_path}", "callbacks.data_loading.set_names=[a]"]) == 2
+    assert "data_local is required" in capsys.readouterr().err
+
+
+def test_two_process_run_with_composer_launcher(tmp_path, data_dir):
+    save = tmp_path / "run2"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = Path(sys.executable).parent / "composer"
+    cmd = [str(launcher), "-n", "2", "--stdout", str(tmp_path / "out{rank}.txt"),
+           "--stderr", str(tmp_path / "err{rank}.txt"), str(ROOT / "drprune" / "train.py"), TINY,
+           *overrides(data_dir, save, "max_duration=6ba", "save_interval=6ba", "eval_interval=3ba")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    logs = "".join(p.read_text() for p in tmp_path.glob("err*.txt"))
+    assert proc.returncode == 0, proc.stderr[-3000:] + logs[-3000:]
+    assert (save / "ep0-ba6-rank0.pt").exists()
