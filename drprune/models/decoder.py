@@ -239,6 +239,14 @@ class PrunableDecoder(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
+    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
+        """Composer's FSDP auto-wrap: one shard unit per block."""
+        return isinstance(module, Block)
+
+    def activation_checkpointing_fn(self, module: nn.Module) -> bool:
+        """Composer's activation checkpointing (fsdp_config.activation_checkpointing): per block."""
+        return isinstance(module, Block)
+
     def output_weight(self) -> Tensor:
         return self.transformer["wte"].weight if self.cfg.tie_word_embeddings else self.transformer["output"].weight
 
