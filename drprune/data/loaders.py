@@ -1,0 +1,202 @@
+"""Train / eval dataloaders from a run config (Sheared-LLaMA / DRPruning keys).
+
+Keys: data_local, max_seq_len, seed, train_loader.{num_workers, prefetch_factor, pin_memory,
+drop_last, dataset.{split, shuffle}}, eval_loader.{num_workers, dataset.split},
+callbacks.data_loading.{dynamic, set_names, proportion}, data_verify_hashes (default true).
+dynamic=true: a MixtureDataset over data_local/train/<set_name> (train_loader.dataset.split is
+ignored); otherwise a shuffled map-style dataset over data_local/<split>. Eval reads
+data_local/eval/<split> (or data_local/<split>) in order; `set` ids follow set_names.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+
+from drprune.data.collate import collate
+from drprune.data.mixture import MixtureDataset, check_proportion
+from drprune.data.shards import ShardReader, verify_split
+from drprune.errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
+
+
+class SplitDataset(Dataset):
+    """Map-style view of MDS folders yielding {tokens, set (id in set_names), idx}."""
+
+    def __init__(self, folders: list[Path], set_names: list[str], seq_len: int):
+        self.readers = [ShardReader(f) for f in folders]
+        self.starts = np.cumsum([0] + [len(r) for r in self.readers])
+        self.ids = {name: i for i, name in enumerate(set_names)}
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        k = int(np.searchsorted(self.starts, idx, side="right")) - 1
+        sample = self.readers[k][idx - int(self.starts[k])]
+        if sample["set"] not in self.ids:
+            raise UserError(f"{self.readers[k].folder} holds domain {sample['set']!r}, which is not in "
+                            f"callbacks.data_loading.set_names {list(self.ids)}")
+        return {"tokens": sample["tokens"][: self.seq_len], "set": self.ids[sample["set"]], "idx": idx}
+
+
+class MixtureLoader(DataLoader):
+    """DataLoader that tells its MixtureDataset how many batches the trainer has taken (see mixture.py)."""
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.dataset.note_consumed()
+            yield batch
+
+
+# ----- config reading -------------------------------------------------------------------------
+def _data_loading(cfg: DictConfig) -> dict[str, Any]:
+    node = (cfg.get("callbacks") or {}).get("data_loading") or {}
+    return dict(node)
+
+
+def is_dynamic(cfg: DictConfig) -> bool:
+    value = _data_loading(cfg).get("dynamic", False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"callbacks.data_loading.dynamic={value!r} must be true or false")
+    return value
+
+
+def _data_local(cfg: DictConfig) -> Path:
+    if cfg.get("data_local") is None:
+        raise ConfigError("data_local is required: the folder written by `drprune data prepare`")
+    root = Path(str(cfg.data_local))
+    if not root.is_dir():
+        raise ConfigError(f"data_local={root} is not a folder")
+    return root
+
+
+def _domain_folders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if (p / "index.json").is_file()) if folder.is_dir() else []
+
+
+def set_names_of(cfg: DictConfig) -> list[str]:
+    """callbacks.data_loading.set_names, or the domain folders under data_local/train when absent."""
+    names = _data_loading(cfg).get("set_names")
+    if names is None:
+        return _domain_folders(_data_local(cfg) / "train")
+    names = list(names)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"callbacks.data_loading.set_names={names!r} must be a non-empty list of domain names")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"callbacks.data_loading.set_names={names} has duplicates")
+    return names
+
+
+def proportion_of(cfg: DictConfig, set_names: list[str]) -> list[float]:
+    p = _data_loading(cfg).get("proportion")
+    if p is None:
+        log.info("callbacks.data_loading.proportion not set: uniform over %s", set_names)
+        return [1.0 / len(set_names)] * len(set_names)
+    return check_proportion(p, set_names).tolist()
+
+
+def _seq_len(cfg: DictConfig) -> int:
+    value = cfg.get("max_seq_len")
+    if not isinstance(value, int) or value < 1:
+        raise ConfigError(f"max_seq_len={value!r} must be a positive integer")
+    return value
+
+
+def _split_folders(root: Path, split: str, key: str, parents: tuple[str, ...]) -> list[Path]:
+    """An MDS folder for `split`, or its domain sub-folders; tried under root and root/<parent>."""
+    for base in (root, *(root / p for p in parents)):
+        folder = base / split
+        if (folder / "index.json").is_file():
+            return [folder]
+        if subs := _domain_folders(folder):
+            return [folder / s for s in subs]
+    tried = ", ".join(str(b / split) for b in (root, *(root / p for p in parents)))
+    raise ConfigError(f"{key}={split!r}: no MDS data at {tried}")
+
+
+def _train_folders(cfg: DictConfig, set_names: list[str]) -> list[Path]:
+    root = _data_local(cfg)
+    if is_dynamic(cfg):
+        have = _domain_folders(root / "train")
+        if missing := [n for n in set_names if n not in have]:
+            raise ConfigError(f"callbacks.data_loading.set_names {missing} have no folder under {root / 'train'} "
+                              f"(found: {have})")
+        return [root / "train" / n for n in set_names]
+    split = (cfg.get("train_loader") or {}).get("dataset", {}).get("split")
+    if not split:
+        raise ConfigError("train_loader.dataset.split is required when callbacks.data_loading.dynamic is false")
+    return _split_folders(root, str(split), "train_loader.dataset.split", ("train",))
+
+
+def _eval_folders(cfg: DictConfig) -> list[Path]:
+    split = cfg.eval_loader.get("dataset", {}).get("split", "eval_merge")
+    return _split_folders(_data_local(cfg), str(split), "eval_loader.dataset.split", ("eval",))
+
+
+def validate_data_config(cfg: DictConfig) -> None:
+    """Every data problem as a ConfigError/UserError naming the key or file, before any model is built."""
+    seq_len = _seq_len(cfg)
+    set_names = set_names_of(cfg)
+    folders = _train_folders(cfg, set_names)
+    if is_dynamic(cfg):
+        proportion_of(cfg, set_names)
+        duration = str(cfg.get("max_duration", ""))
+        if duration.endswith("ep"):
+            raise ConfigError(f"max_duration={duration}: a dynamic mixture has no epochs; use batches (e.g. 3200ba)")
+    if cfg.get("eval_loader") is not None:
+        folders += _eval_folders(cfg)
+    hashes = bool(cfg.get("data_verify_hashes", True))
+    for folder in folders:
+        verify_split(folder, hashes=hashes)
+        have = ShardReader(folder).seq_len()
+        if have < seq_len:
+            raise ConfigError(f"max_seq_len={seq_len} but {folder} holds {have}-token sequences")
+
+
+def _workers(node) -> tuple[int, int | None]:
+    workers = int(node.get("num_workers", 0))
+    prefetch = node.get("prefetch_factor")
+    return workers, (None if workers == 0 else int(prefetch or 2))
+
+
+def build_train_dataloader(cfg: DictConfig, device_batch_size: int) -> DataLoader:
+    """The train loader: a dynamic MixtureDataset (exact resume via its state_dict) or a shuffled split."""
+    from composer.utils import dist
+
+    node = cfg.get("train_loader") or {}
+    workers, prefetch = _workers(node)
+    set_names, seq_len, seed = set_names_of(cfg), _seq_len(cfg), int(cfg.get("seed", 17))
+    folders = _train_folders(cfg, set_names)
+    common = dict(batch_size=device_batch_size, num_workers=workers, prefetch_factor=prefetch,
+                  collate_fn=collate, pin_memory=bool(node.get("pin_memory", False)))
+    if is_dynamic(cfg):
+        lag = workers * (prefetch or 0)
+        dataset = MixtureDataset(folders[0].parent, set_names, proportion_of(cfg, set_names),
+                                 batch_size=device_batch_size, seq_len=seq_len, seed=seed,
+                                 rank=dist.get_global_rank(), world_size=dist.get_world_size(), lag_batches=lag)
+        log.info("dynamic mixture over %s, p=%s; a proportion update takes effect %d batches later",
+                 set_names, dataset.proportion, lag)
+        return MixtureLoader(dataset, **common)
+    dataset = SplitDataset(folders, set_names, seq_len)
+    drop_last = bool(node.get("drop_last", True))
+    sampler = dist.get_sampler(dataset, shuffle=bool(node.get("dataset", {}).get("shuffle", True)),
+                               drop_last=drop_last, seed=seed)
+    return DataLoader(dataset, sampler=sampler, drop_last=drop_last, **common)
+
+
+def build_eval_dataloader(cfg: DictConfig, device_batch_size: int) -> DataLoader:
+    """In-order loader over eval_loader.dataset.split (normally eval_merge), split across ranks."""
+    from composer.utils import dist
+
+    workers, prefetch = _workers(cfg.eval_loader)
+    dataset = SplitDataset(_eval_folders(cfg), set_names_of(cfg), _seq_len(cfg))
+    sampler = dist.get_sampler(dataset, shuffle=False, drop_last=False)
+    return DataLoader(dataset, batch_size=device_batch_size, sampler=sampler, num_workers=workers,
+                      prefetch_factor=prefetch, collate_fn=collate)

@@ -1,0 +1,165 @@
+"""`drprune data prepare` / `merge`: raw text per domain → packed MDS shards (DESIGN 4.4 layout).
+
+Output: OUT/train/<domain>, OUT/eval/<domain>, OUT/eval/eval_merge; columns `tokens` (uint16 when the
+vocabulary fits, else uint32) and `set` (the domain name). Everything is written under a temporary
+folder renamed to OUT at the end, so a failure leaves nothing behind.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from drprune.data.shards import Packer, ShardReader, atomic_dir, open_writer, token_dtype
+from drprune.data.sources import Tokenizer, check_source, iter_documents
+from drprune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+EVAL_MERGE = "eval_merge"
+BATCH_DOCS = 256
+
+
+@dataclass
+class SplitStats:
+    domain: str
+    split: str
+    documents: int
+    tokens: int
+    sequences: int
+    dropped: int
+
+
+def _check_names(names: list[str]) -> None:
+    for name in names:
+        if not name or "/" in name or name.startswith(".") or name == EVAL_MERGE:
+            raise UserError(f"invalid domain name {name!r} (no '/', no leading '.', not {EVAL_MERGE!r})")
+    if len(set(names)) != len(names):
+        raise UserError(f"duplicate domain names in {names}")
+
+
+def prepare(domains: dict[str, Path], tokenizer: str, max_seq_len: int, out: Path, *,
+            eval_fraction: float = 0.01, eval_sources: dict[str, Path] | None = None,
+            max_tokens: int | None = None, seed: int = 0, text_field: str = "text",
+            token_width: str = "auto", overwrite: bool = False) -> list[SplitStats]:
+    """Tokenize, pack and write every domain; `max_tokens` caps the train tokens of each domain."""
+    eval_sources = {k: Path(v) for k, v in (eval_sources or {}).items()}
+    domains = {k: Path(v) for k, v in domains.items()}
+    _check_names(list(domains))
+    if not domains:
+        raise UserError("no --domain NAME=PATH given")
+    if unknown := set(eval_sources) - set(domains):
+        raise UserError(f"--eval-domain names {sorted(unknown)} are not among the --domain names")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise UserError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
+    if eval_fraction == 0.0 and set(eval_sources) != set(domains):
+        raise UserError("--eval-fraction 0 needs an --eval-domain for every domain (eval/ needs data)")
+    if max_seq_len < 2:
+        raise UserError(f"--max-seq-len must be >= 2, got {max_seq_len}")
+    for path in [*domains.values(), *eval_sources.values()]:
+        check_source(path)
+    tok = Tokenizer(tokenizer)
+    dtype = token_dtype(tok.vocab_size, token_width)
+    log.info("vocab %d -> tokens stored as %s; EOS id %d appended after every document",
+             tok.vocab_size, dtype.name, tok.eos_id)
+
+    stats: list[SplitStats] = []
+    start = time.perf_counter()
+    with atomic_dir(Path(out), overwrite) as tmp:
+        for name, path in domains.items():
+            stats += _prepare_domain(name, path, eval_sources.get(name), tok, dtype, max_seq_len, tmp,
+                                     eval_fraction, max_tokens, seed, text_field)
+        merged = merge(tmp / "eval", tmp / "eval", EVAL_MERGE, list(domains))
+        stats.append(SplitStats("(all)", f"eval/{EVAL_MERGE}", 0, merged * max_seq_len, merged, 0))
+    seconds = time.perf_counter() - start
+    total = sum(s.tokens for s in stats if s.domain != "(all)")
+    log.info("prepared %d tokens in %.1fs (%.0f tokens/s) into %s", total, seconds, total / seconds, out)
+    return stats
+
+
+def _prepare_domain(name: str, path: Path, eval_path: Path | None, tok: Tokenizer, dtype: np.dtype,
+                    seq_len: int, root: Path, eval_fraction: float, max_tokens: int | None,
+                    seed: int, text_field: str) -> list[SplitStats]:
+    train = Packer(open_writer(root / "train" / name, dtype), name, seq_len, dtype)
+    evals = Packer(open_writer(root / "eval" / name, dtype), name, seq_len, dtype)
+    # Holdout is per document, seeded by (seed, domain name): stable when domains are added.
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    holdout = eval_fraction if eval_path is None else 0.0
+    budget_hit = False
+    with tqdm(desc=f"{name}", unit="doc", leave=False) as bar:
+        for batch in _batches(iter_documents(path, text_field)):
+            ids = tok.encode(batch)
+            to_eval = rng.random(len(ids)) < holdout
+            train.add([d for d, e in zip(ids, to_eval) if not e], tok.eos_id)
+            evals.add([d for d, e in zip(ids, to_eval) if e], tok.eos_id)
+            bar.update(len(batch))
+            if max_tokens is not None and train.tokens >= max_tokens:
+                budget_hit = True
+                break
+        if eval_path is not None:
+            for batch in _batches(iter_documents(eval_path, text_field)):
+                evals.add(tok.encode(batch), tok.eos_id)
+                bar.update(len(batch))
+    if budget_hit:
+        log.info("domain %s: token budget %d reached, rest of %s skipped", name, max_tokens, path)
+    train.close()
+    evals.close()
+    for packer, split in ((train, "train"), (evals, "eval")):
+        if packer.sequences == 0:
+            raise UserError(f"domain {name}: the {split} split has no full {seq_len}-token sequence "
+                            f"({packer.tokens} tokens); give more text, a smaller --max-seq-len "
+                            + ("or a larger --eval-fraction" if split == "eval" else "or a smaller --eval-fraction"))
+        log.info("domain %s %s: %d docs, %d tokens, %d sequences, %d tail tokens dropped",
+                 name, split, packer.documents, packer.tokens, packer.sequences, packer.dropped)
+    return [SplitStats(name, s, p.documents, p.tokens, p.sequences, p.dropped)
+            for p, s in ((train, "train"), (evals, "eval"))]
+
+
+def _batches(docs, size: int = BATCH_DOCS):
+    batch: list[str] = []
+    for doc in docs:
+        if doc:
+            batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def merge(input_dir: Path, output_dir: Path, output_split: str, split_names: list[str],
+          overwrite: bool = False) -> int:
+    """Concatenate the MDS folders input_dir/<name> (in the given order) into output_dir/output_split."""
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if not split_names:
+        raise UserError("--split-names is empty")
+    readers = [ShardReader(input_dir / name) for name in split_names]
+    encodings = {r.folder: dict(zip(r.shards[0].column_names, r.shards[0].column_encodings)) for r in readers}
+    first = next(iter(encodings.values()))
+    for folder, enc in encodings.items():
+        if enc != first or set(enc) != {"tokens", "set"}:
+            raise UserError(f"{folder} has columns {enc}, expected {first} like the other splits")
+    dtype = np.dtype(first["tokens"].split(":")[1])
+    total = 0
+    with atomic_dir(output_dir / output_split, overwrite) as tmp:
+        writer = open_writer(tmp, dtype)
+        for reader in readers:
+            for i in tqdm(range(len(reader)), desc=f"merge {reader.folder.name}", leave=False):
+                writer.write(reader[i])
+            total += len(reader)
+        writer.finish()
+    log.info("merged %s into %s (%d samples)", split_names, output_dir / output_split, total)
+    return total
+
+
+def summary_table(stats: list[SplitStats]) -> str:
+    rows = [("domain", "split", "documents", "tokens", "sequences", "dropped")]
+    rows += [(s.domain, s.split, str(s.documents), str(s.tokens), str(s.sequences), str(s.dropped)) for s in stats]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)

@@ -1,0 +1,173 @@
+"""MDS shard I/O shared by `prepare`, `merge`, the synthetic writer and the loaders.
+
+Writing goes through streaming's `MDSWriter` into a temporary folder that is renamed only when
+complete, so a failed run never leaves a half-written dataset. Reading goes through streaming's own
+shard readers (`reader_from_json`), which gives cheap random access without StreamingDataset's
+shared-memory machinery; `verify_split` catches truncated or corrupted shards by size and hash.
+"""
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from drprune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+HASH_ALGO = "xxh64"
+SIZE_LIMIT = 1 << 26  # 64 MiB per shard
+
+
+def token_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
+    """uint16 when every id fits (vocab <= 65536), else uint32; a forced width must fit the vocab."""
+    if requested not in ("auto", "uint16", "uint32"):
+        raise UserError(f"token width {requested!r} is not one of auto, uint16, uint32")
+    if vocab_size > 1 << 32:
+        raise UserError(f"vocabulary of {vocab_size} tokens does not fit uint32")
+    if requested == "auto":
+        return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+    dtype = np.dtype(requested)
+    if vocab_size > np.iinfo(dtype).max + 1:
+        raise UserError(f"vocabulary of {vocab_size} tokens does not fit {requested}; use uint32 or auto")
+    return dtype
+
+
+def columns(dtype: np.dtype) -> dict[str, str]:
+    return {"tokens": f"ndarray:{dtype.name}", "set": "str"}
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `out`; rename it to `out` on success, delete it on any error."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(trash)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def open_writer(folder: Path, dtype: np.dtype):
+    from streaming import MDSWriter
+
+    return MDSWriter(out=str(folder), columns=columns(dtype), hashes=[HASH_ALGO], size_limit=SIZE_LIMIT,
+                     progress_bar=False)
+
+
+def verify_split(folder: Path, hashes: bool = True) -> int:
+    """Check an MDS folder's shards against index.json (size, and hash when recorded); return #samples."""
+    from streaming.base.hashing import get_hash
+
+    index = Path(folder) / "index.json"
+    if not index.is_file():
+        raise UserError(f"{folder} is not an MDS folder: {index} is missing (run `drprune data prepare`)")
+    try:
+        shards = json.loads(index.read_text())["shards"]
+    except (ValueError, KeyError) as err:
+        raise UserError(f"{index} is corrupted: {err}") from err
+    total = 0
+    for info in shards:
+        raw = info["raw_data"]
+        path = Path(folder) / raw["basename"]
+        if not path.is_file():
+            raise UserError(f"shard {path} listed in {index} is missing")
+        if path.stat().st_size != raw["bytes"]:
+            raise UserError(f"shard {path} is truncated or corrupted: {path.stat().st_size} bytes, "
+                            f"index.json says {raw['bytes']}")
+        if hashes:
+            for algo, expected in (raw.get("hashes") or {}).items():
+                if get_hash(algo, path.read_bytes()) != expected:
+                    raise UserError(f"shard {path} is corrupted: its {algo} hash does not match index.json")
+        total += int(info["samples"])
+    return total
+
+
+class ShardReader:
+    """Random access to the samples of one MDS folder, via streaming's shard readers."""
+
+    def __init__(self, folder: Path):
+        from streaming.base.format import reader_from_json
+
+        self.folder = Path(folder)
+        index = self.folder / "index.json"
+        if not index.is_file():
+            raise UserError(f"{self.folder} is not an MDS folder: {index} is missing")
+        obj = json.loads(index.read_text())
+        self.shards = [reader_from_json(str(self.folder), None, info) for info in obj["shards"]]
+        for shard in self.shards:
+            shard.validate(allow_unsafe_types=False)
+        self.starts = list(np.cumsum([0] + [s.samples for s in self.shards[:-1]]))
+        self.num_samples = sum(s.samples for s in self.shards)
+        if self.num_samples == 0:
+            raise UserError(f"{self.folder} holds no samples")
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        k = bisect.bisect_right(self.starts, idx) - 1
+        shard = self.shards[k]
+        try:
+            return shard.decode_sample(shard.get_sample_data(idx - self.starts[k]))
+        except (IndexError, ValueError, OSError) as err:
+            raise UserError(f"cannot read sample {idx} from shard "
+                            f"{self.folder / shard.raw_data.basename}: {err}") from err
+
+    def seq_len(self) -> int:
+        return len(self[0]["tokens"])
+
+
+class Packer:
+    """Concatenate documents (each followed by EOS) and write fixed-length rows to an MDS writer.
+
+    The tail shorter than `seq_len` is dropped at `close` (counted in `dropped`), so every stored
+    sequence is full and the loaders never pad.
+    """
+
+    def __init__(self, writer, domain: str, seq_len: int, dtype: np.dtype):
+        self.writer, self.domain, self.seq_len, self.dtype = writer, domain, seq_len, dtype
+        self.buffer = np.zeros(0, dtype=dtype)
+        self.documents = self.tokens = self.sequences = self.dropped = 0
+
+    def add(self, docs: list[list[int]], eos_id: int) -> None:
+        if not docs:
+            return
+        flat = np.fromiter((t for d in docs for t in (*d, eos_id)), dtype=np.int64,
+                           count=sum(len(d) + 1 for d in docs))
+        limit = np.iinfo(self.dtype).max
+        if flat.size and (flat.max() > limit or flat.min() < 0):
+            raise UserError(f"token id {int(flat.max())} does not fit {self.dtype.name} (domain {self.domain}); "
+                            "use a wider token width")
+        self.documents += len(docs)
+        self.tokens += flat.size
+        self.buffer = np.concatenate([self.buffer, flat.astype(self.dtype)])
+        n = len(self.buffer) // self.seq_len
+        for row in self.buffer[: n * self.seq_len].reshape(n, self.seq_len):
+            self.writer.write({"tokens": row, "set": self.domain})
+        self.sequences += n
+        self.buffer = self.buffer[n * self.seq_len:]
+
+    def close(self) -> None:
+        self.dropped = len(self.buffer)
+        self.writer.finish()
