@@ -30,6 +30,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c2h.add_argument("--overwrite", action="store_true")
     c2h.set_defaults(func=composer_to_hf)
 
+    g2h = sub.add_parser("gguf-to-hf", help="llama-family GGUF file -> HF folder (de-quantized, with tokenizer)")
+    g2h.add_argument("gguf_file")
+    g2h.add_argument("out_dir")
+    g2h.add_argument("--overwrite", action="store_true")
+    g2h.set_defaults(func=gguf_to_hf)
+
+
+def gguf_to_hf(args: argparse.Namespace) -> None:
+    from drprune.convert.gguf import gguf_to_hf as convert
+
+    convert(args.gguf_file, args.out_dir, overwrite=args.overwrite)
+
 
 def hf_to_composer(args: argparse.Namespace) -> None:
     from drprune.convert.checkpoint import load_hf, save_checkpoint
