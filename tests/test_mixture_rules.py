@@ -1,7 +1,6 @@
 """The mixture rules on crafted losses: closed forms, the χ² ball, floors, clamps, rescaling, parsing."""
 from __future__ import annotations
 
-import logging
 import math
 
 import numpy as np
@@ -91,20 +90,24 @@ def test_dro_extreme_inside_the_ball_is_taken() -> None:
     assert chi2_divergence(q, [0.25] * 4) < 10
 
 
-def test_dro_clamp_to_min_p0() -> None:
-    # floors q ≥ max(0.2·p0, min p0) = (0.12, 0.1, 0.1); the extreme (0.8, 0.1, 0.1) has χ² = 0.1.
+def test_dro_clamp_to_min_p0_is_the_anchors_soft_clamp() -> None:
+    # unclamped extreme with min_prob 0.2: (0.92, 0.06, 0.02) -> clamp at 0.1 -> (0.92, 0.1, 0.1) / 1.12
     p0 = [0.6, 0.3, 0.1]
-    assert dro_update(p0, [4.0, 2.0, 2.0], [2.0] * 3, rho=1.0) == pytest.approx([0.8, 0.1, 0.1], abs=1e-12)
+    expected = [0.92 / 1.12, 0.1 / 1.12, 0.1 / 1.12]
+    assert dro_update(p0, [4.0, 2.0, 2.0], [2.0] * 3, rho=1.0) == pytest.approx(expected, abs=1e-12)
     q = dro_update(p0, [2.0, 2.0, 4.0], [2.0] * 3, rho=0.05)
     assert chi2_divergence(q, p0) == pytest.approx(0.05, abs=1e-6)
-    assert min(q) >= 0.1 - 1e-12 and q[0] >= 0.12 - 1e-12 and q[2] > 0.1
+    assert q[2] > 0.1 and q[0] < 0.6
 
 
-def test_dro_uniform_p0_with_clamp_has_no_room(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="drprune.mixture.rules"):
-        q = dro_update([0.25] * 4, [3.0, 2.0, 2.0, 2.0], [2.0] * 4, rho=0.1)
-    assert q == pytest.approx([0.25] * 4, abs=1e-12)
-    assert "clamp_q_to_min=false" in caplog.text
+def test_dro_uniform_p0_with_clamp_still_moves() -> None:
+    """A hard floor at min(p0) would pin a uniform p0; the soft clamp lets the worst domain gain."""
+    q = dro_update([0.25] * 4, [3.0, 2.0, 2.0, 2.0], [2.0] * 4, rho=0.01)
+    assert q[0] > 0.25 and sum(q) == pytest.approx(1.0)
+    assert chi2_divergence(q, [0.25] * 4) == pytest.approx(0.01, abs=1e-6)
+    # most extreme: (0.85, 0.05, 0.05, 0.05) clamped to 0.25 and renormalised
+    q = dro_update([0.25] * 4, [3.0, 2.0, 2.0, 2.0], [2.0] * 4, rho=10.0)
+    assert q == pytest.approx([0.85 / 1.6, 0.25 / 1.6, 0.25 / 1.6, 0.25 / 1.6], abs=1e-12)
 
 
 def test_dro_all_negative_excess_rescales_reference() -> None:
@@ -138,11 +141,15 @@ def test_dro_random_instances_keep_every_promise() -> None:
         losses, ref = rng.uniform(2, 3, k), rng.uniform(1.5, 2.0, k)  # every Δ > 0: no rescale
         rho, min_prob, clamp = float(rng.choice([0.01, 0.1, 0.5])), float(rng.choice([0.0, 0.2])), bool(rng.integers(2))
         q = np.array(dro_update(p0.tolist(), losses.tolist(), ref.tolist(), rho, min_prob, clamp))
-        floor = np.maximum(min_prob * p0, p0.min() if clamp else 0.0)
         div = chi2_divergence(q, p0)
-        assert q.sum() == pytest.approx(1, abs=1e-12) and np.all(q >= floor - 1e-12)
+        assert q.sum() == pytest.approx(1, abs=1e-12)
+        if clamp:  # soft clamp: nothing below min(p0) / (renormaliser <= 2)
+            assert np.all(q >= p0.min() / 2 - 1e-12)
+        else:
+            floor = min_prob * p0
+            assert np.all(q >= floor - 1e-12)
         assert div <= rho + 1e-9
-        if div < rho - 1e-3:  # not binding: must be the extreme, every domain but the worst at its floor
+        if div < rho - 1e-3 and not clamp:  # not binding: the extreme, every domain but the worst at its floor
             others = np.argsort(losses - ref)[:-1]
             assert q[others] == pytest.approx(floor[others], abs=1e-12)
         assert (q / p0)[np.argmax(losses - ref)] == pytest.approx(np.max(q / p0), abs=1e-12)  # worst gains most

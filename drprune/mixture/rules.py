@@ -4,19 +4,20 @@ The Composer callback owns all state (EMA of training losses, reference losses, 
 functions only map their inputs to the next proportions, so they are easy to test and to replay.
 
 DRO, precisely. With excess losses Δ = ℓ − ℓ_ref, reference ratio p0 and per-domain ratio floors
-f_i (``min_prob``, and ``min(p0)/p0_i`` with ``clamp_q_to_min``; the min over p0 > 0), the rule
-returns the solution of
+f_i = ``min_prob``, the rule returns the solution of
 
     max_q  Σ q_i Δ_i   s.t.  q in the simplex,  q_i ≥ f_i·p0_i,  ½Σ p0_i (q_i/p0_i − 1)² ≤ rho.
 
 Its KKT conditions give q_i = max(c·p0_i·relu(Δ_i − η), f_i·p0_i): the design's candidate
 "q ∝ p0·relu(Δ − η), floor q/p0 at min_prob, renormalise", with the renormalisation done by
-water-filling (`_fill`) so that the floors still hold *after* it. η is found by bisection so the
-χ² divergence equals rho. What holds when they conflict: the floors are hard; when even the most
-extreme floored q (all spare mass on the worst domains) stays inside the ball, that q is returned
-and its divergence is below rho. Edge cases: rho = 0, all Δ equal or a single domain give q = p0;
-with ``clamp_q_to_min`` and a uniform p0 every domain already sits at its floor, so q = p0 (logged).
-A domain with p0_i = 0 keeps q_i = 0 (any mass there has infinite χ² cost).
+water-filling (`_fill`) so that the floors still hold *after* it. ``clamp_q_to_min`` then applies
+the anchors' (DRO-MNMT) soft clamp: raise every q_i to min(p0), renormalise once. It is soft on
+purpose: a hard floor at min(p0) would pin a uniform p0 in place, while the soft clamp keeps every
+domain near min(p0) yet still lets the worst one gain. η is found by bisection so the χ² divergence
+of the returned (clamped) q equals rho. When even the most extreme q (all spare mass on the worst
+domains) stays inside the ball, that q is returned and its divergence is below rho. Edge cases:
+rho = 0, all Δ equal or a single domain give q = p0. A domain with p0_i = 0 keeps q_i = 0 (any mass
+there has infinite χ² cost).
 """
 from __future__ import annotations
 
@@ -117,20 +118,19 @@ def _dro_on_support(p0: np.ndarray, delta: np.ndarray, rho: float, min_prob: flo
                     clamp_q_to_min: bool) -> np.ndarray:
     """`dro_update` for a p0 with no zero entries."""
     floor = np.full_like(p0, min_prob)
-    if clamp_q_to_min:
-        floor = np.maximum(floor, p0.min() / p0)
     if rho == 0 or np.ptp(delta) == 0:
         return p0.copy()
-    if (p0 * floor).sum() >= 1 - 1e-12:
-        log.warning("dro: the floors (min_prob=%s, clamp_q_to_min=%s) leave no mass to move for p0=%s; "
-                    "q = p0 (with a uniform p0, set clamp_q_to_min=false)", min_prob, clamp_q_to_min, p0.tolist())
     top = float(delta.max())
     no_cap = np.full_like(p0, np.inf)
 
     def candidate(eta: float) -> np.ndarray:
         """q(η) = max(c·p0·relu(Δ − η), floor·p0), normalised; at η = max Δ its limit (mass on the argmax)."""
         u = (delta >= top).astype(float) if eta >= top else np.maximum(delta - eta, 0.0)
-        return _fill(p0 * u, p0 * floor, no_cap)
+        q = _fill(p0 * u, p0 * floor, no_cap)
+        if clamp_q_to_min:
+            q = np.maximum(q, p0.min())
+            q = q / q.sum()
+        return q
 
     extreme = candidate(top)
     if chi2_divergence(extreme, p0) <= rho:
