@@ -53,8 +53,14 @@ class PruningCallback(Callback):
         self._plot()
 
     def fit_end(self, state: State, logger: Logger) -> None:
-        if self.save_folder is not None and dist.get_global_rank() == 0:
-            self.save_folder.mkdir(parents=True, exist_ok=True)
+        if self.save_folder is None:
+            return
+        from drprune.masks.report import write_report
+
+        # every rank: the report's perplexity pass runs the (possibly sharded) model
+        report = write_report(state, _unwrap(state).mask_generator, self.save_folder)
+        logger.log_metrics({f"report/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
+        if dist.get_global_rank() == 0:
             self._plot()
 
     def _plot(self) -> None:

@@ -34,6 +34,13 @@ def _build_l0(cfg: ModelConfig, params: dict[str, Any], prefix: str) -> MaskGene
         raise ConfigError(f"{prefix}: {err}") from err
 
 
+@register_mask_generator("hypernetwork")
+def _build_hypernetwork(cfg: ModelConfig, params: dict[str, Any], prefix: str) -> MaskGenerator:
+    from drprune.masks.hypernetwork import build_hypernetwork
+
+    return build_hypernetwork(cfg, params, prefix)
+
+
 def _batches(value: Any, prefix: str) -> int:
     """'320ba' or 320 -> 320."""
     text = str(value)

@@ -1,0 +1,123 @@
+"""After-training report of a pruning run: kept parameters vs target, per-layer widths, perplexity.
+
+Written at `fit_end` by the pruning callback into the save folder (`mask_report.json`,
+`layer_widths.png`), so a run says what model it will compact to without running compaction.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import matplotlib
+import torch
+from torch import Tensor
+
+from drprune.masks.base import MaskGenerator, compact_config, config_params, expected_params
+from drprune.models.config import ModelConfig
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+WIDTH_KEYS = ("attn_in", "attn_out", "mlp_in", "mlp_out", "intermediate", "n_kv_heads")
+
+
+def layer_widths(cfg: ModelConfig, masks: Mapping[str, Tensor]) -> list[dict[str, int]]:
+    """Per source layer, the widths the compact model keeps (0 for a removed sub-layer)."""
+    compact, kept = compact_config(cfg, masks)
+    out = [dict.fromkeys(WIDTH_KEYS, 0) for _ in range(cfg.n_layers)]
+    for spec_id, layer in enumerate(kept):
+        s = compact.layer_spec(spec_id)
+        size = {n: compact.d_model if getattr(s, n) is None else len(getattr(s, n))
+                for n in ("attn_in", "attn_out", "mlp_in", "mlp_out")}
+        if s.has_attn:
+            out[layer].update(attn_in=size["attn_in"], attn_out=size["attn_out"], n_kv_heads=s.n_kv_heads)
+        if s.has_mlp:
+            out[layer].update(mlp_in=size["mlp_in"], mlp_out=size["mlp_out"], intermediate=s.intermediate_size)
+    return out
+
+
+def mask_report(cfg: ModelConfig, masks: Mapping[str, Tensor], target_params: int | None = None) -> dict[str, Any]:
+    """Kept non-embedding parameters (exact, = the compact model's) against the source and target."""
+    masks = {k: v.detach().cpu() for k, v in masks.items()}
+    full = config_params(cfg, embeddings=False)
+    kept = int(expected_params(cfg, masks, embeddings=False))
+    return {"source_params": full, "kept_params": kept, "kept_ratio": kept / full, "target_params": target_params,
+            "target_ratio": None if target_params is None else target_params / full,
+            "layers": layer_widths(cfg, masks)}
+
+
+def plot_widths(cfg: ModelConfig, report: Mapping[str, Any], path: Path) -> None:
+    """Grouped bars per layer: each width as a fraction of its source size."""
+    full = {"attn_in": cfg.d_model, "attn_out": cfg.d_model, "mlp_in": cfg.d_model, "mlp_out": cfg.d_model,
+            "intermediate": cfg.intermediate_size, "n_kv_heads": cfg.n_kv_heads}
+    layers = report["layers"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(layers)), 4))
+    bar = 0.8 / len(WIDTH_KEYS)
+    for j, key in enumerate(WIDTH_KEYS):
+        ax.bar([i + (j - len(WIDTH_KEYS) / 2 + 0.5) * bar for i in range(len(layers))],
+               [w[key] / full[key] for w in layers], bar, label=key)
+    title = f"kept {report['kept_ratio']:.1%} of non-embedding params"
+    if report.get("target_ratio") is not None:
+        title += f" (target {report['target_ratio']:.1%})"
+    if report.get("perplexity") is not None:
+        title += f", ppl {report['perplexity']:.2f}"
+    ax.set(xlabel="layer", ylabel="kept fraction of source width", title=title, ylim=(0, 1.05),
+           xticks=range(len(layers)))
+    ax.legend(fontsize=7, ncol=3)
+    ax.grid(axis="y", alpha=0.3)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def eval_perplexity(state: Any) -> float | None:
+    """exp(eval cross-entropy) with the generator's eval masks over the first evaluator's batches.
+
+    Runs on every rank (FSDP needs all of them in each forward) and sums over ranks.
+    """
+    from composer.core.precision import get_precision_context
+    from composer.utils import dist
+
+    if not state.evaluators:
+        return None
+    model = state.model.module if hasattr(state.model, "module") else state.model
+    evaluator = state.evaluators[0]
+    limit = evaluator.subset_num_batches if evaluator.subset_num_batches not in (None, -1) else math.inf
+    was_training = model.training
+    model.eval()
+    totals = state.device.tensor_to_device(torch.zeros(2, dtype=torch.float64))
+    for n, batch in enumerate(evaluator.dataloader.dataloader):
+        if n >= limit:
+            break
+        batch = state.device.batch_to_device(batch)
+        with get_precision_context(state.precision):
+            out = model.eval_forward(batch)
+        totals += torch.stack([out["loss_sum"].double().sum(), out["tokens"].double().sum()])
+    model.train(was_training)
+    dist.all_reduce(totals)
+    return math.exp(float(totals[0] / totals[1])) if totals[1] > 0 else None
+
+
+def write_report(state: Any, generator: MaskGenerator, folder: Path) -> dict[str, Any]:
+    """Build the report on every rank; rank 0 writes mask_report.json and layer_widths.png."""
+    from composer.utils import dist
+
+    model = state.model.module if hasattr(state.model, "module") else state.model
+    cfg = model.model.cfg
+    report = mask_report(cfg, generator.hard_masks(), getattr(generator, "target_params", None))
+    report["perplexity"] = eval_perplexity(state)
+    if dist.get_global_rank() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "mask_report.json").write_text(json.dumps(report, indent=1))
+        plot_widths(cfg, report, folder / "layer_widths.png")
+        log.info("kept %d of %d non-embedding parameters (%.2f%%, target %s), hard-masked perplexity %s; "
+                 "report in %s", report["kept_params"], report["source_params"], 100 * report["kept_ratio"],
+                 report["target_params"], report["perplexity"], folder / "mask_report.json")
+    return report
