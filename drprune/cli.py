@@ -15,6 +15,7 @@ from drprune.errors import UserError
 # Modules that add sub-commands; order is the order in `drprune --help`.
 COMMAND_MODULES: tuple[str, ...] = (
     "drprune.convert.cli",
+    "drprune.compact.cli",
     "drprune.data.cli",
     "drprune.eval.cli",
 )

@@ -7,21 +7,25 @@ Plain Sheared-LLaMA / DRPruning state dicts (`model.transformer.*`) load too, gi
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import mmap
 import os
+import struct
+import sys
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from drprune.convert.hf import check_state_keys, config_from_hf, hf_config_dict, hf_to_ours, ours_to_hf
+from drprune.convert.hf import (REMOTE_MODEL_TYPE, check_state_keys, config_from_hf, hf_config_dict, hf_to_ours,
+                                ours_to_hf, stock_class_fits)
 from drprune.errors import UserError
 from drprune.models.config import ModelConfig
 from drprune.models.decoder import PrunableDecoder
@@ -77,6 +81,40 @@ def load_model_state(path: str | Path) -> dict[str, Any]:
     if isinstance(obj, dict) and any(k.startswith("model.transformer.") for k in obj):
         return obj
     raise UserError(f"{path} is neither a Composer checkpoint nor a state dict of a drprune/Sheared model")
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_MADV_DONTNEED = 4
+
+
+def mapped_releaser(state: dict[str, Any]) -> Callable[[Tensor], None]:
+    """A function that gives back the resident pages of a tensor of `state` (from `load_model_state`).
+
+    Streaming passes touch each input tensor once; without this the memory-mapped input stays
+    resident and peak RSS grows to the whole input. The mapping is private and never written, so
+    dropped pages are re-read from the file if touched again. Tensors not from `state` (e.g. a fused
+    copy) are left alone.
+    """
+    mapped = {t.untyped_storage().data_ptr() for t in state.values() if isinstance(t, Tensor) and t.device.type == "cpu"}
+
+    def release(t: Tensor) -> None:
+        storage = t.untyped_storage()
+        if _LIBC is None or storage.data_ptr() not in mapped:
+            return
+        start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = end // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(_MADV_DONTNEED))
+
+    return release
+
+
+def decoder_keys(cfg: ModelConfig) -> set[str]:
+    """Weight names of a decoder of this config, without allocating its weights."""
+    with torch.device("meta"):
+        keys = PrunableDecoder(cfg).state_dict().keys()
+    return {k for k in keys if not k.endswith("_extra_state")}
 
 
 def config_of_state(state: dict[str, Any], fallback: ModelConfig | None = None) -> ModelConfig:
@@ -153,7 +191,12 @@ def load_hf(name_or_path: str) -> tuple[ModelConfig, dict[str, Tensor], Path]:
     config_file = hf_dir / "config.json"
     if not config_file.is_file():
         raise UserError(f"{hf_dir} has no config.json: is it a Hugging Face model folder?")
-    cfg = config_from_hf(json.loads(config_file.read_text()))
+    raw = json.loads(config_file.read_text())
+    cfg = config_from_hf(raw)
+    if raw.get("model_type") == REMOTE_MODEL_TYPE:  # drprune's remote-code folder keeps our names
+        tensors = read_hf_tensors(hf_dir)
+        check_state_keys(decoder_keys(cfg), set(tensors), str(hf_dir))
+        return cfg, tensors, hf_dir
     return cfg, hf_to_ours(cfg, read_hf_tensors(hf_dir)), hf_dir
 
 
@@ -166,32 +209,34 @@ def write_hf_folder(
     config_overrides: dict[str, Any] | None = None,
     max_shard_bytes: int = 2 * 1024**3,
     overwrite: bool = False,
+    release: Callable[[Tensor], None] | None = None,
 ) -> Path:
     """Write config.json + sharded safetensors (+ tokenizer files) for the stock HF class."""
-    if not cfg.is_uniform:
-        raise UserError("layers of different shapes need the remote-code export (drprune.compact.export)")
+    if not stock_class_fits(cfg):
+        raise UserError("no stock HF class holds this shape: use drprune.compact.export.export_hf (remote code)")
     config = {**hf_config_dict(cfg), **(config_overrides or {})}
     with atomic_output(out_dir, overwrite) as tmp:
         tmp.mkdir()
-        write_safetensors_shards(ours_to_hf(cfg, tensors), tmp, max_shard_bytes)
+        write_safetensors_shards(ours_to_hf(cfg, tensors), tmp, max_shard_bytes, release)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         copy_tokenizer(tokenizer_dir, tmp)
     log.info("wrote HF folder %s", out_dir)
     return Path(out_dir)
 
 
-def write_safetensors_shards(items: Iterable[tuple[str, Tensor]], out_dir: Path, max_shard_bytes: int) -> None:
+def write_safetensors_shards(items: Iterable[tuple[str, Tensor]], out_dir: Path, max_shard_bytes: int,
+                             release: Callable[[Tensor], None] | None = None) -> None:
     """Stream tensors into shards of at most `max_shard_bytes` plus an index when there are several.
 
-    Only the shard being filled is held, so peak memory is one shard, not the whole model.
+    Tensors are written straight from their memory (no serialised copy of the shard); `release` is
+    called on each one once it is on disk, so a mapped input never becomes resident all at once.
     """
     shard_keys: list[list[str]] = []
     current: dict[str, Tensor] = {}
     size = 0
 
     def flush() -> None:
-        path = out_dir / f"shard-{len(shard_keys):05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in current.items()}, str(path), metadata={"format": "pt"})
+        _write_safetensors(out_dir / f"shard-{len(shard_keys):05d}.safetensors", current, release)
         shard_keys.append(list(current))
         current.clear()
 
@@ -214,6 +259,33 @@ def write_safetensors_shards(items: Iterable[tuple[str, Tensor]], out_dir: Path,
         weight_map.update(dict.fromkeys(keys, final))
     index = {"metadata": {}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _write_safetensors(path: Path, tensors: dict[str, Tensor], release: Callable[[Tensor], None] | None) -> None:
+    """One safetensors file (8-byte header length, JSON header, raw little-endian data), one tensor at a time."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise UserError(f"tensor {name} has dtype {t.dtype}, which safetensors export does not support")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for t in tensors.values():
+            data = t.detach().to("cpu").contiguous()
+            f.write(data.reshape(-1).view(torch.uint8).numpy().data)
+            if release is not None:
+                release(t)
 
 
 def copy_tokenizer(tokenizer_dir: str | Path | None, out_dir: Path) -> None:

@@ -69,8 +69,9 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def composer_to_hf(args: argparse.Namespace) -> None:
-    from drprune.convert.checkpoint import config_of_state, decoder_state, load_model_state, write_hf_folder
-    from drprune.convert.hf import hf_config_dict
+    from drprune.compact.export import export_hf, hf_config
+    from drprune.convert.checkpoint import config_of_state, decoder_state, load_model_state, mapped_releaser
+    from drprune.convert.hf import hf_config_dict, stock_class_fits
 
     state = load_model_state(args.ckpt)
     if any(k.startswith("mask_generator.") for k in state):
@@ -81,14 +82,14 @@ def composer_to_hf(args: argparse.Namespace) -> None:
     cfg = config_of_state(state)
     overrides = parse_overrides(args.overrides)
     overrides.pop("model_class", None)  # the seed's flag; the class follows from the checkpoint
-    derived = hf_config_dict(cfg) if cfg.is_uniform else {}
+    derived = hf_config_dict(cfg) if stock_class_fits(cfg) else hf_config(cfg)
     conflicts = {k: (v, derived[k]) for k, v in overrides.items() if k in derived and derived[k] != v}
     if conflicts:
         raise UserError(
             "overrides contradict the checkpoint's shape (drop them; the shape is read from the "
             f"checkpoint): {', '.join(f'{k}={v!r} but checkpoint has {d!r}' for k, (v, d) in conflicts.items())}"
         )
-    write_hf_folder(
+    export_hf(
         cfg, decoder_state(state), args.out_dir, tokenizer_dir=args.tokenizer, config_overrides=overrides,
-        max_shard_bytes=int(args.max_shard_size * 1024**3), overwrite=args.overwrite,
+        max_shard_bytes=int(args.max_shard_size * 1024**3), overwrite=args.overwrite, release=mapped_releaser(state),
     )

@@ -20,10 +20,34 @@ HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "p
 _IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq", "attention.bias", "attention.masked_bias")
 
 
+# The remote-code export (drprune.compact.export) for layers of different shapes: its config.json
+# holds ModelConfig fields, under the standard HF name where one exists. Weight names are ours.
+REMOTE_MODEL_TYPE = "drprune"
+_REMOTE_RENAMES = {"d_model": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+                   "n_kv_heads": "num_key_value_heads", "max_seq_len": "max_position_embeddings"}
+_RUNTIME_ONLY = ("init_std", "attn_impl")
+
+
+def remote_config_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """The config.json fields of the shipped DrpruneConfig for `cfg`."""
+    fields = {k: v for k, v in cfg.to_dict().items() if k not in _RUNTIME_ONLY}
+    out = {_REMOTE_RENAMES.get(k, k): v for k, v in fields.items()}
+    return {**out, "model_type": REMOTE_MODEL_TYPE, "architectures": ["DrpruneForCausalLM"], "torch_dtype": "float32"}
+
+
+def _config_from_remote(c: dict[str, Any]) -> ModelConfig:
+    back = {theirs: ours for ours, theirs in _REMOTE_RENAMES.items()}
+    known = set(ModelConfig.__dataclass_fields__) - set(_RUNTIME_ONLY)
+    fields = {back.get(k, k): v for k, v in c.items()}
+    return ModelConfig.from_dict({k: v for k, v in fields.items() if k in known})
+
+
 def config_from_hf(hf: Any) -> ModelConfig:
     """ModelConfig from a transformers config object (or its dict)."""
     c = hf.to_dict() if hasattr(hf, "to_dict") else dict(hf)
     model_type = c.get("model_type")
+    if model_type == REMOTE_MODEL_TYPE:
+        return _config_from_remote(c)
     if model_type not in HF_MODEL_TYPES:
         raise UserError(
             f"HF model_type {model_type!r} is not supported; supported: {sorted(HF_MODEL_TYPES)}"
@@ -70,6 +94,14 @@ def _activation(name: str) -> str:
     return table[name]
 
 
+def stock_class_fits(cfg: ModelConfig) -> bool:
+    """True when a stock transformers class holds the model: every layer alike, and for GPT-NeoX
+    (which derives head size from hidden_size / heads) head_dim * n_heads == d_model."""
+    if not cfg.is_uniform:
+        return False
+    return cfg.family != "pythia" or cfg.head_dim * cfg.n_heads == cfg.d_model
+
+
 def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
     """The config.json fields of the stock HF class for a uniform model."""
     common = dict(
@@ -85,7 +117,6 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
             common, model_type="gpt_neox", layer_norm_eps=cfg.norm_eps, hidden_act=act,
             use_parallel_residual=cfg.parallel_residual, rotary_pct=cfg.rotary_pct,
             rotary_emb_base=cfg.rope_theta, attention_bias=cfg.qkv_bias,
-            **({"head_dim": cfg.head_dim} if cfg.head_dim * cfg.n_heads != cfg.d_model else {}),
         )
     out = dict(
         common, model_type=cfg.family, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,

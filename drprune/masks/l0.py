@@ -142,6 +142,11 @@ class L0MaskGenerator(MaskGenerator):
         if not 0 < droprate_init < 1:
             raise ConfigError(f"{config_prefix}.droprate_init={droprate_init} must be in (0, 1)")
         self.warmup = int(lagrangian_warmup_steps)
+        self.init_params: dict[str, Any] = dict(
+            pruning_modules=list(pruning_modules), target_model=dict(target_model),
+            lagrangian_warmup_steps=self.warmup, start_sparsity=start_sparsity,
+            eval_target_model=eval_target_model, droprate_init=droprate_init,
+        )
         self.start_sparsity = start_sparsity
         self.eval_target_model = eval_target_model
         shapes = {  # module -> (rows, gates per row)
@@ -160,6 +165,18 @@ class L0MaskGenerator(MaskGenerator):
 
     def set_step(self, step: int) -> None:
         self.step.fill_(step)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The generator's config rides in checkpoints, so `drprune compact` can rebuild it alone."""
+        return {"name": "l0", "params": self.init_params}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("params", {}) if isinstance(state, dict) else {}
+        for key in ("pruning_modules", "target_model"):
+            if key in saved and saved[key] != self.init_params[key]:
+                raise ValueError(
+                    f"checkpoint mask generator has {key}={saved[key]!r} but this run has {self.init_params[key]!r}"
+                )
 
     def _as_maskset(self, values: dict[str, Tensor]) -> MaskSet:
         out = MaskSet()

@@ -1,0 +1,213 @@
+"""A drprune compact decoder for transformers (remote code): layers of different shapes.
+
+Shipped by `drprune convert composer-to-hf` beside config.json (auto_map), loaded with
+`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`. It depends only on torch and
+transformers and computes exactly what drprune's PrunableDecoder computes for a compact config: per
+layer head counts and MLP widths (a removed sub-layer is absent), and for dimension-independent
+pruning, sub-layers that normalise the full residual stream, read a subset of it (gather) and add
+their output back at their own subset (scatter). Weight names are drprune's own (`transformer.*`).
+No KV cache: generation recomputes the prefix each step.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_drprune import DrpruneConfig
+
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class DrpruneNorm(nn.Module):
+    """RMSNorm / LayerNorm over the full input; `select` gathers dims before the affine weights."""
+
+    def __init__(self, kind, width, eps):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(width))
+        self.bias = nn.Parameter(torch.zeros(width)) if kind == "layernorm" else None
+
+    def forward(self, x, select=None):
+        dtype = x.dtype
+        xf = x.float()
+        if self.kind == "layernorm":
+            xf = xf - xf.mean(-1, keepdim=True)
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if select is not None:
+            y = y.index_select(-1, select)
+        if self.kind == "rmsnorm":
+            return self.weight * y.to(dtype)
+        return (y * self.weight.float() + self.bias.float()).to(dtype)
+
+
+def rotary_inv_freq(config):
+    dim = int(config.head_dim * config.rotary_pct)
+    if config.rope_scaling:
+        from transformers import PretrainedConfig
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        hf_like = PretrainedConfig(
+            rope_theta=config.rope_theta, rope_scaling=dict(config.rope_scaling), head_dim=config.head_dim,
+            hidden_size=config.hidden_size, num_attention_heads=config.num_attention_heads,
+            partial_rotary_factor=config.rotary_pct, max_position_embeddings=config.max_position_embeddings,
+        )
+        kind = config.rope_scaling.get("rope_type", config.rope_scaling.get("type", "default"))
+        return ROPE_INIT_FUNCTIONS[kind](hf_like, "cpu")[0].float()
+    return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x, cos, sin):
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    x_rot = x_rot * cos + rotate_half(x_rot) * sin
+    return torch.cat((x_rot, x_pass), dim=-1) if x_pass.numel() else x_rot
+
+
+class DrpruneAttention(nn.Module):
+    def __init__(self, config, n_heads, n_kv, d_in, d_out):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = n_heads, n_kv, config.head_dim
+        self.wq = nn.Linear(d_in, n_heads * self.hd, bias=config.qkv_bias)
+        self.wk = nn.Linear(d_in, n_kv * self.hd, bias=config.qkv_bias)
+        self.wv = nn.Linear(d_in, n_kv * self.hd, bias=config.qkv_bias)
+        self.out_proj = nn.Linear(n_heads * self.hd, d_out, bias=config.o_bias)
+
+    def forward(self, x, rope, mask):
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.hd).transpose(1, 2)
+        k = self.wk(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        v = self.wv(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        group = self.n_heads // self.n_kv
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        # Softmax scale 1/sqrt(head_dim) of the source model: pruning never changes head_dim.
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.out_proj(ctx.transpose(1, 2).reshape(b, t, self.n_heads * self.hd))
+
+
+class DrpruneMLP(nn.Module):
+    def __init__(self, config, width, d_in, d_out):
+        super().__init__()
+        self.act = ACTIVATIONS[config.activation]
+        gated = config.mlp == "gated"
+        self.gate_proj = nn.Linear(d_in, width, bias=config.mlp_bias) if gated else None
+        self.up_proj = nn.Linear(d_in, width, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(width, d_out, bias=config.mlp_bias)
+
+    def forward(self, x):
+        if self.gate_proj is not None:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class DrpruneBlock(nn.Module):
+    def __init__(self, config, spec):
+        super().__init__()
+        self.parallel = config.parallel_residual
+        d = config.hidden_size
+        for name in ("attn_in", "attn_out", "mlp_in", "mlp_out"):
+            idx = spec.get(name)
+            self.register_buffer(f"{name}_idx", None if idx is None else torch.tensor(idx), persistent=False)
+
+        def width(name):
+            return d if spec.get(name) is None else len(spec[name])
+
+        if spec["n_heads"] > 0:
+            self.ln_1 = DrpruneNorm(config.norm, width("attn_in"), config.norm_eps)
+            self.attn = DrpruneAttention(config, spec["n_heads"], spec["n_kv_heads"], width("attn_in"),
+                                         width("attn_out"))
+        if spec["intermediate_size"] > 0:
+            self.ln_2 = DrpruneNorm(config.norm, width("mlp_in"), config.norm_eps)
+            self.mlp = DrpruneMLP(config, spec["intermediate_size"], width("mlp_in"), width("mlp_out"))
+
+    @staticmethod
+    def add(x, out, idx):
+        return x + out if idx is None else x.index_add(-1, idx, out)
+
+    def forward(self, x, rope, mask):
+        attn_out = self.attn(self.ln_1(x, self.attn_in_idx), rope, mask) if hasattr(self, "attn") else None
+        if not self.parallel and attn_out is not None:
+            x = self.add(x, attn_out, self.attn_out_idx)
+        if hasattr(self, "mlp"):
+            x = self.add(x, self.mlp(self.ln_2(x, self.mlp_in_idx)), self.mlp_out_idx)
+        if self.parallel and attn_out is not None:
+            x = self.add(x, attn_out, self.attn_out_idx)
+        return x
+
+
+class DrprunePreTrainedModel(PreTrainedModel):
+    config_class = DrpruneConfig
+    base_model_prefix = "transformer"
+    _no_split_modules = ["DrpruneBlock"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(0.0, 0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, DrpruneNorm):
+            module.weight.data.fill_(1.0)
+            if module.bias is not None:
+                module.bias.data.zero_()
+
+
+class DrpruneForCausalLM(DrprunePreTrainedModel, GenerationMixin):
+    def __init__(self, config):
+        super().__init__(config)
+        modules = dict(
+            wte=nn.Embedding(config.vocab_size, config.hidden_size),
+            blocks=nn.ModuleList(DrpruneBlock(config, config.layer(i)) for i in range(config.num_hidden_layers)),
+            ln_f=DrpruneNorm(config.norm, config.hidden_size, config.norm_eps),
+        )
+        if not config.tie_word_embeddings:
+            modules["output"] = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.transformer = nn.ModuleDict(modules)
+        self.register_buffer("inv_freq", rotary_inv_freq(config), persistent=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.transformer["wte"]
+
+    def set_input_embeddings(self, value):
+        self.transformer["wte"] = value
+
+    def output_weight(self):
+        return self.transformer["wte"].weight if self.config.tie_word_embeddings else self.transformer["output"].weight
+
+    def rope(self, position_ids, dtype):
+        freqs = position_ids.float()[..., None] * self.inv_freq.to(position_ids.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [B, 1, T, rot]
+
+    @staticmethod
+    def padding_mask(attention_mask, t):
+        """None when nothing is padded (plain causal attention), else a [B, 1, T, T] boolean mask."""
+        if attention_mask is None or bool(attention_mask.all()):
+            return None
+        causal = torch.ones(t, t, dtype=torch.bool, device=attention_mask.device).tril()
+        mask = causal & attention_mask.bool()[:, None, None, :]
+        return mask | torch.eye(t, dtype=torch.bool, device=mask.device)  # padded queries see themselves
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
+                return_dict=None, **kwargs):
+        x = self.transformer["wte"](input_ids) if inputs_embeds is None else inputs_embeds
+        b, t = x.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(t, device=x.device).expand(b, t)
+        rope = self.rope(position_ids, x.dtype)
+        mask = self.padding_mask(attention_mask, t)
+        for block in self.transformer["blocks"]:
+            x = block(x, rope, mask)
+        logits = F.linear(self.transformer["ln_f"](x), self.output_weight())
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)

@@ -1,0 +1,63 @@
+"""`drprune compact` on a checkpoint file: masks folded tensor by tensor, through `fold_state`.
+
+The input is memory-mapped and each source tensor's pages are given back once its compact tensor
+exists, so peak memory is about one copy of the output model plus the tensor in flight, never the
+whole input (a pruning checkpoint also holds optimizer state, which is never read).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch import Tensor
+
+from drprune.compact.fold import fold_state, plan_compaction
+from drprune.convert.checkpoint import (config_of_state, decoder_keys, decoder_state, load_model_state,
+                                        mapped_releaser, save_checkpoint)
+from drprune.convert.hf import check_state_keys
+from drprune.errors import UserError
+from drprune.masks.base import config_params, mask_generator_from_state
+from drprune.models.config import ModelConfig
+from drprune.models.decoder import PrunableDecoder
+
+log = logging.getLogger(__name__)
+
+
+def default_output(ckpt: Path) -> Path:
+    """`pruned-<name>` beside the input, as the seed's prune_and_save_model wrote it."""
+    return ckpt.with_name(f"pruned-{ckpt.name}")
+
+
+def compact_checkpoint(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> ModelConfig:
+    """Fold a pruning checkpoint's deterministic target-size masks into a compact checkpoint at `out`."""
+    ckpt, out = Path(ckpt), Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"output {out} already exists: remove it, choose another --out, or pass --overwrite")
+    state = load_model_state(ckpt)
+    cfg = config_of_state(state)
+    masks = mask_generator_from_state(cfg, state).hard_masks()
+    plan = plan_compaction(cfg, masks)
+    source = decoder_state(state)
+    check_state_keys(decoder_keys(cfg), set(source), str(ckpt), "is the checkpoint from a different model config?")
+
+    release = mapped_releaser(state)
+    read: list[Tensor] = []
+
+    def get(key: str) -> Tensor:
+        read.append(source[key])
+        return source[key]
+
+    compact: dict[str, object] = {}
+    for key, tensor in fold_state(plan, get):
+        compact[f"model.{key}"] = tensor
+        for t in read:
+            release(t)
+        read.clear()
+    compact["model._extra_state"] = PrunableDecoder.extra_state_for(plan.target)
+    save_checkpoint(compact, out, overwrite=overwrite)
+    t = plan.target
+    log.info("compacted %s -> %s: %d -> %d parameters; d_model=%d layers=%d (kept source layers %s)%s",
+             ckpt, out, config_params(cfg), config_params(t), t.d_model, t.n_layers, plan.kept_layers,
+             f" heads={t.n_heads}/{t.n_kv_heads} intermediate={t.intermediate_size}" if t.is_uniform
+             else " (layers differ in shape)")
+    return t
