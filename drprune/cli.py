@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "drprune.compact.cli",
     "drprune.data.cli",
     "drprune.eval.cli",
+    "drprune.oneshot.cli",
 )
 
 

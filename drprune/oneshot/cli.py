@@ -1,0 +1,119 @@
+"""`drprune oneshot layers|width|vocab`: prune without training and write a compact model.
+
+Every command reads MODEL (HF folder or Composer checkpoint) and a little calibration data (MDS
+folder or text files), writes OUT/model.pt (Composer checkpoint), OUT/hf/ and OUT/removed.json
+(plus OUT/eval.json when --eval-data is given), all under a temporary name renamed at the end.
+A YAML/JSON --config with the same keys (flag names with underscores) stands in for flags; flags
+given on the command line win. PruneGPT's key names (model_name, save_directory, angular_distance,
+cosine_similarity) and Pruning-LLMs' *_remain keys are accepted too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from drprune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+COMMON_DEFAULTS: dict[str, Any] = {"seq_len": 256, "max_rows": 32, "batch_size": 4, "eval_max_rows": None,
+                                   "overwrite": False, "tokenizer": None, "eval_data": None, "calib": None}
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "layers": {"pruning_method": "angular", "pruning_token": "all", "skip_blocks": []},
+    "width": {"importance": "taylor", "taylor": "element", "seed": 0},
+    "vocab": {},
+}
+KEY_ALIASES = {"model_name": "model", "save_directory": "out", "hidden_size_remain": "hidden_size",
+               "num_attention_heads_remain": "num_attention_heads", "ffn_hidden_size_remain": "intermediate_size",
+               "intermediate_size_remain": "intermediate_size", "pruner_type": "importance"}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    top = subparsers.add_parser("oneshot", help="one-shot pruning without training: layers, width, vocabulary")
+    sub = top.add_subparsers(dest="oneshot", required=True)
+
+    layers = _common(sub.add_parser("layers", help="remove blocks by angular distance or cosine (ShortGPT)"))
+    layers.add_argument("--num-blocks-to-prune", type=int)
+    layers.add_argument("--pruning-method", help="angular (a window of consecutive blocks) | cosine (per block)")
+    layers.add_argument("--pruning-token", choices=("all", "last"), help="tokens the scores average over")
+    layers.add_argument("--skip-blocks", type=int, nargs="*", help="blocks never removed (negative = from the end)")
+
+    width = _common(sub.add_parser("width", help="prune heads / channels / hidden dims to a shape or a ratio"))
+    width.add_argument("--importance", help="taylor | l1 | l2 | activation | random")
+    width.add_argument("--taylor", help="element (sum |w g|) | vector (|sum w g|)")
+    width.add_argument("--seed", type=int, help="seed of the random importance")
+    for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        width.add_argument("--" + key.replace("_", "-"), type=int, help="target shape")
+    width.add_argument("--drop-layers", type=int, nargs="*", help="blocks removed outright")
+    width.add_argument("--pruning-ratio", type=float, help="LLM-Pruner style: fraction of groups/channels removed")
+    for key in ("block_attention_layer_start", "block_attention_layer_end", "block_mlp_layer_start",
+                "block_mlp_layer_end"):
+        width.add_argument("--" + key.replace("_", "-"), type=int, help="layer range of --pruning-ratio")
+
+    vocab = _common(sub.add_parser("vocab", help="keep the N most frequent tokens of --calib (+ special/byte)"))
+    vocab.add_argument("--keep", type=int, help="frequent tokens kept (special and byte tokens come on top)")
+
+
+def _common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("model", nargs="?", help="HF model folder or drprune/Composer checkpoint")
+    p.add_argument("--config", help="YAML/JSON file with the same keys as the flags")
+    p.add_argument("--calib", help="calibration data: an MDS folder (or prepared root) or text files")
+    p.add_argument("--tokenizer", help="tokenizer for text data and the output (default: MODEL's)")
+    p.add_argument("--seq-len", type=int, help="tokens per calibration row for text data")
+    p.add_argument("--max-rows", type=int, help="calibration rows used for scoring")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--eval-data", help="MDS data folder with eval/<domain>/: perplexity before and after")
+    p.add_argument("--eval-max-rows", type=int, help="eval rows per domain")
+    p.add_argument("--out", help="output folder (model.pt, hf/, removed.json)")
+    p.add_argument("--overwrite", action="store_true", default=None)
+    p.set_defaults(func=run)
+    return p
+
+
+def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags over config-file values over defaults; unknown config keys are an error."""
+    command = args.oneshot
+    opts = {k: v for k, v in vars(args).items() if k not in ("func", "command", "oneshot", "config", "verbose")}
+    if args.config:
+        for key, value in read_config(Path(args.config)).items():
+            key = KEY_ALIASES.get(key, key)
+            if key not in opts:
+                raise UserError(f"{args.config}: unknown key {key!r} for `oneshot {command}`; "
+                                f"valid keys are {sorted(opts)}")
+            if opts[key] is None:
+                opts[key] = value
+    for key, value in {**COMMON_DEFAULTS, **DEFAULTS[command]}.items():
+        if opts.get(key) is None:
+            opts[key] = value
+    for key in ("model", "out"):
+        if not opts.get(key):
+            raise UserError(f"`oneshot {command}` needs {key.upper() if key == 'model' else '--out'} "
+                            "(on the command line or in --config)")
+    return opts
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    import yaml
+
+    try:
+        data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    except (ValueError, yaml.YAMLError) as err:
+        raise UserError(f"cannot parse {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of option names to values")
+    return data
+
+
+def run(args: argparse.Namespace) -> None:
+    from drprune.oneshot import runner
+
+    opts = resolve_options(args)
+    out = Path(opts["out"])
+    if out.exists() and not opts["overwrite"]:
+        raise UserError(f"output {out} already exists: remove it, choose another --out or pass --overwrite")
+    getattr(runner, f"run_{args.oneshot}")(opts)

@@ -1,0 +1,186 @@
+"""Importance of every prunable structure: KV groups, MLP channels and hidden (residual) dimensions.
+
+A structure owns every weight that disappears with it, which is what makes pruning coupled:
+  KV group g of layer l   the rows of wq for its query heads, the rows of wk and wv for head g (and
+                          their biases), the columns of out_proj for its query heads
+  channel j of layer l    row j of gate_proj and up_proj (and biases), column j of down_proj
+  hidden dim k            column k of every input projection, row k of every output projection and
+                          its bias, element k of every norm, column k of the embedding and the head
+Weight criteria reduce a per-element tensor over these groups:
+  l1 = sum |w|,  l2 = sqrt(sum w^2),  taylor element-wise = sum |w * dL/dw|,
+  taylor vector-wise = |sum w * dL/dw| (first-order loss change of zeroing the whole group)
+`activation` is the mean |activation| on calibration data: each head's context (out_proj input),
+each channel's gated activation (down_proj input), and each hidden dim of the normalised sub-layer
+inputs summed over layers. `random` draws seeded uniform scores (Pruning-LLMs' random masks).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from drprune.errors import UserError
+from drprune.models.composer_model import token_losses
+from drprune.models.decoder import PrunableDecoder
+
+IMPORTANCES = ("taylor", "l1", "l2", "activation", "random")
+TAYLOR_MODES = ("element", "vector")
+
+
+@dataclass
+class Scores:
+    """Higher = more important. head [L, H_kv], intermediate [L, I], hidden [d]."""
+
+    head: Tensor
+    intermediate: Tensor
+    hidden: Tensor
+
+
+def _zeros(cfg) -> Scores:
+    return Scores(torch.zeros(cfg.n_layers, cfg.n_kv_heads, dtype=torch.float64),
+                  torch.zeros(cfg.n_layers, cfg.intermediate_size, dtype=torch.float64),
+                  torch.zeros(cfg.d_model, dtype=torch.float64))
+
+
+def aggregate(decoder: PrunableDecoder, element: Callable[[nn.Parameter], Tensor]) -> Scores:
+    """Sum `element(p)` (same shape as p) over each structure's weights, for every structure."""
+    cfg = decoder.cfg
+    if not cfg.is_uniform:
+        raise UserError("width pruning applies to a full model, not an already compacted one")
+    out = _zeros(cfg)
+    t = decoder.transformer
+
+    def add_hidden(v: Tensor, dim: int) -> None:
+        out.hidden.add_(v.double().sum(dim) if v.dim() == 2 else v.double())
+
+    add_hidden(element(t["wte"].weight), 0)
+    if not cfg.tie_word_embeddings:
+        add_hidden(element(t["output"].weight), 0)
+    for p in t["ln_f"].parameters():
+        add_hidden(element(p), 0)
+    kv = cfg.n_kv_heads
+    for i, block in enumerate(t["blocks"]):
+        attn, mlp = block.attn, block.mlp
+        for p in [*block.ln_1.parameters(), *block.ln_2.parameters()]:
+            add_hidden(element(p), 0)
+        for lin in (attn.wq, attn.wk, attn.wv):
+            w = element(lin.weight)
+            out.head[i] += w.double().view(kv, -1, w.shape[1]).sum((1, 2))
+            add_hidden(w, 0)
+            if lin.bias is not None:
+                out.head[i] += element(lin.bias).double().view(kv, -1).sum(1)
+        w = element(attn.out_proj.weight)
+        out.head[i] += w.double().view(w.shape[0], kv, -1).sum((0, 2))
+        add_hidden(w, 1)
+        if attn.out_proj.bias is not None:
+            add_hidden(element(attn.out_proj.bias), 0)
+        for lin in (mlp.gate_proj, mlp.up_proj):
+            if lin is None:
+                continue
+            w = element(lin.weight)
+            out.intermediate[i] += w.double().sum(1)
+            add_hidden(w, 0)
+            if lin.bias is not None:
+                out.intermediate[i] += element(lin.bias).double()
+        w = element(mlp.down_proj.weight)
+        out.intermediate[i] += w.double().sum(0)
+        add_hidden(w, 1)
+        if mlp.down_proj.bias is not None:
+            add_hidden(element(mlp.down_proj.bias), 0)
+    return out
+
+
+def magnitude(decoder: PrunableDecoder, norm: str) -> Scores:
+    """l1 = sum |w|, l2 = sqrt(sum w^2) over each structure's weights."""
+    with torch.no_grad():
+        if norm == "l1":
+            return aggregate(decoder, lambda p: p.detach().abs())
+        s = aggregate(decoder, lambda p: p.detach().double().pow(2))
+    return Scores(s.head.sqrt(), s.intermediate.sqrt(), s.hidden.sqrt())
+
+
+def accumulate_gradients(decoder: PrunableDecoder, rows: np.ndarray, batch_size: int) -> None:
+    """p.grad = d(sum over batches of the mean next-token loss)/dp, in fp32."""
+    decoder.eval()
+    device = next(decoder.parameters()).device
+    decoder.zero_grad(set_to_none=True)
+    for start in range(0, len(rows), batch_size):
+        ids = torch.from_numpy(rows[start:start + batch_size]).long().to(device)
+        loss_sum, tokens = token_losses(decoder(ids), ids)
+        (loss_sum.sum() / tokens.sum()).backward()
+
+
+def taylor(decoder: PrunableDecoder, rows: np.ndarray, mode: str = "element", batch_size: int = 4) -> Scores:
+    """First-order Taylor importance; gradients are freed afterwards."""
+    if mode not in TAYLOR_MODES:
+        raise UserError(f"taylor mode {mode!r} is unknown: use one of {TAYLOR_MODES}")
+    accumulate_gradients(decoder, rows, batch_size)
+    try:
+        with torch.no_grad():
+            if mode == "element":
+                return aggregate(decoder, lambda p: (p.double() * p.grad.double()).abs())
+            s = aggregate(decoder, lambda p: p.double() * p.grad.double())
+            return Scores(s.head.abs(), s.intermediate.abs(), s.hidden.abs())
+    finally:
+        decoder.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def activation(decoder: PrunableDecoder, rows: np.ndarray, batch_size: int = 8) -> Scores:
+    """Mean |activation| per head (context), channel (gated activation) and hidden dim (norm outputs)."""
+    cfg = decoder.cfg
+    out = _zeros(cfg)
+    tokens = 0
+    hooks = []
+
+    def on(module: nn.Module, fn: Callable[[Tensor], object]) -> None:
+        def hook(_m: nn.Module, args: tuple[Tensor, ...]) -> None:  # returns None: the input stays as is
+            fn(args[0].detach().double().abs())
+
+        hooks.append(module.register_forward_pre_hook(hook))
+
+    for i, block in enumerate(decoder.transformer["blocks"]):
+        on(block.attn.out_proj, lambda x, i=i: out.head[i].add_(
+            x.reshape(-1, cfg.n_kv_heads, x.shape[-1] // cfg.n_kv_heads).sum((0, 2))))
+        on(block.mlp.down_proj, lambda x, i=i: out.intermediate[i].add_(x.reshape(-1, x.shape[-1]).sum(0)))
+        on(block.attn.wq, lambda x: out.hidden.add_(x.reshape(-1, x.shape[-1]).sum(0)))
+        on(block.mlp.up_proj, lambda x: out.hidden.add_(x.reshape(-1, x.shape[-1]).sum(0)))
+    decoder.eval()
+    device = next(decoder.parameters()).device
+    try:
+        for start in range(0, len(rows), batch_size):
+            ids = torch.from_numpy(rows[start:start + batch_size]).long().to(device)
+            decoder(ids)
+            tokens += ids.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    per_head = cfg.group_size * cfg.head_dim
+    return Scores(out.head / (tokens * per_head), out.intermediate / tokens, out.hidden / tokens)
+
+
+def random_scores(decoder: PrunableDecoder, seed: int) -> Scores:
+    cfg = decoder.cfg
+    g = torch.Generator().manual_seed(seed)
+    return Scores(torch.rand(cfg.n_layers, cfg.n_kv_heads, generator=g, dtype=torch.float64),
+                  torch.rand(cfg.n_layers, cfg.intermediate_size, generator=g, dtype=torch.float64),
+                  torch.rand(cfg.d_model, generator=g, dtype=torch.float64))
+
+
+def importance_scores(decoder: PrunableDecoder, rows: np.ndarray | None, importance: str, *, seed: int = 0,
+                      taylor_mode: str = "element", batch_size: int = 4) -> Scores:
+    """Scores by name; `rows` (calibration token rows) are needed by taylor and activation."""
+    if importance not in IMPORTANCES:
+        raise UserError(f"importance {importance!r} is unknown: use one of {IMPORTANCES}")
+    if importance in ("taylor", "activation") and (rows is None or len(rows) == 0):
+        raise UserError(f"importance {importance!r} needs calibration data (--calib)")
+    if importance == "taylor":
+        return taylor(decoder, rows, taylor_mode, batch_size)
+    if importance == "activation":
+        return activation(decoder, rows, batch_size)
+    if importance == "random":
+        return random_scores(decoder, seed)
+    return magnitude(decoder, importance)

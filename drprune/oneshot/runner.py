@@ -1,0 +1,238 @@
+"""The work behind `drprune oneshot ...`: load, score, compact (or slice), evaluate, write.
+
+Layer and width pruning emit hard masks and go through the shared compaction path
+(`drprune.compact.fold.compact_decoder`); vocabulary pruning changes vocab_size, which masks do
+not cover, so it slices the embedding and output rows directly (`vocab.slice_vocab`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from drprune.errors import UserError
+from drprune.masks.base import MaskSet
+from drprune.models.decoder import PrunableDecoder
+from drprune.oneshot import calib
+
+log = logging.getLogger(__name__)
+
+
+def load_model(model: str) -> tuple[PrunableDecoder, dict[str, Any]]:
+    """The decoder and the source config.json (empty for a checkpoint), for its special token ids."""
+    from drprune.convert.checkpoint import load_any_decoder
+
+    path = Path(model)
+    if not path.exists():
+        raise UserError(f"MODEL {model} does not exist (a HF model folder or a Composer checkpoint)")
+    decoder = load_any_decoder(model).eval()
+    hf_config = json.loads((path / "config.json").read_text()) if path.is_dir() else {}
+    return decoder, hf_config
+
+
+def calibration_rows(opts: dict[str, Any], required: bool) -> np.ndarray | None:
+    if opts["calib"] is None:
+        if required:
+            raise UserError("this pruner scores on calibration data: pass --calib (an MDS folder or text files)")
+        return None
+    tokenizer = calib.resolve_tokenizer(opts["model"], opts["tokenizer"])
+    return calib.load_rows(opts["calib"], tokenizer=tokenizer, seq_len=opts["seq_len"], max_rows=opts["max_rows"])
+
+
+def eval_domains(data: str) -> list[str]:
+    split_dir = Path(data) / "eval"
+    if not split_dir.is_dir():
+        raise UserError(f"{split_dir} does not exist: --eval-data must be a folder from `drprune data prepare`")
+    domains = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name != calib.EVAL_MERGE)
+    if not domains:
+        raise UserError(f"no domain folders under {split_dir}")
+    return domains
+
+
+def evaluate(decoder: PrunableDecoder, opts: dict[str, Any]) -> dict[str, float] | None:
+    from drprune.eval.perplexity import domain_perplexity
+
+    if opts["eval_data"] is None:
+        return None
+    return domain_perplexity(decoder, opts["eval_data"], eval_domains(opts["eval_data"]),
+                             max_rows=opts["eval_max_rows"], batch_size=opts["batch_size"])
+
+
+def print_eval(before: dict[str, float] | None, after: dict[str, float] | None) -> None:
+    if before is None or after is None:
+        return
+    width = max(len(d) for d in before)
+    print(f"{'domain':<{width}}  {'ppl before':>10}  {'ppl after':>10}")
+    for domain in before:
+        print(f"{domain:<{width}}  {before[domain]:10.3f}  {after[domain]:10.3f}")
+
+
+def compact(decoder: PrunableDecoder, masks: MaskSet) -> PrunableDecoder:
+    from drprune.compact.fold import compact_decoder
+
+    with torch.no_grad():
+        return compact_decoder(decoder, masks).eval()
+
+
+def write_outputs(decoder: PrunableDecoder, opts: dict[str, Any], removed: dict[str, Any],
+                  evals: dict[str, Any] | None, hf_config: dict[str, Any], tokenizer_dir: Path | None,
+                  token_ids: dict[str, Any] | None = None) -> Path:
+    """OUT/model.pt, OUT/hf/, OUT/removed.json (+ OUT/eval.json), renamed into place at the end."""
+    from drprune.convert.checkpoint import atomic_output, decoder_checkpoint_state, save_checkpoint
+
+    if token_ids is None:  # same vocabulary: the source's special token ids carry over unchanged
+        token_ids = {k: v for k, v in hf_config.items() if k.endswith("_token_id") and v is not None}
+    with atomic_output(opts["out"], overwrite=bool(opts["overwrite"])) as tmp:
+        tmp.mkdir()
+        save_checkpoint(decoder_checkpoint_state(decoder), tmp / "model.pt")
+        export_hf(decoder, tmp / "hf", tokenizer_dir, token_ids)
+        (tmp / "removed.json").write_text(json.dumps(removed, indent=2) + "\n")
+        if evals is not None:
+            (tmp / "eval.json").write_text(json.dumps(evals, indent=2) + "\n")
+    print(f"wrote {opts['out']}: model.pt, hf/, removed.json{', eval.json' if evals else ''}")
+    return Path(opts["out"])
+
+
+def export_hf(decoder: PrunableDecoder, out_dir: Path, tokenizer_dir: Path | None, token_ids: dict[str, Any]) -> None:
+    """Stock HF classes where one fits, the remote-code folder for per-layer shapes (drprune.compact)."""
+    from drprune.compact.export import export_hf as export_compact
+
+    tensors = {k: v for k, v in decoder.state_dict().items() if not k.endswith("_extra_state")}
+    export_compact(decoder.cfg, tensors, out_dir, tokenizer_dir=tokenizer_dir, config_overrides=token_ids)
+
+
+def tokenizer_folder(opts: dict[str, Any], staging: Path) -> Path | None:
+    """A folder of tokenizer files for the HF output: MODEL's or --tokenizer's (a .model is staged)."""
+    spec = calib.resolve_tokenizer(opts["model"], opts["tokenizer"])
+    if spec is None:
+        log.warning("no tokenizer found (MODEL is a checkpoint and no --tokenizer): the HF folder has none")
+        return None
+    path = Path(spec)
+    if path.is_file():
+        staging.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, staging / "tokenizer.model")
+        return staging
+    return path
+
+
+def sizes(before: PrunableDecoder, after: PrunableDecoder) -> dict[str, Any]:
+    def shape(d: PrunableDecoder) -> dict[str, Any]:
+        c = d.cfg
+        return {"params": d.num_params(), "n_layers": c.n_layers, "d_model": c.d_model, "n_heads": c.n_heads,
+                "n_kv_heads": c.n_kv_heads, "intermediate_size": c.intermediate_size, "vocab_size": c.vocab_size,
+                "per_layer": None if c.is_uniform else [[s.n_heads, s.intermediate_size] for s in c.layers]}
+
+    return {"source": shape(before), "result": shape(after)}
+
+
+# ------------------------------------------------------------------ commands
+
+def run_layers(opts: dict[str, Any]) -> None:
+    from drprune.oneshot.layers import check_request, layer_masks, score_table, select_blocks
+
+    decoder, hf_config = load_model(opts["model"])
+    n = opts["num_blocks_to_prune"]
+    if n is None:
+        raise UserError("`oneshot layers` needs --num-blocks-to-prune")
+    check_request(decoder.cfg.n_layers, n, opts["pruning_method"], opts["pruning_token"], opts["skip_blocks"])
+    rows = calibration_rows(opts, required=True)
+    before = evaluate(decoder, opts)
+    sel = select_blocks(decoder, rows, num_blocks=n, method=opts["pruning_method"], token=opts["pruning_token"],
+                        skip_blocks=opts["skip_blocks"], batch_size=opts["batch_size"])
+    print(score_table(sel, n))
+    small = compact(decoder, layer_masks(decoder.cfg.n_layers, sel.blocks))
+    removed = {"method": sel.method, "pruning_token": opts["pruning_token"], "removed_blocks": sel.blocks,
+               "scores": sel.scores, "skip_blocks": list(opts["skip_blocks"]), **sizes(decoder, small)}
+    _finish(small, opts, removed, before, hf_config)
+
+
+def run_width(opts: dict[str, Any]) -> None:
+    from drprune.oneshot.width import TARGET_KEYS, plan_target, removed_structures, width_prune
+
+    decoder, hf_config = load_model(opts["model"])
+    target = {k: opts[k] for k in TARGET_KEYS if opts.get(k) not in (None, [])}
+    plan_target(decoder.cfg, target)
+    rows = calibration_rows(opts, required=opts["importance"] in ("taylor", "activation"))
+    before = evaluate(decoder, opts)
+    masks = width_prune(decoder, rows, importance=opts["importance"], target=target, seed=opts["seed"],
+                        taylor_mode=opts["taylor"], batch_size=opts["batch_size"])
+    small = compact(decoder, masks)
+    removed = {"importance": opts["importance"], "target": target, **removed_structures(decoder.cfg, masks),
+               **sizes(decoder, small)}
+    if opts["importance"] == "taylor":
+        removed["taylor"] = opts["taylor"]
+    print(f"params {decoder.num_params():,} -> {small.num_params():,}")
+    _finish(small, opts, removed, before, hf_config)
+
+
+def _finish(small: PrunableDecoder, opts: dict[str, Any], removed: dict[str, Any],
+            before: dict[str, float] | None, hf_config: dict[str, Any]) -> None:
+    after = evaluate(small, opts)
+    print_eval(before, after)
+    evals = None if before is None else {"before": before, "after": after}
+    with tempfile.TemporaryDirectory() as staging:
+        write_outputs(small, opts, removed, evals, hf_config, tokenizer_folder(opts, Path(staging)))
+
+
+def run_vocab(opts: dict[str, Any]) -> None:
+    from drprune.oneshot.vocab import (
+        choose_tokens, load_vocab_files, prune_tokenizer_folder, remap_token_ids, slice_vocab,
+    )
+
+    if opts["keep"] is None:
+        raise UserError("`oneshot vocab` needs --keep N")
+    if opts["calib"] is None:
+        raise UserError("`oneshot vocab` counts token frequencies on --calib (an MDS folder or text files)")
+    tokenizer = calib.resolve_tokenizer(opts["model"], opts["tokenizer"])
+    if tokenizer is None:
+        raise UserError("`oneshot vocab` prunes a tokenizer: pass --tokenizer or a MODEL folder that holds one")
+    files = load_vocab_files(tokenizer)
+    decoder, hf_config = load_model(opts["model"])
+    counts = calib.token_counts(opts["calib"], tokenizer=tokenizer, vocab_size=decoder.cfg.vocab_size)
+    keep, stats = choose_tokens(counts, opts["keep"], files)
+    small = slice_vocab(decoder, keep)
+    new_id = {old: new for new, old in enumerate(keep)}
+    evals = vocab_eval(decoder, small, keep, opts)
+    kept = set(keep)
+    removed = {"method": "vocab", "kept_token_ids": keep,
+               "removed_token_ids": [i for i in range(decoder.cfg.vocab_size) if i not in kept],
+               "counts": stats, "data_tokens_covered": float(counts[keep].sum() / max(1, counts.sum())),
+               **sizes(decoder, small)}
+    print(f"vocabulary {decoder.cfg.vocab_size} -> {len(keep)} ({stats['frequent']} frequent, "
+          f"{stats['required']} special/byte, {stats['merge_parts']} merge parts); "
+          f"params {decoder.num_params():,} -> {small.num_params():,}")
+    with tempfile.TemporaryDirectory() as staging:
+        tok_dir = Path(staging)
+        prune_tokenizer_folder(tokenizer, files, keep, tok_dir)
+        write_outputs(small, opts, removed, evals, hf_config, tok_dir, remap_token_ids(hf_config, new_id))
+
+
+def vocab_eval(decoder: PrunableDecoder, small: PrunableDecoder, keep: list[int],
+               opts: dict[str, Any]) -> dict[str, Any] | None:
+    """Perplexity before/after on the eval rows made only of kept tokens (others cannot be scored)."""
+    from drprune.eval.perplexity import perplexity, read_token_rows
+
+    if opts["eval_data"] is None:
+        return None
+    lookup = np.full(decoder.cfg.vocab_size, -1, dtype=np.int64)
+    lookup[keep] = np.arange(len(keep))
+    out: dict[str, Any] = {"before": {}, "after": {}, "rows_used": {}}
+    for domain in eval_domains(opts["eval_data"]):
+        rows = read_token_rows(Path(opts["eval_data"]) / "eval" / domain, opts["eval_max_rows"])
+        inside = rows[(lookup[rows] >= 0).all(1)]
+        out["rows_used"][domain] = f"{len(inside)}/{len(rows)}"
+        if len(inside):
+            out["before"][domain] = perplexity(decoder, inside, opts["batch_size"])
+            out["after"][domain] = perplexity(small, lookup[inside], opts["batch_size"])
+    width = max(len(d) for d in out["rows_used"])
+    print(f"{'domain':<{width}}  {'rows':>9}  {'ppl before':>10}  {'ppl after':>10}")
+    for d, used in out["rows_used"].items():
+        b, a = out["before"].get(d, float("nan")), out["after"].get(d, float("nan"))
+        print(f"{d:<{width}}  {used:>9}  {b:10.3f}  {a:10.3f}")
+    return out
