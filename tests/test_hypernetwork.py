@@ -7,6 +7,7 @@ import pytest
 import torch
 from composer.optim import DecoupledAdamW
 
+from drprune.compact.fold import compact_decoder
 from drprune.errors import ConfigError
 from drprune.masks import build_mask_generator
 from drprune.masks.base import compact_config, config_params, expected_params
@@ -116,6 +117,38 @@ def test_budget_loss_and_exact_parameter_count(cfg):
     assert 0.2 < stats["kept_ratio"] < 0.9  # a real mix, not all or nothing
     assert stats["kept_ratio"] == pytest.approx(real / config_params(cfg, embeddings=False))
     assert float(loss) == pytest.approx(4.0 * abs(math.log(real / gen.target_params)), rel=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [CFG, PYTHIA], ids=["llama_gqa", "pythia"])
+def test_compact_model_has_per_layer_widths_the_masked_logits_and_the_counted_size(cfg):
+    gen = make(cfg, prune_heads=True)
+    scramble(gen)
+    hard = gen.hard_masks()
+    torch.manual_seed(0)
+    decoder = PrunableDecoder(cfg).eval()
+    with torch.no_grad():
+        for name, p in decoder.named_parameters():  # non-trivial norms and biases, so misplaced folds show
+            p.copy_(torch.rand_like(p) + 0.5 if "ln_" in name else torch.randn_like(p) * 0.2)
+    compact = compact_decoder(decoder, hard)
+    assert not compact.cfg.is_uniform and compact.cfg.d_model == cfg.d_model  # residual width stays d
+    assert [len(compact.cfg.layer_spec(i).mlp_in) for i in range(cfg.n_layers)] == (
+        (hard["mlp_in"] != 0).sum(-1).tolist())
+    assert compact.num_params(non_embedding=True) == int(expected_params(cfg, hard, embeddings=False))
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(compact(ids), decoder(ids, hard), atol=1e-5, rtol=0)
+
+
+def test_generator_config_rides_in_the_state_dict():
+    gen = make(target_ratio=0.6, hidden_size=16, prune_heads=True)
+    scramble(gen)
+    state = gen.state_dict()
+    assert state["_extra_state"] == {"name": "hypernetwork", "params": gen.settings}
+    rebuilt = build_mask_generator(CFG, {"mask_generator": state["_extra_state"]["params"] | {"name": "hypernetwork"}})
+    rebuilt.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.hard_masks().values(), gen.hard_masks().values()))
+    with pytest.raises(ValueError, match="target_params"):
+        make(target_ratio=0.7, hidden_size=16, prune_heads=True).load_state_dict(state)
 
 
 def test_budget_alone_reaches_the_target():

@@ -141,6 +141,17 @@ class HypernetworkMaskGenerator(MaskGenerator):
                       "sampled_ratio": sampled / self.full_params,
                       "target_ratio": self.target_params / self.full_params, "budget_loss": float(loss)}
 
+    def get_extra_state(self) -> dict[str, Any]:
+        """The generator's config rides in checkpoints, so `drprune compact` can rebuild it alone."""
+        return {"name": "hypernetwork", "params": dict(self.settings)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("params", {}) if isinstance(state, dict) else {}
+        for key in ("target_params", "prune_heads", "embedding_dim", "hidden_size", "seed"):
+            if key in saved and saved[key] != self.settings[key]:
+                raise ValueError(f"checkpoint hypernetwork has {key}={saved[key]!r} but this run has "
+                                 f"{self.settings[key]!r}")
+
     def model_parameters_frozen(self) -> bool:
         return True
 
