@@ -110,3 +110,12 @@ def test_bad_masks_are_rejected_before_any_weight_is_touched():
         compact_decoder(decoder, MaskSet(hidden=torch.full((32,), float("nan"))))
     with pytest.raises(UserError, match="every layer"):
         compact_decoder(decoder, MaskSet(layer=torch.zeros(4)))
+
+
+def test_removing_a_sub_layer_with_an_output_bias_is_reported(caplog):
+    cfg = CFGS["pythia"]
+    masks = MaskSet(head=torch.ones(4, 4))
+    masks["head"][3] = 0
+    compact = compact_decoder(random_decoder(cfg), masks)
+    assert not compact.cfg.layer_spec(3).has_attn
+    assert "layer 3: every unit of attn.out_proj.bias is pruned" in caplog.text

@@ -84,18 +84,39 @@ def fold_state(plan: Plan, get: Getter) -> Iterator[tuple[str, Tensor]]:
     """Yield (compact name, new tensor) one at a time; each source tensor is read once via `get`."""
     src, m = plan.source, plan.masks
     hidden = _axis(m.get("hidden"))
+    _warn_dropped_biases(plan, get)
+    # The vocabulary-sized matrices go first, while little output is held, so a streaming caller's
+    # peak stays near the output size plus one of them.
     yield "transformer.wte.weight", _fold(get("transformer.wte.weight"), cols=hidden)
+    if not src.tie_word_embeddings:
+        yield "transformer.output.weight", _fold(get("transformer.output.weight"), cols=hidden)
+    kept_dims = _Axis(hidden.index)
+    for kind in ("weight", "bias") if src.norm == "layernorm" else ("weight",):
+        yield f"transformer.ln_f.{kind}", _fold(get(f"transformer.ln_f.{kind}"), rows=kept_dims)
     for j, i in enumerate(plan.kept_layers):
         spec = plan.target.layer_spec(j)
         if spec.has_attn:
             yield from _fold_attention(plan, get, i, j, hidden)
         if spec.has_mlp:
             yield from _fold_mlp(plan, get, i, j, hidden)
-    kept_dims = _Axis(hidden.index)
-    for kind in ("weight", "bias") if src.norm == "layernorm" else ("weight",):
-        yield f"transformer.ln_f.{kind}", _fold(get(f"transformer.ln_f.{kind}"), rows=kept_dims)
-    if not src.tie_word_embeddings:
-        yield "transformer.output.weight", _fold(get("transformer.output.weight"), cols=hidden)
+
+
+def _warn_dropped_biases(plan: Plan, get: Getter) -> None:
+    """A sub-layer whose heads / channels are all zero but whose gates are not still adds its output
+    bias in the masked model; removing it drops that constant, so say so instead of hiding it."""
+    src, m = plan.source, plan.masks
+    kept = dict(zip(plan.kept_layers, (plan.target.layer_spec(j) for j in range(plan.target.n_layers))))
+    for i in range(src.n_layers):
+        spec = kept.get(i)
+        for has_bias, present, gate, key in (
+            (src.o_bias, spec is not None and spec.has_attn, "head_layer", "attn.out_proj.bias"),
+            (src.mlp_bias, spec is not None and spec.has_mlp, "mlp", "mlp.down_proj.bias"),
+        ):
+            if not has_bias or present or any(n in m and m[n][i] == 0 for n in ("layer", gate)):
+                continue
+            if get(f"transformer.blocks.{i}.{key}").abs().max() > 0:
+                log.warning("layer %d: every unit of %s is pruned, so the sub-layer is removed with its "
+                            "non-zero output bias; the compact model differs from the masked one there", i, key)
 
 
 def _fold_attention(plan: Plan, get: Getter, i: int, j: int, hidden: _Axis) -> Iterator[tuple[str, Tensor]]:
@@ -184,20 +205,19 @@ def _repeat(axis: _Axis, n: int) -> _Axis:
 
 
 def _fold(t: Tensor, rows: _Axis = _Axis(), cols: _Axis = _Axis()) -> Tensor:
-    """Gather kept rows (dim 0) / columns (dim 1), multiply by their scales; always a new tensor.
+    """Gather kept rows (dim 0) / columns (dim 1) and multiply by their scales; always a new tensor.
 
-    The product is taken in fp32 and cast back, so bf16 weights are rounded once.
+    The scaling is in place on the gathered copy (computed in fp32, so bf16 weights round once), so
+    at most one output-sized tensor exists at a time.
     """
     out = t
     if rows.index is not None:
         out = out.index_select(0, rows.index.to(t.device))
     if cols.index is not None:
         out = out.index_select(1, cols.index.to(t.device))
-    if rows.scale is None and cols.scale is None:
-        return out.clone() if out is t else out
-    scaled = out.float()
+    out = out.clone() if out is t else out.contiguous()
     if rows.scale is not None:
-        scaled = scaled * rows.scale.to(t.device).reshape(-1, *([1] * (t.dim() - 1)))
+        out.mul_(rows.scale.to(t.device).reshape(-1, *([1] * (t.dim() - 1))))
     if cols.scale is not None:
-        scaled = scaled * cols.scale.to(t.device)
-    return scaled.to(t.dtype).contiguous()
+        out.mul_(cols.scale.to(t.device))
+    return out

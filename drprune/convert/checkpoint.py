@@ -95,7 +95,8 @@ def mapped_releaser(state: dict[str, Any]) -> Callable[[Tensor], None]:
     dropped pages are re-read from the file if touched again. Tensors not from `state` (e.g. a fused
     copy) are left alone.
     """
-    mapped = {t.untyped_storage().data_ptr() for t in state.values() if isinstance(t, Tensor) and t.device.type == "cpu"}
+    mapped = {t.untyped_storage().data_ptr() for t in state.values()
+              if isinstance(t, Tensor) and t.device.type == "cpu"}
 
     def release(t: Tensor) -> None:
         storage = t.untyped_storage()
