@@ -86,10 +86,14 @@ def test_sentencepiece_round_trip(tmp_path, model_type):
     assert new.decode(new.encode(other)) == sp.decode(sp.encode(other))
 
 
-def test_byte_level_bpe_round_trip(tmp_path):
+@pytest.mark.parametrize("byte_fallback", [False, True])  # True: as transformers' GGUF conversion writes it
+def test_byte_level_bpe_round_trip(tmp_path, byte_fallback):
     from tokenizers import Tokenizer
 
     folder = train_byte_level_bpe(tmp_path / "src")
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["model"]["byte_fallback"] = byte_fallback
+    (folder / "tokenizer.json").write_text(json.dumps(data))
     old = Tokenizer.from_file(str(folder / "tokenizer.json"))
     files = load_vocab_files(folder)
     calib = old.encode(KEPT_TEXT).ids

@@ -122,6 +122,7 @@ def tokenizer_folder(opts: dict[str, Any], staging: Path) -> Path | None:
 
 
 def sizes(before: PrunableDecoder, after: PrunableDecoder) -> dict[str, Any]:
+    """Source and result shapes for removed.json, so a reader sees the size change without loading."""
     def shape(d: PrunableDecoder) -> dict[str, Any]:
         c = d.cfg
         return {"params": d.num_params(), "n_layers": c.n_layers, "d_model": c.d_model, "n_heads": c.n_heads,

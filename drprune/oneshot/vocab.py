@@ -155,10 +155,11 @@ class BPEJsonFile(VocabFile):
         out = set(self.added)
         if self.model.get("unk_token") in self.vocab:
             out.add(self.vocab[self.model["unk_token"]])
-        if self.model.get("byte_fallback"):
-            return out | {i for t, i in self.vocab.items() if _BYTE_TOKEN.fullmatch(t) or t == SPACE}
+        out |= {i for t, i in self.vocab.items() if _BYTE_TOKEN.fullmatch(t) or t == SPACE}
+        if self.model.get("byte_fallback") and not _has_type(self.data.get("pre_tokenizer"), "ByteLevel"):
+            return out  # characters outside the vocabulary fall back to the byte tokens
         formed = {a + b for a, b in self.merges}
-        return out | {i for t, i in self.vocab.items() if t not in formed}  # the base alphabet
+        return out | {i for t, i in self.vocab.items() if t not in formed}  # the base (byte) alphabet
 
     def closure(self, keep: set[int]) -> set[int]:
         out = set(keep)
