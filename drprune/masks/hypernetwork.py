@@ -80,13 +80,17 @@ class HypernetworkMaskGenerator(MaskGenerator):
         self.seed, self._step, self._draws = seed, 0, 0
 
     def logits(self) -> dict[str, Tensor]:
-        """Per mask kind [L, n] logits plus the offset: > 0 means keep."""
-        features, _ = self.gru(self.inputs.unsqueeze(0))
-        features = F.gelu(self.norm(features[0])).view(self.cfg.n_layers, len(self.kinds), -1)
-        return {
-            k: torch.einsum("lh,lhn->ln", features[:, j], self.head_weight[k]) + self.head_bias[k] + self.offset
-            for j, k in enumerate(self.kinds)
-        }
+        """Per mask kind [L, n] logits plus the offset: > 0 means keep.
+
+        Always fp32 (outside autocast), so training-time eval masks and exported masks agree bit for bit.
+        """
+        with torch.autocast(self.inputs.device.type, enabled=False):
+            features, _ = self.gru(self.inputs.unsqueeze(0).float())
+            features = F.gelu(self.norm(features[0])).view(self.cfg.n_layers, len(self.kinds), -1)
+            return {
+                k: torch.einsum("lh,lhn->ln", features[:, j], self.head_weight[k]) + self.head_bias[k] + self.offset
+                for j, k in enumerate(self.kinds)
+            }
 
     def forward(self) -> MaskSet:
         logits = self.logits()
