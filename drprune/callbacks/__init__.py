@@ -43,11 +43,16 @@ def _data_loading(params: dict[str, Any], cfg: DictConfig, model: Any, loader: A
     return build_data_loading_callback(params, cfg, model, loader)
 
 
+def _container(cfg: DictConfig, key: str) -> dict[str, Any]:
+    node = cfg.get(key)
+    return {} if node is None else OmegaConf.to_container(node, resolve=True)
+
+
 def build_callbacks(cfg: DictConfig, model: Any, train_loader: Any) -> list[Callback]:
     from drprune.callbacks.pruning import PruningCallback
 
     out: list[Callback] = []
-    node = OmegaConf.to_container(cfg.get("callbacks") or {}, resolve=True)
+    node = _container(cfg, "callbacks")
     for name, params in node.items():
         if name not in CALLBACKS:
             raise ConfigError(f"callbacks.{name} is unknown; valid: {sorted(CALLBACKS)}")
@@ -65,7 +70,7 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     table = {"wandb": "WandBLogger", "tensorboard": "TensorboardLogger", "file": "FileLogger",
              "mlflow": "MLFlowLogger", "inmemory": "InMemoryLogger"}
     out = []
-    for name, params in (OmegaConf.to_container(cfg.get("loggers") or {}, resolve=True)).items():
+    for name, params in _container(cfg, "loggers").items():
         if name not in table:
             raise ConfigError(f"loggers.{name} is unknown; valid: {sorted(table)}")
         out.append(getattr(cl, table[name])(**(params or {})))

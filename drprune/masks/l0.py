@@ -46,8 +46,9 @@ class HardConcrete(nn.Module):
         """Per row: 1 - expected kept fraction."""
         return 1 - self.keep_prob().sum(-1) / self.n
 
-    def sample(self) -> Tensor:
-        u = torch.empty_like(self.log_alpha).uniform_(EPS, 1 - EPS)
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        u = torch.rand(self.log_alpha.shape, generator=generator).to(self.log_alpha)
+        u = u * (1 - 2 * EPS) + EPS
         s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + self.log_alpha) / BETA)
         return (s * (LIMIT_R - LIMIT_L) + LIMIT_L).clamp(0, 1)
 
@@ -134,6 +135,7 @@ class L0MaskGenerator(MaskGenerator):
         start_sparsity: float = 0.0,
         eval_target_model: bool = True,
         droprate_init: float = 0.01,
+        seed: int = 0,
         config_prefix: str = "model.mask_generator",
     ) -> None:
         super().__init__()
@@ -145,8 +147,10 @@ class L0MaskGenerator(MaskGenerator):
         self.init_params: dict[str, Any] = dict(
             pruning_modules=list(pruning_modules), target_model=dict(target_model),
             lagrangian_warmup_steps=self.warmup, start_sparsity=start_sparsity,
-            eval_target_model=eval_target_model, droprate_init=droprate_init,
+            eval_target_model=eval_target_model, droprate_init=droprate_init, seed=seed,
         )
+        self.seed = seed
+        self._draws_this_step = 0
         self.start_sparsity = start_sparsity
         self.eval_target_model = eval_target_model
         shapes = {  # module -> (rows, gates per row)
@@ -165,6 +169,13 @@ class L0MaskGenerator(MaskGenerator):
 
     def set_step(self, step: int) -> None:
         self.step.fill_(step)
+        self._draws_this_step = 0
+
+    def _noise(self) -> torch.Generator:
+        """Noise keyed by (seed, step, draw within the step): a resumed run samples the same masks
+        as an uninterrupted one, whatever else consumed the global RNG in between."""
+        self._draws_this_step += 1
+        return torch.Generator().manual_seed(hash((self.seed, int(self.step), self._draws_this_step)) % 2**63)
 
     def get_extra_state(self) -> dict[str, Any]:
         """The generator's config rides in checkpoints, so `drprune compact` can rebuild it alone."""
@@ -188,7 +199,8 @@ class L0MaskGenerator(MaskGenerator):
         if self.training:
             for gate in self.gates.values():
                 gate.constrain()
-            return self._as_maskset({m: g.sample() for m, g in self.gates.items()})
+            noise = self._noise()
+            return self._as_maskset({m: g.sample(noise) for m, g in self.gates.items()})
         return self._as_maskset({m: g.deterministic(self.eval_target_model) for m, g in self.gates.items()})
 
     def hard_masks(self) -> MaskSet:
