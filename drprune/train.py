@@ -37,11 +37,20 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
 
 
 def load_config(path: str, overrides: list[str]) -> DictConfig:
+    """The YAML with dot-list overrides applied; `~a.b` deletes key a.b (e.g. `~model.mask_generator`)."""
     cfg = _load_yaml(Path(path).resolve())
-    for item in overrides:
+    deletions = [item[1:] for item in overrides if item.startswith("~")]
+    assignments = [item for item in overrides if not item.startswith("~")]
+    for item in assignments:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value (e.g. max_duration=20ba)")
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+            raise ConfigError(f"override {item!r} is not key=value (e.g. max_duration=20ba) or ~key")
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(assignments))
+    for key in deletions:
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        if not isinstance(parent, DictConfig) or leaf not in parent:
+            raise ConfigError(f"override ~{key}: the config has no key {key}")
+        parent.pop(leaf)
     OmegaConf.resolve(cfg)
     return cfg
 

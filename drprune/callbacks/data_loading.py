@@ -146,6 +146,9 @@ class DynamicLoadingCallback(Callback):
     # ---------------------------------------------------------------- outputs
     def fit_end(self, state: State, logger: Logger) -> None:
         self._write_outputs()
+
+    def close(self, state: State, logger: Logger) -> None:
+        # Not at fit_end: Composer runs the evaluators due at the end of training after FIT_END.
         if self.fitter is not None:
             self.fitter.close()
 
