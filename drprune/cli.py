@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "drprune.data.cli",
     "drprune.eval.cli",
     "drprune.oneshot.cli",
+    "drprune.demo.cli",
 )
 
 

