@@ -23,7 +23,7 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.5"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],
-        "demo": ["gguf>=0.10", "accelerate>=1.0", "datasets>=3.0"],
+        "demo": ["gguf>=0.10", "accelerate>=1.0"],
     },
     entry_points={"console_scripts": ["drprune=drprune.cli:main"]},
 )

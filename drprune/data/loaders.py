@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from drprune.data.collate import collate
 from drprune.data.mixture import MixtureDataset, check_proportion
@@ -44,6 +44,13 @@ class SplitDataset(Dataset):
             raise UserError(f"{self.readers[k].folder} holds domain {sample['set']!r}, which is not in "
                             f"callbacks.data_loading.set_names {list(self.ids)}")
         return {"tokens": sample["tokens"][: self.seq_len], "set": self.ids[sample["set"]], "idx": idx}
+
+
+class FixedOrderSampler(DistributedSampler):
+    """Composer re-seeds eval samplers before every eval; a fixed order keeps evals comparable."""
+
+    def set_epoch(self, epoch: int) -> None:
+        return None
 
 
 class MixtureLoader(DataLoader):
@@ -192,11 +199,17 @@ def build_train_dataloader(cfg: DictConfig, device_batch_size: int) -> DataLoade
 
 
 def build_eval_dataloader(cfg: DictConfig, device_batch_size: int) -> DataLoader:
-    """In-order loader over eval_loader.dataset.split (normally eval_merge), split across ranks."""
+    """Loader over eval_loader.dataset.split (normally eval_merge), split across ranks.
+
+    With eval_loader.dataset.shuffle the order is one fixed permutation (the same at every eval), so
+    an `eval_subset_num_batches` prefix covers every domain instead of the first one in eval_merge.
+    """
     from composer.utils import dist
 
     workers, prefetch = _workers(cfg.eval_loader)
     dataset = SplitDataset(_eval_folders(cfg), set_names_of(cfg), _seq_len(cfg))
-    sampler = dist.get_sampler(dataset, shuffle=False, drop_last=False)
+    shuffle = bool(cfg.eval_loader.get("dataset", {}).get("shuffle", False))
+    sampler = FixedOrderSampler(dataset, num_replicas=dist.get_world_size(), rank=dist.get_global_rank(),
+                                shuffle=shuffle, seed=int(cfg.get("seed", 17)), drop_last=False)
     return DataLoader(dataset, batch_size=device_batch_size, sampler=sampler, num_workers=workers,
                       prefetch_factor=prefetch, collate_fn=collate)
