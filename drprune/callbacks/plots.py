@@ -10,23 +10,25 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Write a PNG under a temporary name, then rename: never a half-written picture."""
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
     tmp.replace(path)
 
 
-def plot_weights(history: Sequence[tuple[int, Sequence[float]]], names: Sequence[str], path: Path) -> None:
+def plot_weights(history: Sequence[tuple[int, Sequence[float]]], names: Sequence[str], path: Path,
+                 title: str = "Data mixture over training") -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     if history:
         steps = [s for s, _ in history]
         for i, name in enumerate(names):
             ax.plot(steps, [w[i] for _, w in history], label=name)
-    ax.set(xlabel="step", ylabel="domain weight", title="Data mixture over training", ylim=(0, None))
+    ax.set(xlabel="step", ylabel="domain weight", title=title, ylim=(0, None))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_eval_losses(history: Sequence[tuple[int, Sequence[float], Sequence[float] | None]],
@@ -44,7 +46,7 @@ def plot_eval_losses(history: Sequence[tuple[int, Sequence[float], Sequence[floa
     ax.set(xlabel="step", ylabel="eval loss (dashed: reference)", title="Per-domain eval loss")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_series(series: dict[str, Sequence[tuple[int, float]]], path: Path, *, ylabel: str, title: str) -> None:
@@ -55,4 +57,4 @@ def plot_series(series: dict[str, Sequence[tuple[int, float]]], path: Path, *, y
     ax.set(xlabel="step", ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)

@@ -14,6 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from drprune.callbacks import plots as run_plots  # noqa: E402
+
 MODELS = (("source", "source"), ("pruned_before_continued", "pruned, before continued pretraining"),
           ("pruned", "pruned (L0 + DRO)"), ("baseline", "baseline (one-shot, same shape)"))
 
@@ -24,23 +26,9 @@ def _write_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
-
-
 def plot_weights(mixture: dict[str, Any], domains: list[str], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    history = mixture.get("weights") or []
-    steps = [s for s, _ in history]
-    for i, name in enumerate(domains):
-        ax.plot(steps, [w[i] for _, w in history], label=name)
-    ax.set(xlabel="pruning step", ylabel="domain weight", title="DRO data mixture during pruning", ylim=(0, None))
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    _save(fig, path)
+    history = [(s, w) for s, w in mixture.get("weights") or []]
+    run_plots.plot_weights(history, domains, path, title="DRO data mixture during pruning")
 
 
 def plot_domain_loss(ppl: dict[str, dict[str, float]], domains: list[str], path: Path) -> None:
@@ -54,7 +42,7 @@ def plot_domain_loss(ppl: dict[str, dict[str, float]], domains: list[str], path:
     ax.set(ylabel="eval loss (nats/token)", title="Per-domain loss before and after pruning")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(axis="y", alpha=0.3)
-    _save(fig, path)
+    run_plots.save_figure(fig, path)
 
 
 def plot_sparsity(mixture: dict[str, Any], path: Path) -> None:
@@ -70,7 +58,7 @@ def plot_sparsity(mixture: dict[str, Any], path: Path) -> None:
            ylim=(0, 1))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    run_plots.save_figure(fig, path)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
