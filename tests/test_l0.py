@@ -135,3 +135,28 @@ def test_sheared_style_l0_module_config():
         "pruning_modules": ["head", "layer"], "lagrangian_warmup_steps": "320ba",
         "target_model": {"n_heads": 2, "n_layers": 2}}})
     assert gen.warmup == 320 and set(gen.sizes) == {"head", "layer"}
+
+
+def test_warm_start_from_a_hard_mask_file(tmp_path):
+    from drprune.masks.base import MaskSet
+
+    g = torch.Generator().manual_seed(0)
+    chosen = MaskSet(
+        intermediate=torch.stack([(torch.randperm(48, generator=g) < 20).float() for _ in range(4)]),
+        head=torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]),
+        layer=torch.tensor([1.0, 0.0, 1.0, 1.0]),
+    )
+    path = tmp_path / "masks.pt"
+    torch.save(dict(chosen), path)
+    gen = make(init_masks=str(path))
+    assert gen.warmup == 0 and gen.target_sparsity("intermediate") == pytest.approx(1 - 20 / 48)
+    hard = gen.hard_masks()
+    for name in ("intermediate", "head", "layer"):
+        assert torch.equal(hard[name] != 0, chosen[name] != 0), name
+    assert gen.gates["intermediate"].keep_prob()[0][chosen["intermediate"][0] == 0].max() < 0.05
+    assert "init_masks" not in gen.get_extra_state()["params"]  # checkpoints carry the logits instead
+    with pytest.raises(ConfigError, match="init_masks=.*does not exist"):
+        make(init_masks=str(tmp_path / "none.pt"))
+    torch.save({"head": torch.ones(3, 3)}, tmp_path / "bad.pt")
+    with pytest.raises(ConfigError, match="init_masks=.*shape"):
+        make(init_masks=str(tmp_path / "bad.pt"))

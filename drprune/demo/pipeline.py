@@ -198,12 +198,14 @@ def _drop_composer_checkpoints(folder: Path) -> None:
 
 
 def build_pruned(opts: DemoOptions, source: Path, data_dir: Path, domains: list[str],
-                 ref_loss: list[float], target: dict[str, int], dst: Path) -> None:
+                 ref_loss: list[float], target: dict[str, int], init_masks: Path, dst: Path) -> None:
+    """L0 + DRO pruning, its logits warm-started from the one-shot selection (`init_masks`): a CPU run
+    of a few dozen steps cannot learn a selection from scratch, but it can refine a good one."""
     from drprune.compact.fold import compact_decoder
     from drprune.convert.checkpoint import decoder_checkpoint_state, save_checkpoint
 
     values = _train_values(opts, data_dir, domains, ref_loss, source / "model.pt", dst / "run", opts.steps)
-    values["model"]["mask_generator"] = {"target_model": target,
+    values["model"]["mask_generator"] = {"target_model": target, "init_masks": str(init_masks),
                                          "lagrangian_warmup_steps": f"{max(1, opts.steps // 2)}ba"}
     trainer = _fit(run_config("prune", values))
     lm = trainer.state.model
@@ -230,6 +232,7 @@ def build_baseline(opts: DemoOptions, source: Path, data_dir: Path, domains: lis
     per_domain = max(1, CALIBRATION_ROWS // len(domains))  # training rows: never score on the eval rows
     calib = np.concatenate([read_token_rows(data_dir / "train" / d, per_domain) for d in domains])
     masks, method = baseline_masks(decoder, calib, target, seed=opts.seed)
+    torch.save({k: v.cpu() for k, v in masks.items()}, dst / "masks.pt")
     save_checkpoint(decoder_checkpoint_state(compact_decoder(decoder, masks)), dst / "compact.pt")
     (dst / "method.json").write_text(json.dumps(method, indent=2) + "\n")
 
@@ -351,15 +354,16 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     recipe = {"source": src.fingerprint, "data": data.fingerprint, "target": target, "seed": opts.seed,
               "seq_len": opts.seq_len, "batch": opts.batch_size,
               "configs": fingerprint({n: (REPO_CONFIGS / f"{n}.yaml").read_text() for n in ("prune", "continue")})}
-    pruned = Stage(work, "pruned", {**recipe, "steps": opts.steps})
+    base = Stage(work, "baseline", {**{k: v for k, v in recipe.items() if k != "configs"},
+                                    "method": [LAYER_METHOD, WIDTH_IMPORTANCE, CALIBRATION_ROWS],
+                                    "outputs": ["compact.pt", "masks.pt"]})
+    timed("baseline", lambda: base.ensure(lambda d: build_baseline(opts, src.dir, mds, domains, target, d)))
+    pruned = Stage(work, "pruned", {**recipe, "steps": opts.steps, "warm_start": base.fingerprint})
     timed("prune", lambda: pruned.ensure(
-        lambda d: build_pruned(opts, src.dir, mds, domains, ref_loss, target, d)))
+        lambda d: build_pruned(opts, src.dir, mds, domains, ref_loss, target, base.dir / "masks.pt", d)))
     final = Stage(work, "pruned_continued", {"pruned": pruned.fingerprint, "steps": opts.continue_steps})
     timed("continue_pruned", lambda: final.ensure(
         lambda d: build_continued(opts, pruned.dir / "compact.pt", mds, domains, ref_loss, d)))
-    base = Stage(work, "baseline", {**{k: v for k, v in recipe.items() if k != "configs"},
-                                    "method": [LAYER_METHOD, WIDTH_IMPORTANCE, CALIBRATION_ROWS]})
-    timed("baseline", lambda: base.ensure(lambda d: build_baseline(opts, src.dir, mds, domains, target, d)))
     base_final = Stage(work, "baseline_continued", {"baseline": base.fingerprint, "recipe": recipe,
                                                     "steps": opts.continue_steps})
     timed("continue_baseline", lambda: base_final.ensure(

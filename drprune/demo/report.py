@@ -106,7 +106,8 @@ def render_markdown(s: dict[str, Any]) -> str:
         _table(["domain", *(label for _, label in present)], ppl_rows),
         "",
         f"Baseline: width by {method['width']}, layers by {method['layers']} choice, then the same "
-        "continued pretraining as the pruned model.",
+        "continued pretraining as the pruned model. The L0 masks start from the baseline's selection "
+        "and refine it while the weights train under the masks (DRO data mixture).",
         "",
         "## Parameters",
         "",

@@ -136,6 +136,7 @@ class L0MaskGenerator(MaskGenerator):
         eval_target_model: bool = True,
         droprate_init: float = 0.01,
         seed: int = 0,
+        init_masks: str | None = None,
         config_prefix: str = "model.mask_generator",
     ) -> None:
         super().__init__()
@@ -166,6 +167,35 @@ class L0MaskGenerator(MaskGenerator):
         for p in list(self.lambda_1.values()) + list(self.lambda_2.values()):
             p.register_hook(torch.neg)  # Lagrange multipliers climb: gradient ascent
         self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=False)
+        if init_masks is not None:
+            self._warm_start(init_masks, f"{config_prefix}.init_masks")
+
+    def _warm_start(self, path: str, key: str) -> None:
+        """Start the logits from a hard MaskSet file (e.g. a one-shot pruner's selection): kept units
+        at the usual keep logit, dropped ones at its negative, so training refines that selection.
+        The target then holds from step 0: a warm-up ramp from zero sparsity would first pull the
+        Lagrangian toward re-enabling every dropped unit. Not stored in the generator's extra state:
+        checkpoints carry the trained logits themselves."""
+        from pathlib import Path
+
+        if not Path(path).is_file():
+            raise ConfigError(f"{key}={path} does not exist: give a file of hard masks (torch.save of a MaskSet)")
+        masks = MaskSet(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            masks.validate(self.cfg)
+        except ConfigError as err:
+            raise ConfigError(f"{key}={path}: {err}") from err
+        with torch.no_grad():
+            for name, gate in self.gates.items():
+                if name in masks:
+                    keep = masks[name].reshape(gate.log_alpha.shape) != 0
+                    high = gate.log_alpha.abs().max()
+                    gate.log_alpha.copy_(torch.where(keep, high, -high))
+        if self.warmup:
+            log.info("warm start: the masks are already at the target, so the sparsity warm-up "
+                     "(lagrangian_warmup_steps=%d) is skipped", self.warmup)
+            self.warmup = 0
+        log.info("L0 logits warm-started from %s (%s)", path, ", ".join(n for n in self.gates if n in masks))
 
     def set_step(self, step: int) -> None:
         self.step.fill_(step)
