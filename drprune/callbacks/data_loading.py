@@ -77,9 +77,9 @@ class DynamicLoadingCallback(Callback):
     def batch_end(self, state: State, logger: Logger) -> None:
         totals = self._batch_sums.clone()
         self._batch_sums.zero_()
-        device = state.device.tensor_to_device(totals) if hasattr(state, "device") else totals
-        dist.all_reduce(device)
-        totals = device.cpu()
+        reduced = state.device.tensor_to_device(totals)
+        dist.all_reduce(reduced)
+        totals = reduced.cpu()
         k = len(self.set_names)
         for i in range(k):
             tokens = float(totals[k + i])
@@ -196,7 +196,9 @@ def _fmt(p: list[float]) -> str:
 
 def _model_sparsity(state: State) -> float:
     """Fraction of non-embedding parameters the masks currently remove (0 without masks)."""
-    model = state.model.module if hasattr(state.model, "module") else state.model
+    from drprune.callbacks.pruning import unwrap_model
+
+    model = unwrap_model(state)
     stats = getattr(model, "last_stats", {}) or {}
     if "expected_params" not in stats:
         return 0.0

@@ -17,7 +17,8 @@ from composer.utils import dist
 log = logging.getLogger(__name__)
 
 
-def _unwrap(state: State) -> Any:
+def unwrap_model(state: State) -> Any:
+    """The ComposerModel inside any DDP wrapper."""
     return state.model.module if hasattr(state.model, "module") else state.model
 
 
@@ -27,10 +28,10 @@ class PruningCallback(Callback):
         self.sparsity_history: dict[str, list[tuple[int, float]]] = {}
 
     def batch_start(self, state: State, logger: Logger) -> None:
-        _unwrap(state).mask_generator.set_step(int(state.timestamp.batch))
+        unwrap_model(state).mask_generator.set_step(int(state.timestamp.batch))
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        stats = _unwrap(state).last_stats
+        stats = unwrap_model(state).last_stats
         if not stats:
             return
         logger.log_metrics({f"pruning/{k}": v for k, v in stats.items()})
@@ -45,7 +46,7 @@ class PruningCallback(Callback):
         step = int(state.timestamp.batch)
         self.save_folder.mkdir(parents=True, exist_ok=True)
         path = self.save_folder / f"zs_s{step}.pt"
-        masks = {k: v.cpu() for k, v in _unwrap(state).mask_generator.hard_masks().items()}
+        masks = {k: v.cpu() for k, v in unwrap_model(state).mask_generator.hard_masks().items()}
         tmp = path.with_suffix(".pt.tmp")
         torch.save(masks, tmp)
         tmp.replace(path)
@@ -58,7 +59,7 @@ class PruningCallback(Callback):
         from drprune.masks.report import write_report
 
         # every rank: the report's perplexity pass runs the (possibly sharded) model
-        report = write_report(state, _unwrap(state).mask_generator, self.save_folder)
+        report = write_report(state, unwrap_model(state).mask_generator, self.save_folder)
         logger.log_metrics({f"report/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
         if dist.get_global_rank() == 0:
             self._plot()
