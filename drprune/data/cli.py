@@ -25,7 +25,8 @@ def _prepare(args: argparse.Namespace) -> int:
     stats = prepare(_pairs(args.domain, "--domain"), args.tokenizer, args.max_seq_len, Path(args.out),
                     eval_fraction=args.eval_fraction, eval_sources=_pairs(args.eval_domain, "--eval-domain"),
                     max_tokens=args.max_tokens, seed=args.seed, text_field=args.text_field,
-                    token_width=args.token_width, overwrite=args.overwrite)
+                    token_width=args.token_width, overwrite=args.overwrite,
+                    eval_only=_pairs(args.eval_only_domain, "--eval-only-domain"))
     print(summary_table(stats))
     return 0
 
@@ -43,11 +44,16 @@ def register(subparsers) -> None:
     sub = parser.add_subparsers(dest="data_command", required=True)
 
     p = sub.add_parser("prepare", help="tokenize raw text per domain into packed MDS shards")
-    p.add_argument("--domain", action="append", required=True, metavar="NAME=PATH",
-                   help="a folder of .txt files, a .txt/.jsonl/.json file or a saved HF dataset")
+    p.add_argument("--domain", action="append", metavar="NAME=PATH",
+                   help="a training domain (repeatable; at least one): a folder of .txt files, a .txt/.jsonl/.json "
+                        "file or a saved HF dataset")
+    p.add_argument("--eval-only-domain", action="append", metavar="NAME=PATH",
+                   help="a held-out domain (repeatable), same source kinds: all of its text goes to DIR/eval/NAME "
+                        "only, never to train/ nor eval/eval_merge; DIR/domains.json lists it under eval_only")
     p.add_argument("--tokenizer", required=True, help="HF tokenizer folder or SentencePiece .model")
     p.add_argument("--max-seq-len", type=int, required=True)
-    p.add_argument("--out", required=True, help="output folder (DIR/train/NAME, DIR/eval/NAME, DIR/eval/eval_merge)")
+    p.add_argument("--out", required=True,
+                   help="output folder (DIR/train/NAME, DIR/eval/NAME, DIR/eval/eval_merge, DIR/domains.json)")
     p.add_argument("--eval-fraction", type=float, default=0.01, help="documents held out for eval (default 0.01)")
     p.add_argument("--eval-domain", action="append", metavar="NAME=PATH",
                    help="take NAME's eval data from PATH instead of holding out")

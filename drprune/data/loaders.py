@@ -6,6 +6,11 @@ callbacks.data_loading.{dynamic, set_names, proportion}, data_verify_hashes (def
 dynamic=true: a MixtureDataset over data_local/train/<set_name> (train_loader.dataset.split is
 ignored); otherwise a shuffled map-style dataset over data_local/<split>. Eval reads
 data_local/eval/<split> (or data_local/<split>) in order; `set` ids follow set_names.
+
+Eval-only (held-out) domains, written by `prepare(eval_only=...)` (listed under "eval_only" in
+data_local/domains.json, or having eval/<name> but no train/<name>), are never trained on: a
+set_names entry naming one is a ConfigError; without set_names the train/ folders define the domains,
+which leaves them out.
 """
 from __future__ import annotations
 
@@ -88,16 +93,49 @@ def _domain_folders(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if (p / "index.json").is_file()) if folder.is_dir() else []
 
 
+def eval_only_domains(root: Path) -> list[str]:
+    """The held-out domains of a prepared folder: domains.json's "eval_only" plus, when train/ holds
+    per-domain folders, every eval/<name> without a train/<name> (eval_merge aside)."""
+    from drprune.data.prepare import EVAL_MERGE, read_domains
+
+    listed = read_domains(root)
+    names = set(listed["eval_only"]) if listed else set()
+    train = _domain_folders(root / "train")
+    if train:
+        names |= {n for n in _domain_folders(root / "eval") if n not in train and n != EVAL_MERGE}
+    return sorted(names)
+
+
+def _refuse_eval_only(cfg: DictConfig, names: list[str]) -> None:
+    root = cfg.get("data_local")
+    if root is None or not Path(str(root)).is_dir():
+        return  # _data_local reports it where the data is needed
+    root = Path(str(root))
+    if held_out := [n for n in names if n in set(eval_only_domains(root))]:
+        raise ConfigError(
+            f"callbacks.data_loading.set_names lists {held_out}: eval-only (held-out) domain(s) of {root} "
+            f"(listed under eval_only in domains.json, or an eval/<name> without train/<name>), which training "
+            f"never reads. "
+            f"Remove {held_out} from set_names (and their proportion entries); evaluate them with "
+            f"`drprune eval MODEL --data {root} --domains {' '.join(held_out)}`")
+
+
 def set_names_of(cfg: DictConfig) -> list[str]:
-    """callbacks.data_loading.set_names, or the domain folders under data_local/train when absent."""
+    """callbacks.data_loading.set_names, or the domain folders under data_local/train when absent.
+
+    Eval-only domains are refused in set_names and are never among the train/ folders.
+    """
     names = _data_loading(cfg).get("set_names")
     if names is None:
-        return _domain_folders(_data_local(cfg) / "train")
+        root = _data_local(cfg)
+        held_out = set(eval_only_domains(root))
+        return [n for n in _domain_folders(root / "train") if n not in held_out]
     names = list(names)
     if not names or not all(isinstance(n, str) and n for n in names):
         raise ConfigError(f"callbacks.data_loading.set_names={names!r} must be a non-empty list of domain names")
     if len(set(names)) != len(names):
         raise ConfigError(f"callbacks.data_loading.set_names={names} has duplicates")
+    _refuse_eval_only(cfg, names)
     return names
 
 

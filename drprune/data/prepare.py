@@ -3,9 +3,16 @@
 Output: OUT/train/<domain>, OUT/eval/<domain>, OUT/eval/eval_merge; columns `tokens` (uint16 when the
 vocabulary fits, else uint32) and `set` (the domain name). Everything is written under a temporary
 folder renamed to OUT at the end, so a failure leaves nothing behind.
+
+Eval-only ("held-out") domains (`eval_only=` / `--eval-only-domain`) are tokenized whole into
+OUT/eval/<name> only: no OUT/train/<name>, and they are not in eval/eval_merge, which is the
+training-time evaluator of the training domains. OUT/domains.json ({"train": [...], "eval_only":
+[...]}, read back with `read_domains`) tells the two kinds apart for users, the loaders (which
+refuse an eval-only domain in set_names) and `drprune eval`.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 import zlib
@@ -22,6 +29,7 @@ from drprune.errors import UserError
 log = logging.getLogger(__name__)
 
 EVAL_MERGE = "eval_merge"
+DOMAINS_FILE = "domains.json"
 BATCH_DOCS = 256
 
 
@@ -33,26 +41,56 @@ class SplitStats:
     tokens: int
     sequences: int
     dropped: int
+    eval_only: bool = False  # a held-out domain (split "eval", never trained on)
 
 
-def _check_names(names: list[str]) -> None:
-    for name in names:
+def _check_names(names: list[str], eval_only: list[str] | None = None) -> None:
+    eval_only = eval_only or []
+    for name in [*names, *eval_only]:
         if not name or "/" in name or name.startswith(".") or name == EVAL_MERGE:
             raise UserError(f"invalid domain name {name!r} (no '/', no leading '.', not {EVAL_MERGE!r})")
-    if len(set(names)) != len(names):
-        raise UserError(f"duplicate domain names in {names}")
+    if both := sorted(set(names) & set(eval_only)):
+        raise UserError(f"domains {both} are given both as training (--domain) and eval-only "
+                        "(--eval-only-domain) domains; a domain is one or the other")
+    if len(set(names)) != len(names) or len(set(eval_only)) != len(eval_only):
+        raise UserError(f"duplicate domain names in {[*names, *eval_only]}")
+
+
+def read_domains(root: Path) -> dict[str, list[str]] | None:
+    """ROOT/domains.json as {"train": [...], "eval_only": [...]}, or None when absent (older data)."""
+    path = Path(root) / DOMAINS_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is corrupted: {err}") from err
+    if not isinstance(data, dict) or not all(
+            isinstance(data.get(k), list) and all(isinstance(n, str) for n in data[k]) for k in ("train", "eval_only")):
+        raise UserError(f"{path} must hold {{\"train\": [names], \"eval_only\": [names]}}")
+    return {"train": list(data["train"]), "eval_only": list(data["eval_only"])}
 
 
 def prepare(domains: dict[str, Path], tokenizer: str, max_seq_len: int, out: Path, *,
             eval_fraction: float = 0.01, eval_sources: dict[str, Path] | None = None,
             max_tokens: int | None = None, seed: int = 0, text_field: str = "text",
-            token_width: str = "auto", overwrite: bool = False) -> list[SplitStats]:
-    """Tokenize, pack and write every domain; `max_tokens` caps the train tokens of each domain."""
+            token_width: str = "auto", overwrite: bool = False,
+            eval_only: dict[str, Path] | None = None) -> list[SplitStats]:
+    """Tokenize, pack and write every domain; `max_tokens` caps the train tokens of each domain.
+
+    `eval_only` {name: source}: held-out domains, all of their documents packed into OUT/eval/<name>
+    only (reported with split "eval" and eval_only=True), never in train/ nor in eval/eval_merge.
+    """
     eval_sources = {k: Path(v) for k, v in (eval_sources or {}).items()}
     domains = {k: Path(v) for k, v in domains.items()}
-    _check_names(list(domains))
+    held_out = {k: Path(v) for k, v in (eval_only or {}).items()}
+    _check_names(list(domains), list(held_out))
     if not domains:
-        raise UserError("no --domain NAME=PATH given")
+        raise UserError("every domain is eval-only: at least one training domain is needed (--domain NAME=PATH)"
+                        if held_out else "no --domain NAME=PATH given")
+    if unknown := set(eval_sources) & set(held_out):
+        raise UserError(f"--eval-domain {sorted(unknown)}: an eval-only domain's eval data is its whole "
+                        "--eval-only-domain source; give its text there")
     if unknown := set(eval_sources) - set(domains):
         raise UserError(f"--eval-domain names {sorted(unknown)} are not among the --domain names")
     if not 0.0 <= eval_fraction < 1.0:
@@ -61,7 +99,7 @@ def prepare(domains: dict[str, Path], tokenizer: str, max_seq_len: int, out: Pat
         raise UserError("--eval-fraction 0 needs an --eval-domain for every domain (eval/ needs data)")
     if max_seq_len < 2:
         raise UserError(f"--max-seq-len must be >= 2, got {max_seq_len}")
-    for path in [*domains.values(), *eval_sources.values()]:
+    for path in [*domains.values(), *eval_sources.values(), *held_out.values()]:
         check_source(path)
     tok = Tokenizer(tokenizer)
     dtype = token_dtype(tok.vocab_size, token_width)
@@ -74,8 +112,12 @@ def prepare(domains: dict[str, Path], tokenizer: str, max_seq_len: int, out: Pat
         for name, path in domains.items():
             stats += _prepare_domain(name, path, eval_sources.get(name), tok, dtype, max_seq_len, tmp,
                                      eval_fraction, max_tokens, seed, text_field)
-        merged = merge(tmp / "eval", tmp / "eval", EVAL_MERGE, list(domains))
+        for name, path in held_out.items():
+            stats.append(_prepare_eval_only(name, path, tok, dtype, max_seq_len, tmp, text_field))
+        merged = merge(tmp / "eval", tmp / "eval", EVAL_MERGE, list(domains))  # training domains only
         stats.append(SplitStats("(all)", f"eval/{EVAL_MERGE}", 0, merged * max_seq_len, merged, 0))
+        (tmp / DOMAINS_FILE).write_text(json.dumps({"train": list(domains), "eval_only": list(held_out)},
+                                                   indent=2) + "\n")
     seconds = time.perf_counter() - start
     total = sum(s.tokens for s in stats if s.domain != "(all)")
     log.info("prepared %d tokens in %.1fs (%.0f tokens/s) into %s", total, seconds, total / seconds, out)
@@ -120,6 +162,23 @@ def _prepare_domain(name: str, path: Path, eval_path: Path | None, tok: Tokenize
             for p, s in ((train, "train"), (evals, "eval"))]
 
 
+def _prepare_eval_only(name: str, path: Path, tok: Tokenizer, dtype: np.dtype, seq_len: int, root: Path,
+                       text_field: str) -> SplitStats:
+    """Every document of a held-out domain into root/eval/<name>; nothing under train/."""
+    evals = Packer(open_writer(root / "eval" / name, dtype), name, seq_len, dtype)
+    with tqdm(desc=f"{name} (eval-only)", unit="doc", leave=False) as bar:
+        for batch in _batches(iter_documents(path, text_field)):
+            evals.add(tok.encode(batch), tok.eos_id)
+            bar.update(len(batch))
+    evals.close()
+    if evals.sequences == 0:
+        raise UserError(f"eval-only domain {name}: {path} holds no full {seq_len}-token sequence "
+                        f"({evals.tokens} tokens); give more text or a smaller --max-seq-len")
+    log.info("eval-only domain %s: %d docs, %d tokens, %d sequences, %d tail tokens dropped",
+             name, evals.documents, evals.tokens, evals.sequences, evals.dropped)
+    return SplitStats(name, "eval", evals.documents, evals.tokens, evals.sequences, evals.dropped, eval_only=True)
+
+
 def _batches(docs, size: int = BATCH_DOCS):
     batch: list[str] = []
     for doc in docs:
@@ -159,7 +218,8 @@ def merge(input_dir: Path, output_dir: Path, output_split: str, split_names: lis
 
 def summary_table(stats: list[SplitStats]) -> str:
     rows = [("domain", "split", "documents", "tokens", "sequences", "dropped")]
-    rows += [(s.domain, s.split, str(s.documents), str(s.tokens), str(s.sequences), str(s.dropped)) for s in stats]
+    rows += [(s.domain, f"{s.split} (eval-only)" if s.eval_only else s.split, str(s.documents), str(s.tokens),
+              str(s.sequences), str(s.dropped)) for s in stats]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      for r in rows)

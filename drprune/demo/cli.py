@@ -28,8 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "continued pretraining; same-shape baseline; per-domain perplexity, samples, speed; "
                     "report in --out (report.md, summary.json, plots/, hf/).")
     p.add_argument("--out", type=Path, default=d.out, help="output folder; an earlier run's valid stages are reused")
-    p.add_argument("--steps", type=int, default=d.steps, help="pruning steps")
-    p.add_argument("--cpt-steps", type=int, help="continued-pretraining steps (default: steps/2, at least 4)")
+    p.add_argument("--steps", type=int, default=d.steps,
+                   help="training budget of every candidate, in batches (the learned model's pruning steps count)")
+    p.add_argument("--prune-steps", type=int,
+                   help="steps of the budget the learned model spends on L0 masks (default: 2/3 of --steps)")
+    p.add_argument("--kd", type=float, default=d.kd,
+                   help="weight of distillation from the source model in every training run, in [0, 1] (0: none)")
     p.add_argument("--target", type=_target, default={},
                    help="target shape overrides, e.g. n_layers=24,n_heads=6,n_kv_heads=2,intermediate_size=1024 "
                         "(default: 80%% of layers, 2/3 of KV groups and MLP channels)")
@@ -38,7 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--source-layers", type=int, help="keep only the first N layers of the source (quick looks, tests)")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--eval-rows", type=int, default=d.eval_rows, help="eval sequences per domain")
+    p.add_argument("--eval-rows", type=int, default=d.eval_rows,
+                   help="eval sequences per domain (all of them when fewer)")
+    p.add_argument("--copy-rows", type=int, default=d.copy_rows, help="rows of the in-context copying probe")
     p.add_argument("--seed", type=int, default=d.seed)
     p.set_defaults(func=run)
 
@@ -46,18 +52,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from drprune.demo.options import DemoOptions
     from drprune.demo.pipeline import run_demo
+    from drprune.demo.report import comparison_table
 
     if not args.corpus.is_file():
         raise UserError(f"corpus config {args.corpus} does not exist (pass --corpus FILE)")
-    opts = DemoOptions(out=args.out, steps=args.steps, cpt_steps=args.cpt_steps, target=args.target,
-                       source_layers=args.source_layers, gguf=args.gguf, corpus=args.corpus,
-                       seq_len=args.seq_len, batch_size=args.batch_size, eval_rows=args.eval_rows, seed=args.seed)
+    opts = DemoOptions(out=args.out, steps=args.steps, prune_steps=args.prune_steps, kd=args.kd,
+                       target=args.target, source_layers=args.source_layers, gguf=args.gguf, corpus=args.corpus,
+                       seq_len=args.seq_len, batch_size=args.batch_size, eval_rows=args.eval_rows,
+                       copy_rows=args.copy_rows, seed=args.seed)
     s = run_demo(opts)
-    ppl = s["perplexity"]
-    width = max(len(d) for d in s["domains"])
-    print(f"\n{'domain':<{width}}  {'source':>9}  {'pruned':>9}  {'baseline':>9}   (perplexity)")
-    for d in s["domains"]:
-        print(f"{d:<{width}}  {ppl['source'][d]:9.2f}  {ppl['pruned'][d]:9.2f}  {ppl['baseline'][d]:9.2f}")
+    print("\n" + comparison_table(s))
     params = s["parameters"]
     print(f"parameters: source {params['source']['total'] / 1e6:.1f}M -> pruned {params['pruned']['total'] / 1e6:.1f}M "
           f"(non-embedding {params['source']['non_embedding'] / 1e6:.1f}M -> "

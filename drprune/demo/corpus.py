@@ -3,9 +3,23 @@
 Each domain is a name plus files or globs; the output is one JSONL file per domain (one document
 chunk per line) that `drprune data prepare` reads. Documents are cut into paragraph-aligned chunks
 so the per-document eval holdout works even for domains made of a few long files (licenses).
+
+Domain keys: `files` (required), `format` (text | conversations | python_strings) and `eval_only`
+(true/false, default false). An eval-only ("held-out") domain is built like any other, so
+`build_corpus` returns an entry for it too, but it must never be trained on: the caller asks
+`spec.eval_only_names()` (and `spec.train_names()` for the rest) and passes those JSONL files to
+`prepare(..., eval_only={name: path})` instead of `domains=`. A spec whose every domain is
+eval-only is refused by `load_spec` (at least one training domain is needed).
+
+`format: python_strings` reads a Python file without running it and takes its string literals
+(docstrings, and string constants such as the stdlib's pydoc_data/topics.py, the Python
+documentation's prose) in source order, one document each; literals without any whitespace
+(identifiers, dictionary keys) and f-string pieces are skipped. Implicitly concatenated literals
+form one string.
 """
 from __future__ import annotations
 
+import ast
 import glob
 import importlib.util
 import json
@@ -21,7 +35,8 @@ import yaml
 
 from drprune.errors import UserError
 
-FORMATS = ("text", "conversations")
+FORMATS = ("text", "conversations", "python_strings")
+DOMAIN_KEYS = ("files", "format", "eval_only")
 _PKG = re.compile(r"\{pkg:([A-Za-z0-9_.]+)\}")
 
 
@@ -30,6 +45,7 @@ class Domain:
     name: str
     patterns: list[str]
     format: str = "text"
+    eval_only: bool = False  # held out: evaluated, never trained on (see the module docstring)
 
 
 @dataclass
@@ -40,6 +56,14 @@ class CorpusSpec:
     chunk_chars: int = 2000
     seed: int = 0
     root: Path = Path(".")
+
+    def train_names(self) -> list[str]:
+        """The domains to train on, in YAML order."""
+        return [d.name for d in self.domains if not d.eval_only]
+
+    def eval_only_names(self) -> list[str]:
+        """The held-out domains (`eval_only: true`), in YAML order: evaluate them, never train on them."""
+        return [d.name for d in self.domains if d.eval_only]
 
 
 def load_spec(path: str | Path) -> CorpusSpec:
@@ -55,10 +79,17 @@ def load_spec(path: str | Path) -> CorpusSpec:
         files = node.get("files") if isinstance(node, dict) else None
         if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
             raise UserError(f"{path}: domain {name!r} needs `files:` as a non-empty list of paths or globs")
+        if unknown := sorted(str(k) for k in node if k not in DOMAIN_KEYS):
+            raise UserError(f"{path}: domain {name!r} has unknown keys {unknown}; valid: {', '.join(DOMAIN_KEYS)}")
         fmt = node.get("format", "text")
         if fmt not in FORMATS:
             raise UserError(f"{path}: domain {name!r} has format {fmt!r}; valid: {', '.join(FORMATS)}")
-        domains.append(Domain(str(name), files, fmt))
+        eval_only = node.get("eval_only", False)
+        if not isinstance(eval_only, bool):
+            raise UserError(f"{path}: domain {name!r} has eval_only: {eval_only!r}; it must be true or false")
+        domains.append(Domain(str(name), files, fmt, eval_only))
+    if all(d.eval_only for d in domains):
+        raise UserError(f"{path}: every domain is eval_only; at least one training domain is needed")
     spec = CorpusSpec(domains, dict(raw.get("packages") or {}), root=path.parent.resolve())
     for key in ("max_chars_per_domain", "chunk_chars", "seed"):
         if key in raw:
@@ -114,9 +145,25 @@ def _conversations(path: Path) -> Iterator[str]:
             yield "\n".join(f"{'A' if i % 2 == 0 else 'B'}: {str(t).strip()}" for i, t in enumerate(turns))
 
 
+def _python_strings(path: Path) -> Iterator[str]:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError) as err:
+        raise UserError(f"cannot read string literals from {path} (format python_strings): {err}") from err
+    nodes = list(ast.walk(tree))
+    in_fstring = {id(v) for n in nodes if isinstance(n, ast.JoinedStr) for v in n.values}
+    found = [n for n in nodes if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in in_fstring]
+    for node in sorted(found, key=lambda n: (n.lineno, n.col_offset)):
+        if any(c.isspace() for c in node.value):
+            yield node.value
+
+
 def _documents(path: Path, fmt: str) -> Iterator[str]:
     if fmt == "conversations":
         yield from _conversations(path)
+        return
+    if fmt == "python_strings":
+        yield from _python_strings(path)
         return
     try:
         yield path.read_text(encoding="utf-8")
@@ -138,7 +185,10 @@ def chunk(text: str, size: int) -> list[str]:
 
 
 def build_corpus(spec: CorpusSpec, out_dir: str | Path) -> dict[str, dict[str, int]]:
-    """Write out_dir/<domain>.jsonl for every domain; returns files/chunks/chars per domain."""
+    """Write out_dir/<domain>.jsonl for every domain (eval-only ones too); returns files/chunks/chars per domain.
+
+    Which of them are held out is `spec.eval_only_names()`; the returned dict does not say.
+    """
     if missing := missing_packages(spec):
         raise UserError(f"the corpus needs packages that are not installed ({', '.join(missing)}): "
                         f"run  {install_hint(spec, missing)}")

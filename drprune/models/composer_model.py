@@ -1,4 +1,4 @@
-"""Composer wrapper: cross-entropy + mask regularisation, overall and per-domain metrics."""
+"""Composer wrapper: cross-entropy (+ distillation KL) + mask regularisation, overall and per-domain metrics."""
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -6,20 +6,22 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 from composer.models import ComposerModel
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 
 from drprune.masks.base import MaskGenerator
 from drprune.models.config import ModelConfig
 from drprune.models.decoder import PrunableDecoder
+from drprune.models.distill import IGNORE_INDEX, DistillConfig, kd_token_losses
 
-IGNORE_INDEX = -100
+TEACHER = "teacher"  # attribute (and state-dict prefix) of the distillation teacher
 
 
 class DomainCrossEntropy(Metric):
     """Mean token cross-entropy over the samples of one domain (all samples when domain is None)."""
 
     full_state_update = False
+    output_key = "loss_sum"  # the per-sample sums this metric averages, from the model's outputs
 
     def __init__(self, domain: int | None = None) -> None:
         super().__init__()
@@ -43,6 +45,12 @@ class DomainCrossEntropy(Metric):
         return (self.loss_sum / self.tokens).float()
 
 
+class DomainKLDivergence(DomainCrossEntropy):
+    """Mean token KL(teacher || student) (times T^2) over the samples of one domain, or all of them."""
+
+    output_key = "kd_sum"
+
+
 def token_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Per-sample summed next-token loss and token count, [B] each."""
     targets = labels[:, 1:]
@@ -53,38 +61,100 @@ def token_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class PrunableLM(ComposerModel):
-    """The decoder (`self.model`) plus an optional mask generator (`self.mask_generator`)."""
+    """The decoder (`self.model`) plus an optional mask generator (`self.mask_generator`).
+
+    With `distill` set, the loss is ce_weight * CE + kl_weight * KL(teacher || student) (+ mask
+    regularisation) and `self.teacher` holds the teacher: a frozen, always-eval decoder that is a
+    submodule (Composer moves, autocasts and FSDP-wraps it like the student) but is in no optimizer
+    group and in no checkpoint (its keys are dropped from `state_dict()`; loading accepts state dicts
+    without them and stays strict about every other key); the logged size (`self.model.num_params()`)
+    leaves it out. `teacher=None` with `distill` means the student's own unmasked weights are the
+    teacher, which only holds when the mask generator freezes the LLM (hypernetwork): no second copy.
+    """
 
     def __init__(self, cfg: ModelConfig, mask_generator: MaskGenerator | None = None,
-                 set_names: list[str] | None = None) -> None:
+                 set_names: list[str] | None = None, distill: DistillConfig | None = None,
+                 teacher: PrunableDecoder | None = None) -> None:
         super().__init__()
         self.model = PrunableDecoder(cfg)
         self.mask_generator = mask_generator
         self.set_names = list(set_names or [])
         self.last_stats: dict[str, float] = {}
-        if mask_generator is not None and mask_generator.model_parameters_frozen():
+        frozen = mask_generator is not None and mask_generator.model_parameters_frozen()
+        if frozen:
             self.model.requires_grad_(False)
+        if teacher is not None and distill is None:
+            raise ValueError("a teacher needs a DistillConfig (the loss weights and temperature)")
+        if distill is not None and teacher is None and not frozen:
+            raise ValueError("distillation needs a teacher decoder unless the mask generator freezes the LLM "
+                             "(then the unmasked student is the teacher)")
+        self.distill = distill
+        self.teacher: PrunableDecoder | None = None
+        if teacher is not None:
+            if teacher.cfg.vocab_size != cfg.vocab_size:
+                raise ValueError(f"teacher vocab_size {teacher.cfg.vocab_size} != student vocab_size {cfg.vocab_size}")
+            teacher.requires_grad_(False)
+            self.teacher = teacher.eval()
+            self.register_state_dict_post_hook(_drop_teacher_keys)
+            self.register_load_state_dict_post_hook(_teacher_keys_optional)
         self.train_metrics = self._metrics()
         self.eval_metrics = self._metrics()
 
     def _metrics(self) -> dict[str, Metric]:
-        metrics: dict[str, Metric] = {"LanguageCrossEntropy": DomainCrossEntropy()}
-        for i, name in enumerate(self.set_names):
-            metrics[f"{name}_LanguageCrossEntropy"] = DomainCrossEntropy(i)
+        kinds: list[tuple[str, type[DomainCrossEntropy]]] = [("LanguageCrossEntropy", DomainCrossEntropy)]
+        if self.distill is not None:
+            kinds.append(("KLDivergence", DomainKLDivergence))
+        metrics: dict[str, Metric] = {}
+        for suffix, cls in kinds:
+            metrics[suffix] = cls()
+            for i, name in enumerate(self.set_names):
+                metrics[f"{name}_{suffix}"] = cls(i)
         return metrics
+
+    def train(self, mode: bool = True) -> "PrunableLM":
+        """The teacher stays in eval mode whatever the trainer sets."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def teacher_logits(self, input_ids: Tensor) -> Tensor:
+        if self.teacher is None:  # frozen LLM: the unmasked student is the source model
+            return self.model(input_ids, None)
+        return self.teacher(input_ids)
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Any]:
         masks = self.mask_generator() if self.mask_generator is not None else None
-        logits = self.model(batch["input_ids"].long(), masks)
-        return {"logits": logits, "masks": masks}
+        input_ids = batch["input_ids"].long()
+        logits = self.model(input_ids, masks)
+        outputs = {"logits": logits, "masks": masks}
+        if self.distill is not None:
+            outputs["teacher_logits"] = self.teacher_logits(input_ids)
+        return outputs
+
+    def _kd_sum(self, logits: Tensor, outputs: Mapping[str, Any], labels: Tensor) -> Tensor:
+        assert self.distill is not None
+        return kd_token_losses(logits, outputs["teacher_logits"], labels, self.distill.temperature)[0]
 
     def loss(self, outputs: dict[str, Any], batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        loss_sum, tokens = token_losses(outputs["logits"], batch["labels"].long())
-        # Kept for metrics and data-mixture callbacks (per-domain training losses).
+        labels = batch["labels"].long()
+        loss_sum, tokens = token_losses(outputs["logits"], labels)
+        # Kept for metrics and data-mixture callbacks (per-domain training losses): always the CE.
         outputs["loss_sum"], outputs["tokens"] = loss_sum.detach(), tokens
-        ce = loss_sum.sum() / tokens.sum().clamp(min=1)
+        n_tokens = tokens.sum().clamp(min=1)
+        ce = loss_sum.sum() / n_tokens
         losses = {"ce_loss": ce}
         total = ce
+        if self.distill is not None:
+            d = self.distill
+            # with kl_weight 0 the KL is only a metric: no graph through it
+            logits = outputs["logits"] if d.kl_weight > 0 else outputs["logits"].detach()
+            kd_sum = self._kd_sum(logits, outputs, labels)
+            outputs["kd_sum"] = kd_sum.detach()
+            kd = kd_sum.sum() / n_tokens
+            losses["kd_loss"] = kd
+            total = d.ce_weight * ce + d.kl_weight * kd
         if self.mask_generator is not None and outputs["masks"] is not None:
             reg, self.last_stats = self.mask_generator.regularization(outputs["masks"])
             losses["mask_loss"] = reg
@@ -96,19 +166,29 @@ class PrunableLM(ComposerModel):
         if outputs is not None:
             return outputs
         outputs = self.forward(batch)
-        outputs["loss_sum"], outputs["tokens"] = token_losses(outputs["logits"], batch["labels"].long())
+        labels = batch["labels"].long()
+        outputs["loss_sum"], outputs["tokens"] = token_losses(outputs["logits"], labels)
+        if self.distill is not None:
+            outputs["kd_sum"] = self._kd_sum(outputs["logits"], outputs, labels)
         return outputs
 
     def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
         return self.train_metrics if is_train else self.eval_metrics
 
     def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
+        labels = batch["labels"].long()
         if "loss_sum" not in outputs:
-            outputs["loss_sum"], outputs["tokens"] = token_losses(outputs["logits"], batch["labels"].long())
-        metric.update(outputs["loss_sum"], outputs["tokens"], batch.get("set"))
+            outputs["loss_sum"], outputs["tokens"] = token_losses(outputs["logits"], labels)
+        key = getattr(metric, "output_key", "loss_sum")
+        if key == "kd_sum" and "kd_sum" not in outputs:
+            outputs["kd_sum"] = self._kd_sum(outputs["logits"], outputs, labels)
+        metric.update(outputs[key], outputs["tokens"], batch.get("set"))
 
     def param_groups(self, lr: float, weight_decay: float, lag_lr: float) -> list[dict[str, Any]]:
-        """Model weights at lr (none when the LLM is frozen); mask parameters as their generator says."""
+        """Model weights at lr (none when the LLM is frozen); mask parameters as their generator says.
+
+        The teacher is never in a group.
+        """
         groups = []
         weights = [p for p in self.model.parameters() if p.requires_grad]
         if weights:
@@ -116,3 +196,30 @@ class PrunableLM(ComposerModel):
         if self.mask_generator is not None:
             groups.extend(self.mask_generator.param_groups(lag_lr))
         return groups
+
+
+# Names wrappers put in front of (or inside) module paths: DDP, torch.compile, FSDP, checkpointing.
+_WRAPPER_NAMES = {"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
+
+
+def _is_teacher_key(key: str) -> bool:
+    """A state-dict key of PrunableLM.teacher, seen from the model or from a wrapper around it."""
+    for part in key.split("."):
+        if part not in _WRAPPER_NAMES:
+            return part == TEACHER
+    return False
+
+
+def _drop_teacher_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """state_dict post-hook: the teacher is read from its own checkpoint, never saved with the run."""
+    for key in [k for k in state_dict if k.startswith(f"{prefix}{TEACHER}.")]:
+        del state_dict[key]
+
+
+def _teacher_keys_optional(module: nn.Module, incompatible_keys: Any) -> None:
+    """load_state_dict post-hook: checkpoints never hold the teacher, so its keys are not missing.
+
+    Composer loads (and resumes) strictly before it wraps the model in DDP, and under FSDP through
+    the module's own load_state_dict, so this hook sees every load; all other keys stay strict.
+    """
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not _is_teacher_key(k)]

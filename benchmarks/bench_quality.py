@@ -1,0 +1,101 @@
+"""Quality per unit of compute: every candidate at the same token budget, in-domain and held out.
+
+Runs the demo's candidates (source; one-shot selection + continued pretraining; L0 + DRO warm-started
+from that selection + continued pretraining) on SmolLM2-135M and the demo corpus at each budget and
+for each recipe, then prints one table with 95% bootstrap intervals, the budget of every model
+(training tokens, wall and CPU seconds) and the verdicts (overlapping intervals are a tie).
+
+With `--ablate` it first scores the parts of the one-shot selection one at a time on the untrained
+source (layers only, KV groups only, MLP channels only, all), which says what costs held-out text and
+in-context copying before any training hides it.
+
+Usage (after `DEMO_INSTALL_ONLY=1 bash scripts/demo.sh`):
+    python benchmarks/bench_quality.py --out bench-quality --budgets 36 144 --kd 0 0.5 [--ablate]
+Stages are cached in --out (source, data and the one-shot selection are shared by every run), so an
+interrupted benchmark resumes where it stopped. `--json FILE` also writes every number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from drprune.demo.compare import fmt, head_to_head
+from drprune.demo.options import DemoOptions
+from drprune.demo.pipeline import evaluate_model, preflight, run_candidates
+
+MODELS = ("source", "baseline", "pruned")
+ABLATIONS = {"layers only": ("layer",), "KV groups only": ("head",), "MLP channels only": ("intermediate",),
+             "whole selection": ("layer", "head", "intermediate")}
+
+
+def ablate(opts: DemoOptions, shared: Path) -> list[list[str]]:
+    """Each part of the shared one-shot selection applied alone to the source, compacted, evaluated."""
+    from drprune.compact.fold import compact_decoder
+    from drprune.convert.checkpoint import decoder_checkpoint_state, load_decoder, save_checkpoint
+    from drprune.masks.base import MaskSet
+
+    data_info = json.loads((shared / "data" / "data.json").read_text())
+    source = load_decoder(shared / "source" / "model.pt")
+    masks = torch.load(shared / "baseline" / "masks.pt", weights_only=True)
+    rows = []
+    for name, parts in ABLATIONS.items():
+        ckpt = shared / "ablation.pt"
+        part = MaskSet({k: v for k, v in masks.items() if k in parts}).validate(source.cfg)
+        save_checkpoint(decoder_checkpoint_state(compact_decoder(source, part)), ckpt, overwrite=True)
+        e = evaluate_model(ckpt, shared / "data" / "mds", data_info, opts)
+        rows.append([name, fmt(e["in_domain"]["geomean"]), fmt(e["held_out"]["geomean"]), fmt(e["copy"], 2)])
+        print(" | ".join(rows[-1]), flush=True)
+    ckpt.unlink()
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("bench-quality"))
+    p.add_argument("--budgets", type=int, nargs="+", default=[36, 144], help="training steps per candidate")
+    p.add_argument("--kd", type=float, nargs="+", default=[0.0, 0.5], help="distillation weights to compare")
+    p.add_argument("--prune-fraction", type=float, default=2 / 3,
+                   help="share of the budget the learned candidate spends on L0 masks")
+    p.add_argument("--eval-rows", type=int, default=64)
+    p.add_argument("--ablate", action="store_true", help="also score each part of the one-shot selection alone")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    rows, lines, results = [], [], []
+    for budget in args.budgets:
+        for kd in args.kd:
+            opts = DemoOptions(out=args.out, steps=budget, prune_steps=max(1, round(budget * args.prune_fraction)),
+                               kd=kd, eval_rows=args.eval_rows)
+            gguf = preflight(opts)
+            start = time.perf_counter()
+            c = run_candidates(opts, gguf, args.out / f"budget{budget}-kd{kd:g}", {}, shared=args.out / "shared")
+            print(f"budget {budget}, kd {kd:g}: {time.perf_counter() - start:.0f}s", flush=True)
+            results.append({"budget": budget, "kd": kd, "evals": c.evals,
+                            "budgets": {m: vars(b) for m, b in c.budgets.items()}})
+            for m in MODELS:
+                b, e = c.budgets[m], c.evals[m]
+                rows.append([str(budget), f"{kd:g}", b.label, f"{b.tokens:,}", f"{b.wall_s:.0f}", f"{b.cpu_s:.0f}",
+                             fmt(e["in_domain"]["geomean"]),
+                             fmt(e["held_out"]["geomean"]) if e.get("held_out") else "n/a", fmt(e["copy"], 2)])
+            lines += [f"budget {budget}, kd {kd:g}:", *head_to_head(c.evals, "pruned", "baseline")]
+    if args.ablate:
+        print("\n| selection applied to the source (no training) | in-domain ppl | held-out ppl | copying ppl |")
+        print("|---|---|---|---|")
+        print("\n".join("| " + " | ".join(r) + " |" for r in ablate(opts, args.out / "shared")))
+    header = ["budget (steps)", "KD", "model", "training tokens", "wall s", "CPU s", "in-domain ppl [95% CI]",
+              "held-out ppl [95% CI]", "copying ppl [95% CI]"]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    print("\n".join("| " + " | ".join(r) + " |" for r in rows))
+    print("\n" + "\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Logit distillation from a teacher (Minitron-style): the `distillation:` node of a run config.
+
+    distillation:
+      teacher: null        # checkpoint path; null = model.path (the source model)
+      kl_weight: 0.5       # loss = ce_weight * CE + kl_weight * KL(teacher || student) (+ mask loss)
+      ce_weight: 0.5
+      temperature: 1.0     # KL on softmax(logits / T), multiplied by T^2
+
+Everything here is checked before any model is built or data is read (`DistillConfig.from_node`,
+`check_teacher`); `build_teacher` then loads the frozen teacher decoder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from drprune.errors import ConfigError, UserError
+from drprune.models.config import ModelConfig
+
+IGNORE_INDEX = -100  # label value excluded from every loss (re-exported by composer_model)
+NODE = "distillation"
+# runtime knobs a teacher takes from the student instead of from its checkpoint
+RUNTIME_KEYS = ("attn_impl", "max_seq_len")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher: str
+    kl_weight: float = 0.5
+    ce_weight: float = 0.5
+    temperature: float = 1.0
+
+    @classmethod
+    def from_node(cls, node: Mapping[str, Any] | None, model_path: str | None) -> "DistillConfig | None":
+        """The validated node; None when distillation is off (node absent or null)."""
+        if node is None:
+            return None
+        if not isinstance(node, Mapping):
+            raise ConfigError(f"{NODE} must be a mapping of {_fields()} (or null to turn distillation off), "
+                              f"got {node!r}")
+        valid = _fields()
+        for key in node:
+            if key not in valid:
+                near = difflib.get_close_matches(str(key), valid, n=1)
+                hint = f"did you mean {NODE}.{near[0]}? " if near else ""
+                raise ConfigError(f"{NODE}.{key} is not a distillation key: {hint}valid keys are {valid}")
+        values = {k: _number(node, k, default) for k, default in
+                  (("kl_weight", cls.kl_weight), ("ce_weight", cls.ce_weight), ("temperature", cls.temperature))}
+        for key in ("kl_weight", "ce_weight"):
+            if not 0.0 <= values[key] <= 1.0:
+                raise ConfigError(f"{NODE}.{key}={values[key]} is outside [0, 1]")
+        if values["kl_weight"] == 0 and values["ce_weight"] == 0:
+            raise ConfigError(f"{NODE}.kl_weight and {NODE}.ce_weight are both 0: nothing to train on "
+                              f"(set one of them > 0, or drop the {NODE} node)")
+        if not values["temperature"] > 0:
+            raise ConfigError(f"{NODE}.temperature={values['temperature']} must be > 0 (1.0 is plain KL)")
+        teacher = node.get("teacher")
+        if teacher is None:
+            if not model_path:
+                raise ConfigError(f"{NODE}.teacher is not set and there is no model.path to default to: "
+                                  f"set {NODE}.teacher=CHECKPOINT (a Composer checkpoint of the teacher)")
+            teacher = model_path
+        teacher = str(teacher)
+        if not Path(teacher).is_file():
+            raise UserError(f"{NODE}.teacher: checkpoint {teacher} does not exist: point {NODE}.teacher at a "
+                            f"Composer checkpoint (e.g. one written by `drprune convert hf-to-composer`)")
+        return cls(teacher=teacher, **values)
+
+
+def _fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(DistillConfig)]
+
+
+def _number(node: Mapping[str, Any], key: str, default: float) -> float:
+    value = node.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{NODE}.{key}={value!r} must be a number")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ConfigError(f"{NODE}.{key}={value} must be finite")
+    return value
+
+
+def same_file(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:
+    if not a or not b:
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def teacher_config(state: Mapping[str, Any], path: str, fallback: ModelConfig | None) -> ModelConfig:
+    """The teacher's decoder config from its checkpoint (`fallback` for config-less Sheared files)."""
+    from drprune.convert.checkpoint import EXTRA_STATE_KEY
+
+    extra = state.get(EXTRA_STATE_KEY)
+    if isinstance(extra, dict) and "model_config" in extra:
+        return ModelConfig.from_dict(extra["model_config"])
+    if fallback is not None:
+        return fallback
+    raise UserError(f"{NODE}.teacher: checkpoint {path} carries no model config (an older Sheared-LLaMA/DRPruning "
+                    "file?): convert it with `drprune convert` to a drprune checkpoint first")
+
+
+def check_teacher(teacher_cfg: ModelConfig, student_cfg: ModelConfig, path: str) -> None:
+    """The teacher must predict over the student's vocabulary.
+
+    Checkpoints carry no tokenizer identity, so only vocab_size can be compared.
+    """
+    if teacher_cfg.vocab_size != student_cfg.vocab_size:
+        raise ConfigError(
+            f"{NODE}.teacher: {path} has vocab_size={teacher_cfg.vocab_size} but the student has "
+            f"vocab_size={student_cfg.vocab_size}: logit distillation needs the same vocabulary (and tokenizer); "
+            "use a teacher trained with the student's tokenizer"
+        )
+
+
+def build_teacher(state: Mapping[str, Any], teacher_cfg: ModelConfig, student_cfg: ModelConfig, path: str):
+    """A frozen, eval-mode PrunableDecoder with the teacher's weights (runtime knobs from the student)."""
+    from drprune.convert.checkpoint import decoder_state, load_decoder_weights
+    from drprune.models.decoder import PrunableDecoder
+
+    cfg = dataclasses.replace(teacher_cfg, **{k: getattr(student_cfg, k) for k in RUNTIME_KEYS})
+    teacher = PrunableDecoder(cfg)
+    load_decoder_weights(teacher, decoder_state(dict(state)), path)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def kd_token_losses(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
+                    temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Per-sample summed forward KL(teacher || student) and token count, [B] each.
+
+    Over the positions `token_losses` scores (position t predicts labels[t + 1]; IGNORE_INDEX targets
+    excluded), on softmax(logits / T) in fp32, times T^2 (so gradients keep their scale across T).
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    t = float(temperature)
+    student, teacher = student_logits[:, :-1].float(), teacher_logits[:, :-1].float()
+    if t != 1.0:
+        student, teacher = student / t, teacher / t
+    log_s = F.log_softmax(student, dim=-1)
+    log_t = F.log_softmax(teacher, dim=-1)
+    kl = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)  # [B, T-1]
+    kl = torch.where(keep, kl, torch.zeros_like(kl)) * (t * t)
+    return kl.sum(-1), keep.sum(-1)
