@@ -151,3 +151,29 @@ def test_failed_stage_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         Stage(tmp_path, "s", {}).ensure(build)
     assert not (tmp_path / "s").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"prune_steps": 36}, r"--prune-steps must be in \[1, --steps\)"),
+    ({"prune_steps": 0}, r"--prune-steps must be in \[1, --steps\)"),
+    ({"kd": 1.5}, r"--kd is the weight of distillation"),
+    ({"copy_rows": 0}, r"--copy-rows must be >= 1"),
+])
+def test_demo_preflight_refuses_bad_budgets(tmp_path, monkeypatch, change, message):
+    import drprune.demo.pipeline as pipeline
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(pipeline.importlib.util, "find_spec", lambda n, *a: object())  # every package "installed"
+    import drprune.demo.corpus as corpus
+
+    monkeypatch.setattr(corpus, "missing_packages", lambda spec: [])
+    with pytest.raises(UserError, match=message):
+        pipeline.preflight(DemoOptions(out=tmp_path / "o", gguf=gguf, **change))
+    assert not (tmp_path / "o").exists()
+
+
+def test_default_budget_splits_into_pruning_and_continued_steps():
+    opts = DemoOptions(out=Path("o"))
+    assert opts.steps == 36 and opts.learned_prune_steps == 24 and opts.eval_rows >= 64
+    assert DemoOptions(out=Path("o"), steps=6, prune_steps=4).learned_prune_steps == 4

@@ -23,10 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     d = DemoOptions(out=Path("demo-out"))
     p = subparsers.add_parser(
-        "demo", help="end-to-end demo: prune SmolLM2-135M on a 5-domain corpus, on CPU in minutes",
-        description="GGUF -> HF -> Composer; corpus -> MDS; L0 pruning with DRO loading; compaction; "
-                    "continued pretraining; same-shape baseline; per-domain perplexity, samples, speed; "
-                    "report in --out (report.md, summary.json, plots/, hf/).")
+        "demo", help="end-to-end demo: prune SmolLM2-135M, equal-budget comparison with held-out domains, on CPU",
+        description="GGUF -> HF -> Composer; corpus -> MDS (training and held-out domains); a one-shot "
+                    "selection; two candidates at the same token budget (the selection + continued "
+                    "pretraining; L0 + DRO masks warm-started from it + continued pretraining), both "
+                    "distilling from the source; in-domain, held-out and copying-probe perplexity with 95% "
+                    "intervals, samples, speed; report in --out (report.md, summary.json, plots/, hf/).")
     p.add_argument("--out", type=Path, default=d.out, help="output folder; an earlier run's valid stages are reused")
     p.add_argument("--steps", type=int, default=d.steps,
                    help="training budget of every candidate, in batches (the learned model's pruning steps count)")

