@@ -75,14 +75,6 @@ def test_summary_numbers_are_finite_and_consistent(demo):
             assert score["lo"] <= score["ppl"] <= score["hi"]
 
 
-def test_candidates_get_equal_budgets(demo):
-    _, s = demo
-    b = s["budget"]
-    assert b["pruned"]["tokens"] == b["baseline"]["tokens"] == 6 * 4 * 128
-    assert (b["pruned"]["prune_steps"], b["pruned"]["continue_steps"]) == (4, 2)
-    assert (b["baseline"]["prune_steps"], b["baseline"]["continue_steps"]) == (0, 6)
-    assert all(b[m]["wall_s"] > 0 and b[m]["cpu_s"] > 0 for m in ("pruned", "baseline"))
-
     params, target = s["parameters"], s["target"]
     assert {k: params["pruned"]["shape"][k] for k in target} == target
     assert params["pruned"] == params["baseline"]
@@ -105,6 +97,15 @@ def test_candidates_get_equal_budgets(demo):
         assert speed["prefill_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0
     assert set(s["samples"]) == {"source", "pruned", "baseline"}
     assert s["peak_memory_gb"] > 0 and s["total_seconds"] > 0
+
+
+def test_candidates_get_equal_budgets(demo):
+    _, s = demo
+    b = s["budget"]
+    assert b["pruned"]["tokens"] == b["baseline"]["tokens"] == 6 * 4 * 128
+    assert (b["pruned"]["prune_steps"], b["pruned"]["continue_steps"]) == (4, 2)
+    assert (b["baseline"]["prune_steps"], b["baseline"]["continue_steps"]) == (0, 6)
+    assert all(b[m]["wall_s"] > 0 and b[m]["cpu_s"] > 0 for m in ("pruned", "baseline"))
 
 
 def test_hf_folder_loads_in_transformers_and_matches_the_report(demo):
