@@ -47,3 +47,19 @@ def test_target_checks_report_met_and_unmet_from_numbers():
     copy = next(r for r in target_checks(evals, "learned", "base", "source", None, None)
                 if r["target"].startswith("copying"))
     assert copy["met"] is True                          # ln 2 / ln 1.5 = 1.7x
+
+
+def test_head_to_head_adds_a_paired_ratio_when_rows_are_kept():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = rng.gamma(4.0, 1.0, size=64) * 100
+
+    def ev(shift: float) -> dict:
+        e = _eval(80 + shift, 5, {"x": 50}, 2.0)
+        e["in_domain"]["rows"] = {d: {"loss_sums": (base + shift * 100).tolist(), "tokens": [100] * 64}
+                                  for d in ("a", "b")}
+        return e
+
+    text = "\n".join(head_to_head({"l": ev(0.0), "b": ev(0.05)}, "l", "b", names=("l", "b")))
+    assert "paired on the same eval rows: l/b perplexity ratio 0.951" in text and "l better" in text

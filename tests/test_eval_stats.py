@@ -158,3 +158,36 @@ def test_copy_probe_rejects_bad_inputs():
         copy_probe(decoder, np.array([-1, 2]), span=8)
     with pytest.raises(UserError, match="non-empty"):
         copy_probe(decoder, np.array([], dtype=np.int64), span=8)
+
+
+def test_paired_ratio_resolves_a_small_shift_that_independent_intervals_call_a_tie():
+    from drprune.eval.stats import bootstrap_geomean, intervals_overlap, paired_geomean_ratio
+
+    rng = np.random.default_rng(3)
+    tokens = np.full(64, 127)
+    a, b = {}, {}
+    for d in ("x", "y"):
+        base = rng.gamma(4.0, 1.0, size=64) * tokens  # rows differ a lot from each other
+        a[d] = (base, tokens)
+        b[d] = (base + 0.05 * tokens + rng.normal(0, 0.01, 64) * tokens, tokens)  # b: 0.05 nats/token worse
+    ga, gb = bootstrap_geomean(a), bootstrap_geomean(b)
+    assert intervals_overlap(ga, gb)
+    r = paired_geomean_ratio(a, b)
+    assert r.lo <= r.ratio <= r.hi < 1.0
+    assert r.ratio == pytest.approx(np.exp(-0.05), rel=1e-2)
+    same = paired_geomean_ratio(a, a)
+    assert same.ratio == same.lo == same.hi == 1.0
+    with pytest.raises(ValueError, match="same rows"):
+        paired_geomean_ratio(a, {d: (x[:10], t[:10]) for d, (x, t) in b.items()})
+
+
+def test_eval_result_keeps_rows_through_json():
+    import json
+
+    from drprune.eval.perplexity import EvalResult
+    from drprune.eval.stats import Score
+
+    s = Score(ppl=2.0, lo=1.5, hi=2.5, rows=2, tokens=10)
+    r = EvalResult(domains={"x": s}, geomean=s, rows={"x": (np.array([1.0, 2.0]), np.array([5, 5]))})
+    back = EvalResult.from_dict(json.loads(json.dumps(r.to_dict())))
+    assert back.rows["x"][0].tolist() == [1.0, 2.0] and back.rows["x"][1].tolist() == [5, 5]

@@ -9,6 +9,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
+from drprune.eval.stats import Ratio, paired_geomean_ratio
+
 Score = dict[str, Any]
 
 # The issue's targets at the demo's default budget (issue 11); checked, never tuned away.
@@ -39,6 +43,15 @@ def gain(a: Score, b: Score) -> float:
     return 1.0 - a["ppl"] / b["ppl"]
 
 
+def paired(ea: dict[str, Any], eb: dict[str, Any]) -> Ratio:
+    """Paired bootstrap ratio of two EvalResult dicts that kept their per-row losses."""
+    def rows(e: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return {d: (np.asarray(r["loss_sums"], dtype=np.float64), np.asarray(r["tokens"], dtype=np.int64))
+                for d, r in e["rows"].items()}
+
+    return paired_geomean_ratio(rows(ea), rows(eb))
+
+
 def fmt(score: Score, digits: int = 1) -> str:
     return f"{score['ppl']:.{digits}f} [{score['lo']:.{digits}f}, {score['hi']:.{digits}f}]"
 
@@ -57,6 +70,12 @@ def head_to_head(evals: dict[str, dict[str, Any]], key_a: str, key_b: str,
         lines.append(f"- {title} geometric mean: {a} {fmt(g_a)} vs {b} {fmt(g_b)}: "
                      + (f"**tie** (the 95% intervals overlap; point difference {gain(g_a, g_b):+.1%})" if v == "tie"
                         else f"**{a} {v}** by {abs(gain(g_a, g_b)):.1%}, outside the intervals"))
+        if ea.get("rows") and eb.get("rows"):
+            r = paired(ea, eb)
+            side = ("better" if r.hi < 1 else "worse" if r.lo > 1 else "not resolved")
+            lines.append(f"  paired on the same eval rows: {a}/{b} perplexity ratio {r.ratio:.3f} "
+                         f"[{r.lo:.3f}, {r.hi:.3f}]: {a} {side}"
+                         + ("" if side == "not resolved" else " (the paired interval excludes 1)"))
         per = {d: verdict(ea["domains"][d], eb["domains"][d]) for d in ea["domains"] if d in eb["domains"]}
         counts = {k: sum(1 for x in per.values() if x == k) for k in ("better", "tie", "worse")}
         lines.append(f"  per domain ({a} vs {b}): {counts['better']} better, {counts['tie']} tied, "

@@ -460,7 +460,7 @@ def run_candidates(opts: DemoOptions, gguf_file: Path, work: Path, timings: dict
     data_info = json.loads((data.dir / "data.json").read_text())
     domains, mds = data_info["domains"], data.dir / "mds"
     eval_inputs = {"data": data.fingerprint, "rows": opts.eval_rows, "copy_rows": opts.copy_rows,
-                   "seed": opts.seed}
+                   "seed": opts.seed, "format": "per-row losses"}
 
     def evaluated(name: str, root: Path, model: Stage, ckpt: str) -> dict[str, Any]:
         stage = Stage(root, f"eval_{name}", {**eval_inputs, "model": model.fingerprint, "file": ckpt})

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -77,14 +77,23 @@ class EvalResult:
 
     domains: dict[str, Score]
     geomean: Score
+    rows: dict[str, tuple[np.ndarray, np.ndarray]] | None = field(default=None, compare=False)  # per-row sums, tokens
 
     def to_dict(self) -> dict[str, Any]:
-        return {"domains": {d: s.to_dict() for d, s in self.domains.items()}, "geomean": self.geomean.to_dict()}
+        out: dict[str, Any] = {"domains": {d: s.to_dict() for d, s in self.domains.items()},
+                               "geomean": self.geomean.to_dict()}
+        if self.rows is not None:  # kept so two models scored on the same rows can be compared paired
+            out["rows"] = {d: {"loss_sums": loss.tolist(), "tokens": tok.tolist()} for d, (loss, tok) in self.rows.items()}
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EvalResult:
+        rows = d.get("rows")
         return cls(domains={k: Score.from_dict(v) for k, v in d["domains"].items()},
-                   geomean=Score.from_dict(d["geomean"]))
+                   geomean=Score.from_dict(d["geomean"]),
+                   rows=None if rows is None else {k: (np.asarray(v["loss_sums"], dtype=np.float64),
+                                                       np.asarray(v["tokens"], dtype=np.int64))
+                                                   for k, v in rows.items()})
 
 
 def domain_rows(decoder: PrunableDecoder, data_dir: str | Path, domain: str, *, split: str = "eval",
@@ -121,7 +130,7 @@ def evaluate_domains(decoder: PrunableDecoder, data_dir: str | Path, domains: li
         log.info("perplexity %s: %.3f [%.3f, %.3f] (%d rows)", domain, s.ppl, s.lo, s.hi, s.rows)
     geomean = bootstrap_geomean(per_domain, n_boot=n_boot, seed=seed)
     log.info("perplexity geomean: %.3f [%.3f, %.3f]", geomean.ppl, geomean.lo, geomean.hi)
-    return EvalResult(domains=scores, geomean=geomean)
+    return EvalResult(domains=scores, geomean=geomean, rows=per_domain)
 
 
 def domain_perplexity(decoder: PrunableDecoder, data_dir: str | Path, domains: list[str], *, split: str = "eval",
