@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -175,3 +176,17 @@ def test_shipped_configs_resolve(path):
         smollm2 = ModelConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
                               intermediate_size=1536)
         plan_target(smollm2, {k: opts[k] for k in TARGET_KEYS if opts.get(k) not in (None, [])})
+
+
+def test_calibration_rows_are_balanced_round_robin(tmp_path):
+    from drprune.oneshot.calib import balanced_quota, load_rows
+
+    assert balanced_quota([100] * 5, 16) == [4, 3, 3, 3, 3]
+    assert balanced_quota([1, 100, 100], 9) == [1, 4, 4]   # a small domain's share goes to the others
+    assert balanced_quota([2, 3], 50) == [2, 3]
+    root = write_synthetic_mds(tmp_path / "m", {f"d{i}": "random" for i in range(5)}, seq_len=12,
+                               vocab_size=64, n_train=20, n_eval=4)
+    rows = load_rows(root, tokenizer=None, seq_len=12, max_rows=16)
+    per_domain = [read_token_rows(root / "train" / f"d{i}") for i in range(5)]
+    taken = [sum(any(np.array_equal(r, x) for x in d) for r in rows) for d in per_domain]
+    assert len(rows) == 16 and taken == [4, 3, 3, 3, 3]

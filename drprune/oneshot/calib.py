@@ -7,11 +7,14 @@ needs a tokenizer and is packed into rows the way `data prepare` packs it (EOS b
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from drprune.errors import UserError
+
+log = logging.getLogger(__name__)
 
 EVAL_MERGE = "eval_merge"
 
@@ -67,12 +70,30 @@ def token_counts(data: str | Path, *, tokenizer: str | None, vocab_size: int) ->
     return np.bincount(tokens, minlength=vocab_size)
 
 
+def balanced_quota(sizes: list[int], max_rows: int) -> list[int]:
+    """Rows to take from each domain: dealt round-robin, one at a time, so domains differ by at most
+    one row (the first domains get the extra ones) and a small domain's unused share goes to the
+    others. Taking ceil(max_rows / k) from each and truncating would starve the last domains."""
+    quota = [0] * len(sizes)
+    left = min(max_rows, sum(sizes))
+    while left:
+        for i, size in enumerate(sizes):
+            if left and quota[i] < size:
+                quota[i] += 1
+                left -= 1
+    return quota
+
+
 def _mds_rows(folders: list[Path], max_rows: int | None) -> np.ndarray:
+    from streaming import LocalDataset
+
     from drprune.eval.perplexity import read_token_rows
 
-    per_folder = None if max_rows is None else max(1, -(-max_rows // len(folders)))
-    rows = np.concatenate([read_token_rows(f, per_folder) for f in folders])
-    return rows if max_rows is None else rows[:max_rows]
+    if max_rows is None:
+        return np.concatenate([read_token_rows(f) for f in folders])
+    quota = balanced_quota([len(LocalDataset(local=str(f))) for f in folders], max_rows)
+    log.info("calibration rows per domain: %s", ", ".join(f"{f.name} {q}" for f, q in zip(folders, quota)))
+    return np.concatenate([read_token_rows(f, q) for f, q in zip(folders, quota) if q])
 
 
 def _text_tokens(path: Path, tokenizer: str | None, max_tokens: int | None) -> np.ndarray:
