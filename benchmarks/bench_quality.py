@@ -26,7 +26,7 @@ import torch
 
 from drprune.demo.compare import fmt, head_to_head
 from drprune.demo.options import DemoOptions
-from drprune.demo.pipeline import evaluate_model, preflight, run_candidates
+from drprune.demo.pipeline import evaluate_model, import_composer_first, preflight, run_candidates
 
 MODELS = ("source", "baseline", "pruned")
 ABLATIONS = {"layers only": ("layer",), "KV groups only": ("head",), "MLP channels only": ("intermediate",),
@@ -66,6 +66,7 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    import_composer_first()
 
     rows, lines, results = [], [], []
     for budget in args.budgets:

@@ -188,6 +188,9 @@ def build_trainer(cfg: DictConfig):
     if init_state is not None:
         load_decoder_weights(model.model, decoder_state(init_state), init_path)
         log.info("loaded weights from %s", init_path)
+    # The weights are copied: drop the memory-mapped checkpoint now. A traceback cached by some
+    # optional import can keep this frame alive, and with it the whole mapped file (a model's size).
+    del init_state
     log.info("model: %s, %.2fM parameters%s", mcfg.family, model.model.num_params() / 1e6,
              f", mask generator {type(mask_generator).__name__}" if mask_generator else "")
 

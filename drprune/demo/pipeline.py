@@ -340,35 +340,45 @@ def hf_checks(folders: dict[str, Path], measure_speed: tuple[str, ...]) -> dict[
 
 
 def peak_memory_gb() -> float:
-    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    """Peak resident memory of this process or of any stage's child process, whichever is larger
+    (Linux reports ru_maxrss in KiB)."""
+    return max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024**2
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process: on a shared machine it says more about the cost than wall time."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """CPU time of this process and its finished stage processes: on a shared machine it says more
+    about the cost than wall time."""
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                   resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-def peak_memory_gb() -> float:
-    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+def _stage_child(build: Callable[..., None], args: tuple) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    build(*args)
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process: on a shared machine it says more about the cost than wall time."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+def in_child_process(build: Callable[..., None], *args: Any) -> None:
+    """Run a training stage in a fresh process: its model, optimizer and Composer state are gone when
+    it exits. In-process they are not reliably freed (Composer's closures and loggers keep a State
+    reachable after `close()`), and every training stage's peak would stack on the previous ones."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("spawn").Process(target=_stage_child, args=(build, args))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise UserError(f"the {build.__name__} stage failed in its process (exit code {proc.exitcode}); "
+                        "its error is printed above")
 
 
 def costed(build: Callable[[Path], Any]) -> Callable[[Path], None]:
     """A stage builder that also records its wall and CPU seconds in cost.json: a reused stage keeps
     the cost it had when it was built, so budgets stay comparable across runs."""
     def run(dst: Path) -> None:
-        wall, cpu = time.perf_counter(), time.process_time()
+        wall, cpu = time.perf_counter(), cpu_seconds()
         build(dst)
         (dst / "cost.json").write_text(json.dumps({"wall_s": round(time.perf_counter() - wall, 1),
-                                                   "cpu_s": round(time.process_time() - cpu, 1)}) + "\n")
+                                                   "cpu_s": round(cpu_seconds() - cpu, 1)}) + "\n")
     return run
 
 
@@ -433,6 +443,14 @@ class Comparison:
     budgets: dict[str, Budget]
 
 
+def import_composer_first() -> None:
+    """Import Composer before any stage runs. Importing it imports paramiko, which keeps the
+    ImportError of its optional `invoke` dependency in a module global; that error's traceback keeps
+    every frame that was calling at the time alive, locals included, until the process exits. Done
+    from inside a stage, that stage's models and optimizer would never be freed (+2 GB in the demo)."""
+    import composer  # noqa: F401
+
+
 def run_candidates(opts: DemoOptions, gguf_file: Path, work: Path, timings: dict[str, float],
                    shared: Path | None = None) -> Comparison:
     """Build (or reuse) the source, the data, the one-shot selection and both trained candidates at
@@ -480,15 +498,15 @@ def run_candidates(opts: DemoOptions, gguf_file: Path, work: Path, timings: dict
     timed("baseline", lambda: base.ensure(costed(lambda d: build_baseline(opts, src.dir, mds, domains, target, d))))
     prune_steps, budget = opts.learned_prune_steps, opts.steps
     pruned = Stage(work, "pruned", {**recipe, "steps": prune_steps, "warm_start": base.fingerprint})
-    timed("prune", lambda: pruned.ensure(costed(
-        lambda d: build_pruned(opts, src.dir, mds, domains, ref_loss, target, base.dir / "masks.pt", d))))
+    timed("prune", lambda: pruned.ensure(costed(lambda d: in_child_process(
+        build_pruned, opts, src.dir, mds, domains, ref_loss, target, base.dir / "masks.pt", d))))
     final = Stage(work, "pruned_continued", {"pruned": pruned.fingerprint, "recipe": recipe,
                                              "steps": budget - prune_steps})
-    timed("continue_pruned", lambda: final.ensure(costed(lambda d: build_continued(
-        opts, pruned.dir / "compact.pt", src.dir, mds, domains, ref_loss, budget - prune_steps, d))))
+    timed("continue_pruned", lambda: final.ensure(costed(lambda d: in_child_process(
+        build_continued, opts, pruned.dir / "compact.pt", src.dir, mds, domains, ref_loss, budget - prune_steps, d))))
     base_final = Stage(work, "baseline_continued", {"baseline": base.fingerprint, "recipe": recipe, "steps": budget})
-    timed("continue_baseline", lambda: base_final.ensure(costed(lambda d: build_continued(
-        opts, base.dir / "compact.pt", src.dir, mds, domains, ref_loss, budget, d))))
+    timed("continue_baseline", lambda: base_final.ensure(costed(lambda d: in_child_process(
+        build_continued, opts, base.dir / "compact.pt", src.dir, mds, domains, ref_loss, budget, d))))
 
     def evaluate() -> None:
         for name, stage, ckpt in (("pruned", final, "model.pt"), ("baseline", base_final, "model.pt")):
@@ -514,6 +532,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     start, cpu_start = time.perf_counter(), cpu_seconds()
     timings: dict[str, float] = {}
     gguf_file = preflight(opts)
+    import_composer_first()
     out = opts.out
     work = out / "work"
     for stale in ("report.md", "summary.json"):  # never leave an old report beside a new model
