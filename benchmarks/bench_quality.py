@@ -42,9 +42,8 @@ def ablate(opts: DemoOptions, shared: Path) -> list[list[str]]:
     data_info = json.loads((shared / "data" / "data.json").read_text())
     source = load_decoder(shared / "source" / "model.pt")
     masks = torch.load(shared / "baseline" / "masks.pt", weights_only=True)
-    rows = []
+    rows, ckpt = [], shared / "ablation.pt"
     for name, parts in ABLATIONS.items():
-        ckpt = shared / "ablation.pt"
         part = MaskSet({k: v for k, v in masks.items() if k in parts}).validate(source.cfg)
         save_checkpoint(decoder_checkpoint_state(compact_decoder(source, part)), ckpt, overwrite=True)
         e = evaluate_model(ckpt, shared / "data" / "mds", data_info, opts)

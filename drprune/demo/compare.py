@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
-
-from drprune.eval.stats import Ratio, paired_geomean_ratio
+from drprune.eval.perplexity import EvalResult
+from drprune.eval.stats import Ratio, intervals_overlap, paired_geomean_ratio
+from drprune.eval.stats import Score as EvalScore
 
 Score = dict[str, Any]
 
@@ -28,7 +28,7 @@ TARGETS = {
 
 
 def overlap(a: Score, b: Score) -> bool:
-    return a["lo"] <= b["hi"] and b["lo"] <= a["hi"]
+    return intervals_overlap(EvalScore.from_dict(a), EvalScore.from_dict(b))
 
 
 def verdict(a: Score, b: Score) -> str:
@@ -45,11 +45,7 @@ def gain(a: Score, b: Score) -> float:
 
 def paired(ea: dict[str, Any], eb: dict[str, Any]) -> Ratio:
     """Paired bootstrap ratio of two EvalResult dicts that kept their per-row losses."""
-    def rows(e: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        return {d: (np.asarray(r["loss_sums"], dtype=np.float64), np.asarray(r["tokens"], dtype=np.int64))
-                for d, r in e["rows"].items()}
-
-    return paired_geomean_ratio(rows(ea), rows(eb))
+    return paired_geomean_ratio(EvalResult.from_dict(ea).rows, EvalResult.from_dict(eb).rows)
 
 
 def fmt(score: Score, digits: int = 1) -> str:

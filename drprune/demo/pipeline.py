@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
 import gc
 import importlib.util
 import json
@@ -142,8 +143,7 @@ def build_data(opts: DemoOptions, tokenizer_dir: Path, dst: Path) -> dict[str, A
 
     spec = load_spec(opts.corpus)
     corpus = build_corpus(spec, dst / "corpus")
-    held_out = [d.name for d in spec.domains if d.eval_only]
-    train = [name for name in corpus if name not in held_out]
+    held_out, train = spec.eval_only_names(), spec.train_names()
     files = {name: dst / "corpus" / f"{name}.jsonl" for name in corpus}
     stats = prepare({n: files[n] for n in train}, str(tokenizer_dir), opts.seq_len, dst / "mds",
                     eval_fraction=opts.eval_fraction, eval_only={n: files[n] for n in held_out}, seed=opts.seed)
@@ -371,6 +371,14 @@ def in_child_process(build: Callable[..., None], *args: Any) -> None:
                         "its error is printed above")
 
 
+def timed_into(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
+    """fn(), its wall seconds recorded as timings[name] (the report's run table)."""
+    t = time.perf_counter()
+    result = fn()
+    timings[name] = round(time.perf_counter() - t, 1)
+    return result
+
+
 def costed(build: Callable[[Path], Any]) -> Callable[[Path], None]:
     """A stage builder that also records its wall and CPU seconds in cost.json: a reused stage keeps
     the cost it had when it was built, so budgets stay comparable across runs."""
@@ -460,13 +468,7 @@ def run_candidates(opts: DemoOptions, gguf_file: Path, work: Path, timings: dict
     from drprune.convert.checkpoint import config_of_state, load_model_state
 
     shared = shared or work
-
-    def timed(name: str, fn):
-        t = time.perf_counter()
-        result = fn()
-        timings[name] = round(time.perf_counter() - t, 1)
-        return result
-
+    timed = functools.partial(timed_into, timings)
     model_id = {"gguf": file_identity(gguf_file)}
     src = Stage(shared, "source", {**model_id, "source_layers": opts.source_layers})
     timed("convert", lambda: src.ensure(lambda d: build_source(gguf_file, opts.source_layers, d)))
@@ -539,14 +541,11 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         (out / stale).unlink(missing_ok=True)
     c = run_candidates(opts, gguf_file, work, timings)
 
-    t = time.perf_counter()
-    export_hf(c.pruned_continued.dir / "model.pt", c.source.dir / "hf", out / "hf")
-    export_hf(c.baseline_continued.dir / "model.pt", c.source.dir / "hf", work / "baseline_hf")
-    timings["export"] = round(time.perf_counter() - t, 1)
-    t = time.perf_counter()
-    checks = hf_checks({"source": c.source.dir / "hf", "pruned": out / "hf", "baseline": work / "baseline_hf"},
-                       ("source", "pruned"))
-    timings["generate_and_speed"] = round(time.perf_counter() - t, 1)
+    timed_into(timings, "export", lambda: (
+        export_hf(c.pruned_continued.dir / "model.pt", c.source.dir / "hf", out / "hf"),
+        export_hf(c.baseline_continued.dir / "model.pt", c.source.dir / "hf", work / "baseline_hf")))
+    checks = timed_into(timings, "generate_and_speed", lambda: hf_checks(
+        {"source": c.source.dir / "hf", "pruned": out / "hf", "baseline": work / "baseline_hf"}, ("source", "pruned")))
 
     summary = _summary(opts, gguf_file, c.target, c.data_info, c.evals, c.budgets, checks, timings, {
         "source": c.source.dir / "model.pt", "pruned": c.pruned_continued.dir / "model.pt",
