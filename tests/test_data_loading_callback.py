@@ -61,7 +61,8 @@ def test_resume_continues_proportions_ema_and_references_exactly(tmp_path, data_
     resumed, cb_resumed = fit(args(data_dir, tmp_path / "b", "dro+Dy", f"load_path={tmp_path / 'a' / 'ep0-ba5-rank0.pt'}"))
     resumed.close()
     a, b = cb_full.state_dict(), cb_resumed.state_dict()
-    for key in ("p", "p0", "reference_loss", "ema_loss", "tokens_seen", "weight_history", "eval_history", "fitter"):
+    for key in ("p", "p0", "reference_loss", "ema_loss", "tokens_seen", "interval_loss", "interval_tokens",
+                "weight_history", "eval_history", "fitter"):
         assert a[key] == b[key], key
 
 
@@ -90,3 +91,37 @@ def test_two_ranks_hold_the_same_proportions(tmp_path, data_dir):
     rank1 = json.loads((tmp_path / "proportions-rank1.json").read_text())
     assert len(rank0) == 8 and rank0 == rank1
     assert rank0[-1] != rank0[0]  # the rule did move p
+
+
+class _Dataset:
+    def update_proportion(self, p: list[float]) -> None:
+        self.p = p
+
+
+def test_dy_timing_follows_the_reference(monkeypatch):
+    """+Dy records points from 2% of training (mean training loss since the last eval without +Eval),
+    refits from 10% at (tokens / elapsed, target sparsity); +DyAll moves p0 only from 20%."""
+    from drprune.callbacks import data_loading
+    from drprune.mixture import parse_update_type
+
+    monkeypatch.setattr(data_loading, "_model_sparsity", lambda state: 0.0)
+    monkeypatch.setattr(data_loading, "_target_sparsity", lambda state: 0.0)
+    cb = DynamicLoadingCallback(["a", "b"], [0.6, 0.4], parse_update_type("dro+DyAll"), _Dataset(),
+                                reference_loss=[2.0, 2.0])
+    calls = []
+    monkeypatch.setattr(cb.fitter, "refit", lambda cur, final, target: calls.append((final, target)) or list(cur))
+    try:
+        cb.tokens_seen, cb.interval_loss, cb.interval_tokens = [100, 50], [300.0, 100.0], [100, 50]
+        cb._update_reference(None, None, elapsed=0.01)
+        assert cb.fitter.observations == {"a": [], "b": []}
+        cb._update_reference(None, None, elapsed=0.05)
+        assert cb.fitter.observations == {"a": [(100.0, 0.0, 3.0)], "b": [(50.0, 0.0, 2.0)]} and calls == []
+        cb._update_reference(None, None, elapsed=0.1)
+        assert calls == [([1000.0, 500.0], 0.0)]
+        cb.ema_loss = [2.0, 3.0]
+        cb._apply_rule(None, elapsed=0.19)
+        assert cb.p0 == [0.6, 0.4]
+        cb._apply_rule(None, elapsed=0.2)
+        assert cb.p0[1] > 0.4  # domain b is 1 nat above its reference: p0 moves toward it
+    finally:
+        cb.fitter.close()

@@ -4,12 +4,18 @@ The rules themselves are pure functions in `drprune.mixture`; this callback gath
 (EMA of per-domain training losses reduced over ranks, per-domain eval losses, tokens seen per
 domain), applies the rule after each evaluation, pushes the new proportions to the mixture dataset
 on every rank (rank 0's result is broadcast, so ranks can never drift apart), logs them every batch,
-and keeps all of it in Composer checkpoints for exact resume. Plots and a summary JSON go to
+and keeps all of it in Composer checkpoints for exact resume.
+
+Timing follows DRPruning: +Dy records a (tokens, sparsity, loss) point per domain at every
+evaluation from 2% of training on (the eval loss with +Eval, otherwise the mean training loss since
+the previous evaluation), refits from 10% on, and predicts at the domain's end-of-training token
+count and the run's target sparsity; +DyAll moves p0 only from 20% of training on. The EMA of
+training losses starts from the first observed loss, not from 0 as in the reference (whose zero
+start makes every excess loss negative for the first ~1/ema batches). Plots and a summary JSON go to
 `save_folder` at every evaluation and at the end of the run.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -21,10 +27,16 @@ from composer.loggers import Logger
 from composer.utils import dist
 from omegaconf import DictConfig
 
+from drprune.atomic import write_json
 from drprune.errors import ConfigError
-from drprune.mixture import UpdateType, constant_update, dro_update, parse_update_type, sheared_update
+from drprune.mixture import (DRO_CLAMP_MODES, UpdateType, constant_update, dro_update, parse_update_type,
+                              sheared_update)
 
 log = logging.getLogger(__name__)
+
+DY_OBSERVE_FROM = 0.02  # fraction of training before +Dy records points
+DY_FIT_FROM = 0.10  # ... before it refits the reference losses
+DYALL_FROM = 0.20  # ... before +DyAll moves p0
 
 
 class DynamicLoadingCallback(Callback):
@@ -40,10 +52,12 @@ class DynamicLoadingCallback(Callback):
         ema: float = 0.1,
         min_prob: float = 0.2,
         clamp_q_to_min: bool = True,
+        dro_clamp: str = "reference",
         save_folder: str | None = None,
     ) -> None:
         self.set_names, self.update_type, self.dataset = list(set_names), update_type, dataset
         self.rho, self.ema, self.min_prob, self.clamp_q_to_min = rho, ema, min_prob, clamp_q_to_min
+        self.dro_clamp = dro_clamp
         self.save_folder = Path(save_folder) if save_folder else None
         k = len(self.set_names)
         self.p = list(proportion)
@@ -52,6 +66,8 @@ class DynamicLoadingCallback(Callback):
         self.reference_loss = list(reference_loss) if reference_loss is not None else None
         self.ema_loss: list[float | None] = [None] * k
         self.tokens_seen = [0] * k
+        self.interval_loss = [0.0] * k  # training loss sums and tokens since the last evaluation
+        self.interval_tokens = [0] * k
         self.weight_history: list[tuple[int, list[float]]] = []
         self.eval_history: list[tuple[int, list[float], list[float] | None]] = []
         self._batch_sums = torch.zeros(2 * k, dtype=torch.float64)
@@ -88,18 +104,25 @@ class DynamicLoadingCallback(Callback):
                 prev = self.ema_loss[i]
                 self.ema_loss[i] = mean if prev is None else (1 - self.ema) * prev + self.ema * mean
                 self.tokens_seen[i] += int(tokens)
+                self.interval_loss[i] += float(totals[i])
+                self.interval_tokens[i] += int(tokens)
         step = int(state.timestamp.batch)
         self.weight_history.append((step, list(self.p)))
         logger.log_metrics({f"metrics/train/{name}_weight": w for name, w in zip(self.set_names, self.p)})
+        losses = {f"{name}_ema_loss": v for name, v in zip(self.set_names, self.ema_loss) if v is not None}
+        losses.update({f"{name}_reference_loss": v for name, v in zip(self.set_names, self.reference_loss or [])})
+        logger.log_metrics({f"metrics/train/{k}": v for k, v in losses.items()})  # the rule's inputs
 
     # ---------------------------------------------------------------- the rule
     def eval_end(self, state: State, logger: Logger) -> None:
         eval_losses = self._eval_losses(state)
         step = int(state.timestamp.batch)
-        if self.fitter is not None and eval_losses is not None:
-            self._update_reference(state, eval_losses)
+        elapsed = float(state.get_elapsed_duration() or 0.0)
+        if self.fitter is not None:
+            self._update_reference(state, eval_losses, elapsed)
+        self.interval_loss, self.interval_tokens = [0.0] * len(self.set_names), [0] * len(self.set_names)
         self.eval_history.append((step, eval_losses or [], list(self.reference_loss) if self.reference_loss else None))
-        new_p = self._apply_rule(eval_losses)
+        new_p = self._apply_rule(eval_losses, elapsed)
         new_p = dist.all_gather_object(new_p)[0]  # rank 0's result everywhere
         if new_p != self.p:
             log.info("step %d: proportions %s -> %s", step, _fmt(self.p), _fmt(new_p))
@@ -117,7 +140,7 @@ class DynamicLoadingCallback(Callback):
             values.append(float(metric.compute()))
         return values
 
-    def _apply_rule(self, eval_losses: list[float] | None) -> list[float]:
+    def _apply_rule(self, eval_losses: list[float] | None, elapsed: float) -> list[float]:
         rule = self.update_type.rule
         if rule == "constant":
             return constant_update(self.p)
@@ -129,19 +152,30 @@ class DynamicLoadingCallback(Callback):
         if rule == "sheared":
             return sheared_update(self.p, losses, self.reference_loss)
         q = dro_update(self.p0, losses, self.reference_loss, self.rho, min_prob=self.min_prob,
-                       clamp_q_to_min=self.clamp_q_to_min)
-        if self.update_type.dynamic_ratio:
+                       clamp_q_to_min=self.clamp_q_to_min, clamp_mode=self.dro_clamp)
+        if self.update_type.dynamic_ratio and elapsed >= DYALL_FROM:
             from drprune.mixture import dyall_ratio_update
 
             self.p0 = dyall_ratio_update(self.p0, q, self.p0_init)
         return q
 
-    def _update_reference(self, state: State, eval_losses: list[float]) -> None:
+    def _update_reference(self, state: State, eval_losses: list[float] | None, elapsed: float) -> None:
+        if elapsed < DY_OBSERVE_FROM:
+            return
+        if self.update_type.use_eval:
+            losses = eval_losses
+        else:
+            losses = [s / t if t > 0 else math.nan for s, t in zip(self.interval_loss, self.interval_tokens)]
+        if losses is None:
+            log.warning("+Dy: no eval loss for every domain; no scaling-law point recorded")
+            return
         sparsity = _model_sparsity(state)
         for i, name in enumerate(self.set_names):
-            if math.isfinite(eval_losses[i]) and self.tokens_seen[i] > 0:
-                self.fitter.observe(name, self.tokens_seen[i], sparsity, eval_losses[i])
-        self.reference_loss = self.fitter.refit(self.reference_loss)
+            if math.isfinite(losses[i]) and self.tokens_seen[i] > 0:
+                self.fitter.observe(name, self.tokens_seen[i], sparsity, losses[i])
+        if elapsed >= DY_FIT_FROM:
+            final_tokens = [t / elapsed for t in self.tokens_seen]
+            self.reference_loss = self.fitter.refit(self.reference_loss, final_tokens, _target_sparsity(state))
 
     # ---------------------------------------------------------------- outputs
     def fit_end(self, state: State, logger: Logger) -> None:
@@ -166,15 +200,14 @@ class DynamicLoadingCallback(Callback):
             "tokens_seen": dict(zip(self.set_names, self.tokens_seen)),
             "last_eval_loss": self.eval_history[-1][1] if self.eval_history else None,
         }
-        tmp = self.save_folder / "data_loading_summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        tmp.replace(self.save_folder / "data_loading_summary.json")
+        write_json(self.save_folder / "data_loading_summary.json", summary)
 
     # ---------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
         return {
             "p": self.p, "p0": self.p0, "reference_loss": self.reference_loss, "ema_loss": self.ema_loss,
-            "tokens_seen": self.tokens_seen, "weight_history": self.weight_history,
+            "tokens_seen": self.tokens_seen, "interval_loss": self.interval_loss,
+            "interval_tokens": self.interval_tokens, "weight_history": self.weight_history,
             "eval_history": self.eval_history,
             "fitter": self.fitter.state_dict() if self.fitter is not None else None,
         }
@@ -183,6 +216,8 @@ class DynamicLoadingCallback(Callback):
         self.p, self.p0 = list(state["p"]), list(state["p0"])
         self.reference_loss, self.ema_loss = state["reference_loss"], list(state["ema_loss"])
         self.tokens_seen = list(state["tokens_seen"])
+        self.interval_loss = list(state.get("interval_loss", [0.0] * len(self.set_names)))
+        self.interval_tokens = list(state.get("interval_tokens", [0] * len(self.set_names)))
         self.weight_history = [(s, list(w)) for s, w in state["weight_history"]]
         self.eval_history = [tuple(e) for e in state["eval_history"]]
         if self.fitter is not None and state.get("fitter") is not None:
@@ -207,6 +242,18 @@ def _model_sparsity(state: State) -> float:
     return max(0.0, 1.0 - stats["expected_params"] / config_params(model.model.cfg, embeddings=False))
 
 
+def _target_sparsity(state: State) -> float:
+    """The fraction of non-embedding parameters the run prunes to (0 without masks)."""
+    from drprune.callbacks.pruning import unwrap_model
+    from drprune.masks.base import config_params
+
+    model = unwrap_model(state)
+    target = getattr(getattr(model, "mask_generator", None), "target_params", None)
+    if target is None:
+        return 0.0
+    return max(0.0, 1.0 - target / config_params(model.model.cfg, embeddings=False))
+
+
 def build_data_loading_callback(params: dict[str, Any], cfg: DictConfig, model: Any, loader: Any) -> Callback | None:
     """From `callbacks.data_loading`; None when the mixture is not dynamic."""
     prefix = "callbacks.data_loading"
@@ -226,6 +273,10 @@ def build_data_loading_callback(params: dict[str, Any], cfg: DictConfig, model: 
             )
         if len(reference) != len(set_names):
             raise ConfigError(f"{prefix}.reference_loss has {len(reference)} values for {len(set_names)} domains")
+    dro_clamp = params.get("dro_clamp", "reference")
+    if dro_clamp not in DRO_CLAMP_MODES:
+        raise ConfigError(f"{prefix}.dro_clamp={dro_clamp!r} must be one of {', '.join(DRO_CLAMP_MODES)} "
+                          "(reference: DRPruning's clamp after the bisection; exact: q on the χ² ball)")
     for key in ("rho", "ema"):
         if key in params and not float(params[key]) >= 0:
             raise ConfigError(f"{prefix}.{key}={params[key]} must be >= 0")
@@ -234,5 +285,5 @@ def build_data_loading_callback(params: dict[str, Any], cfg: DictConfig, model: 
         reference_loss=[float(x) for x in reference] if reference is not None else None,
         rho=float(params.get("rho", 0.1)), ema=float(params.get("ema", 0.1)),
         min_prob=float(params.get("min_prob", 0.2)), clamp_q_to_min=bool(params.get("clamp_q_to_min", True)),
-        save_folder=cfg.get("save_folder"),
+        dro_clamp=dro_clamp, save_folder=cfg.get("save_folder"),
     )

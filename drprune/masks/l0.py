@@ -252,6 +252,7 @@ class L0MaskGenerator(MaskGenerator):
             gap = expected - target
             loss = loss + (self.lambda_1[m] * gap + self.lambda_2[m] * gap.pow(2)).mean()
             stats[f"expected_sparsity/{m}"] = float(expected.mean())
+            stats[f"expected_size/{m}"] = float((1 - expected.detach()).mean()) * gate.n  # kept units per row
             stats[f"target_sparsity/{m}"] = target
             stats[f"lambda_1/{m}"] = float(self.lambda_1[m])
             stats[f"lambda_2/{m}"] = float(self.lambda_2[m])
@@ -259,6 +260,13 @@ class L0MaskGenerator(MaskGenerator):
             stats["expected_params"] = float(expected_params(self.cfg, self.keep_probs(), embeddings=False))
         stats["lagrangian_loss"] = float(loss)
         return loss, stats
+
+    @property
+    def target_params(self) -> int:
+        """Non-embedding parameters at the final target (every gate kept at its target fraction)."""
+        with torch.no_grad():
+            keep = {m: torch.full_like(g.log_alpha, 1 - g.target_sparsity) for m, g in self.gates.items()}
+            return int(round(float(expected_params(self.cfg, self._as_maskset(keep), embeddings=False))))
 
     def keep_probs(self) -> MaskSet:
         return self._as_maskset({m: g.keep_prob() for m, g in self.gates.items()})

@@ -1,5 +1,6 @@
 """Data-mixture math: the update rules (constant / sheared / dro) and the +Dy scaling-law reference fit."""
 from drprune.mixture.rules import (
+    DRO_CLAMP_MODES,
     VALID_UPDATE_TYPES,
     UpdateType,
     chi2_divergence,
@@ -13,6 +14,6 @@ from drprune.mixture.rules import (
 from drprune.mixture.scaling_law import ReferenceLossFitter, ScalingLawFit, fit_scaling_law
 
 __all__ = [
-    "VALID_UPDATE_TYPES", "ReferenceLossFitter", "ScalingLawFit", "UpdateType", "chi2_divergence", "constant_update",
+    "DRO_CLAMP_MODES", "VALID_UPDATE_TYPES", "ReferenceLossFitter", "ScalingLawFit", "UpdateType", "chi2_divergence", "constant_update",
     "dro_update", "dyall_ratio_update", "ema_update", "fit_scaling_law", "parse_update_type", "sheared_update",
 ]

@@ -3,21 +3,23 @@
 The Composer callback owns all state (EMA of training losses, reference losses, p0); these
 functions only map their inputs to the next proportions, so they are easy to test and to replay.
 
-DRO, precisely. With excess losses Δ = ℓ − ℓ_ref, reference ratio p0 and per-domain ratio floors
-f_i = ``min_prob``, the rule returns the solution of
+DRO (χ²-ball around the reference ratio p0, excess losses Δ = ℓ − ℓ_ref) comes in two clamp modes:
 
-    max_q  Σ q_i Δ_i   s.t.  q in the simplex,  q_i ≥ f_i·p0_i,  ½Σ p0_i (q_i/p0_i − 1)² ≤ rho.
+``reference`` (default) is DRPruning's procedure, so a ported ρ moves the mixture as published:
+q(η) = p0·relu(Δ − η) normalised, q/p0 floored at ``min_prob`` and renormalised once; η by
+bisection so that χ²(q(η), p0) = ρ; *then* ``clamp_q_to_min`` raises every q_i to min(p0) and
+renormalises. The clamp after the bisection pulls q back inside the ball, so it moves less than ρ
+allows (uniform p0 over 4 domains, one domain 1 nat worse, ρ = 0.1: worst-domain weight ≈ 0.317).
 
-Its KKT conditions give q_i = max(c·p0_i·relu(Δ_i − η), f_i·p0_i): the design's candidate
-"q ∝ p0·relu(Δ − η), floor q/p0 at min_prob, renormalise", with the renormalisation done by
-water-filling (`_fill`) so that the floors still hold *after* it. ``clamp_q_to_min`` then applies
-the anchors' (DRO-MNMT) soft clamp: raise every q_i to min(p0), renormalise once. It is soft on
-purpose: a hard floor at min(p0) would pin a uniform p0 in place, while the soft clamp keeps every
-domain near min(p0) yet still lets the worst one gain. η is found by bisection so the χ² divergence
-of the returned (clamped) q equals rho. When even the most extreme q (all spare mass on the worst
-domains) stays inside the ball, that q is returned and its divergence is below rho. Edge cases:
-rho = 0, all Δ equal or a single domain give q = p0. A domain with p0_i = 0 keeps q_i = 0 (any mass
-there has infinite χ² cost).
+``exact`` solves  max_q Σ q_i Δ_i  s.t. q in the simplex, q_i ≥ min_prob·p0_i, χ²(q, p0) ≤ ρ  with
+the clamp inside the bisection, so the returned q sits exactly on the ball (same case: 0.379). Its
+KKT conditions give q_i = max(c·p0_i·relu(Δ_i − η), f_i·p0_i); the renormalisation is water-filling
+(`_fill`) so the floors still hold after it. The soft clamp (raise to min(p0), renormalise) is
+applied to every candidate before its divergence is measured.
+
+In both modes, when even the most extreme q (all spare mass on the worst domains) stays inside the
+ball, that q is returned. rho = 0, all Δ equal or a single domain give q = p0. A domain with
+p0_i = 0 keeps q_i = 0 (any mass there has infinite χ² cost).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ SHEARED_SMOOTHING = 1e-4  # mix with uniform so no domain ever reaches 0 (DoReMi
 DYALL_STEP = 0.1  # +DyAll: p0 <- norm((1 - step) p0 + step q)
 _BISECTION_STEPS = 200
 
+DRO_CLAMP_MODES = ("reference", "exact")
 VALID_UPDATE_TYPES = (
     "constant", "sheared", "dro", "dro+Eval", "dro+Dy", "dro+DyAll", "dro+Eval+Dy", "dro+Eval+DyAll",
 )
@@ -96,11 +99,12 @@ def sheared_update(proportion: Sequence[float], losses: Sequence[float],
 
 
 def dro_update(p0: Sequence[float], losses: Sequence[float], reference_loss: Sequence[float], rho: float,
-               min_prob: float = 0.2, clamp_q_to_min: bool = True) -> list[float]:
+               min_prob: float = 0.2, clamp_q_to_min: bool = True, clamp_mode: str = "reference") -> list[float]:
     """χ²-ball DRO (module docstring): the worst-case mixture around p0 for these excess losses.
 
     ``losses`` is the caller's estimate (EMA of training losses, or eval losses with +Eval). If every
     excess loss is negative the reference is scaled by 0.9, 0.8, ..., 0 until one is positive.
+    ``clamp_mode`` is "reference" (DRPruning: clamp after the bisection) or "exact" (q on the ball).
     """
     ref0 = _distribution(p0, "p0")
     ell, ref = _matching(ref0, losses, "losses"), _matching(ref0, reference_loss, "reference_loss")
@@ -108,33 +112,46 @@ def dro_update(p0: Sequence[float], losses: Sequence[float], reference_loss: Seq
         raise ValueError(f"rho={rho} must be a finite number >= 0")
     if not 0 <= min_prob < 1:
         raise ValueError(f"min_prob={min_prob} must be in [0, 1)")
+    if clamp_mode not in DRO_CLAMP_MODES:
+        raise ValueError(f"clamp_mode={clamp_mode!r} must be one of {DRO_CLAMP_MODES}")
     q = np.zeros_like(ref0)
     support = ref0 > 0  # a domain outside p0's support has infinite χ² cost, so it keeps q = 0
-    q[support] = _dro_on_support(ref0[support], excess_loss(ell[support], ref[support]), rho, min_prob, clamp_q_to_min)
+    q[support] = _dro_on_support(ref0[support], excess_loss(ell[support], ref[support]), rho, min_prob,
+                                 clamp_q_to_min, clamp_mode == "exact")
     return q.tolist()
 
 
 def _dro_on_support(p0: np.ndarray, delta: np.ndarray, rho: float, min_prob: float,
-                    clamp_q_to_min: bool) -> np.ndarray:
+                    clamp_q_to_min: bool, exact: bool) -> np.ndarray:
     """`dro_update` for a p0 with no zero entries."""
-    floor = np.full_like(p0, min_prob)
     if rho == 0 or np.ptp(delta) == 0:
         return p0.copy()
     top = float(delta.max())
-    no_cap = np.full_like(p0, np.inf)
+    floor, no_cap = p0 * min_prob, np.full_like(p0, np.inf)
+
+    def soft_clamp(q: np.ndarray) -> np.ndarray:
+        q = np.maximum(q, p0.min()) if clamp_q_to_min else q
+        return q / q.sum()
 
     def candidate(eta: float) -> np.ndarray:
-        """q(η) = max(c·p0·relu(Δ − η), floor·p0), normalised; at η = max Δ its limit (mass on the argmax)."""
+        """q(η) at η; at η = max Δ its limit (all spare mass on the argmax)."""
         u = (delta >= top).astype(float) if eta >= top else np.maximum(delta - eta, 0.0)
-        q = _fill(p0 * u, p0 * floor, no_cap)
-        if clamp_q_to_min:
-            q = np.maximum(q, p0.min())
-            q = q / q.sum()
-        return q
+        if exact:
+            return soft_clamp(_fill(p0 * u, floor, no_cap))
+        q = p0 * u / (p0 * u).sum()
+        q = np.maximum(q, floor)
+        return q / q.sum()
 
-    extreme = candidate(top)
-    if chi2_divergence(extreme, p0) <= rho:
-        return extreme
+    eta = _bisect_eta(candidate, p0, delta, rho)
+    q = candidate(eta)
+    return q if exact else soft_clamp(q)
+
+
+def _bisect_eta(candidate, p0: np.ndarray, delta: np.ndarray, rho: float) -> float:
+    """The η at which χ²(candidate(η), p0) = ρ (divergence falls as η falls); max Δ if never reached."""
+    top = float(delta.max())
+    if chi2_divergence(candidate(top), p0) <= rho:
+        return top
     lo, hi = top - float(np.ptp(delta)), top
     while chi2_divergence(candidate(lo), p0) > rho:  # the divergence -> 0 as η -> -inf, so this ends
         lo = hi - 2 * (hi - lo)
@@ -146,7 +163,7 @@ def _dro_on_support(p0: np.ndarray, delta: np.ndarray, rho: float, min_prob: flo
             hi = mid
         else:
             lo = mid
-    return candidate(lo)
+    return lo
 
 
 def excess_loss(losses: np.ndarray, reference_loss: np.ndarray) -> np.ndarray:
@@ -170,18 +187,21 @@ def chi2_divergence(q: Sequence[float] | np.ndarray, p0: Sequence[float] | np.nd
 
 
 def dyall_ratio_update(p0: Sequence[float], q: Sequence[float], p0_init: Sequence[float]) -> list[float]:
-    """+DyAll: p0 <- norm(0.9 p0 + 0.1 q) kept inside [p0_init/2, 2 p0_init].
+    """+DyAll: p0 <- norm(0.9 p0 + 0.1 q) kept inside [p0_init/2, 2 p0_init] ∩ [min p0_init, max p0_init].
 
-    Norm and clamp are one water-filling step (scale, clip, with the scale chosen so the result sums
-    to 1), so the result is a distribution *and* inside the box; it equals the plain normalisation
-    whenever no bound binds.
+    The box is DRPruning's (both clamps); a uniform p0_init therefore never moves. Norm and clamp are
+    one water-filling step (scale, clip, with the scale chosen so the result sums to 1), so the result
+    is a distribution *and* inside the box, where the reference's clamp-then-renormalise can step
+    outside it; it equals the plain normalisation whenever no bound binds.
     """
     init = _distribution(p0_init, "p0_init")
     cur, new = _matching(init, p0, "p0"), _matching(init, q, "q")
     mixed = (1 - DYALL_STEP) * cur + DYALL_STEP * new
     if np.any(mixed < 0) or mixed.sum() <= 0:
         raise ValueError(f"p0={cur.tolist()} and q={new.tolist()} must be non-negative with positive mass")
-    return _fill(mixed / mixed.sum(), init / 2, 2 * init).tolist()
+    lower = np.maximum(init / 2, init.min())
+    upper = np.minimum(2 * init, init.max())
+    return _fill(mixed / mixed.sum(), lower, upper).tolist()
 
 
 def ema_update(prev: Sequence[float | None] | None, new: Sequence[float], alpha: float) -> list[float]:

@@ -1,10 +1,14 @@
 """+Dy reference losses from a per-domain scaling law, fitted in-process (DESIGN 4.3).
 
-The law is L(D, s) = A·D^(−α)·(1 − s)^(−β) + E with D the tokens seen of the domain and s the
-sparsity (fraction of non-embedding parameters the masks remove). DESIGN writes s^(−β); we give
-the s-term the kept fraction 1 − s instead, so the law is finite at s = 0 (continued pretraining,
-no masks) and the loss rises as pruning removes more. When every point has the same sparsity the
-β term cannot be identified and is dropped (β = 0).
+The law is DRPruning's: L(D, s) = A·D^(−α)·s^(−β) + E with D the tokens seen of the domain and s
+the sparsity (fraction of non-embedding parameters the masks remove). β may be negative (the loss
+then rises with s). Without masks (every s = 0), or when every point has the same sparsity so β
+cannot be identified, the s-term is dropped: L(D) = A·D^(−α) + E.
+
+The fitter follows the reference procedure: a domain is fitted only once it has more than 10
+points; the new reference is the law at the domain's end-of-training token count and the *target*
+sparsity, capped at the lowest loss observed, and after the first fit a reference never rises
+(min with the previous one). When to observe and refit (2% / 10% of training) is the callback's.
 
 The fit runs on a background thread fed by a queue: `ReferenceLossFitter.refit_async` hands the
 worker a snapshot of the observations and returns a Future; `refit` waits for it, so a run that
@@ -30,27 +34,31 @@ log = logging.getLogger(__name__)
 ROBUST_LOSS = "soft_l1"
 F_SCALE = 0.02  # nats: residuals beyond this count linearly, so a noisy eval cannot drag the fit
 _ALPHA_STARTS = (0.1, 0.3, 0.7)
-_BETA_STARTS = (0.2, 1.0)
+_BETA_STARTS = (-0.5, 0.0, 0.5)
 _E_STARTS = (0.5, 0.9)  # as fractions of the lowest observed loss
 _MAX_EXPONENT = 5.0
+MIN_POINTS = 11  # the reference fits a domain once it has more than 10 points
 
 
 @dataclass(frozen=True)
 class ScalingLawFit:
-    """Fitted A, α, β, E (β = 0 when the points had one sparsity) and the fit's RMS residual."""
+    """Fitted A, α, β, E (β is None when the s-term was dropped) and the fit's RMS residual."""
 
     A: float
     alpha: float
-    beta: float
+    beta: float | None
     E: float
     rmse: float
     n_points: int
 
     def predict(self, tokens: float | np.ndarray, sparsity: float | np.ndarray) -> float | np.ndarray:
-        """L(D, s) = A·D^(−α)·(1 − s)^(−β) + E."""
+        """L(D, s) = A·D^(−α)·s^(−β) + E (sparsity ignored when β is None; it must be > 0 otherwise)."""
         d, s = np.asarray(tokens, dtype=np.float64), np.asarray(sparsity, dtype=np.float64)
-        out = self.A * d ** (-self.alpha) * (1 - s) ** (-self.beta) + self.E
-        return float(out) if out.ndim == 0 else out
+        if self.beta is not None and np.any(s <= 0):
+            raise ValueError(f"sparsity={sparsity} must be > 0 for a law with a sparsity term")
+        s_term = 1.0 if self.beta is None else s ** (-self.beta)
+        out = self.A * d ** (-self.alpha) * s_term + self.E
+        return float(out) if np.ndim(out) == 0 else out
 
 
 def fit_scaling_law(tokens_seen: Sequence[float], sparsity: Sequence[float],
@@ -67,13 +75,13 @@ def _fit(tokens_seen: Sequence[float], sparsity: Sequence[float],
         raise ValueError(f"tokens_seen, sparsity and losses need equal lengths ({d.size}, {s.size}, {y.size})")
     if np.any(~np.isfinite(d) | (d <= 0)) or np.any(~np.isfinite(s) | (s < 0) | (s >= 1)) or not np.all(np.isfinite(y)):
         raise ValueError("tokens_seen must be > 0, sparsity in [0, 1) and losses finite")
-    use_beta = s.size > 0 and np.ptp(s) > 1e-9
+    use_beta = s.size > 0 and bool(np.all(s > 0)) and np.ptp(s) > 1e-9
     n_params = 4 if use_beta else 3
     if y.size < n_params + 1 or np.unique(d).size < 3:
         return None, f"{y.size} points over {np.unique(d).size} token counts; need {n_params + 1} over 3"
-    # Work in x = ln(D / D_max) and z = ln(1 − s): the parameters are then of order one.
+    # Work in x = ln(D / D_max) and z = ln s: the parameters are then of order one.
     d_max = float(d.max())
-    x, z = np.log(d / d_max), np.log1p(-s)
+    x, z = np.log(d / d_max), (np.log(s) if use_beta else np.zeros_like(s))
 
     def residual(theta: np.ndarray) -> np.ndarray:
         a, alpha, beta, e = theta if use_beta else (*theta[:2], 0.0, theta[2])
@@ -85,7 +93,7 @@ def _fit(tokens_seen: Sequence[float], sparsity: Sequence[float],
     for alpha0, beta0, e_frac in starts:
         e0 = e_frac * float(y.min())
         theta0 = [math.log(max(y_last - e0, 1e-3)), alpha0] + ([beta0] if use_beta else []) + [e0]
-        lower = [-np.inf, 0.0] + ([0.0] if use_beta else []) + [0.0]
+        lower = [-np.inf, 0.0] + ([-_MAX_EXPONENT] if use_beta else []) + [0.0]
         upper = [np.inf, _MAX_EXPONENT] + ([_MAX_EXPONENT] if use_beta else []) + [float(y.max())]
         try:
             res = least_squares(residual, theta0, bounds=(lower, upper), loss=ROBUST_LOSS, f_scale=F_SCALE)
@@ -101,26 +109,19 @@ def _fit(tokens_seen: Sequence[float], sparsity: Sequence[float],
     if not math.isfinite(big_a):
         return None, "the fitted A overflows"
     rmse = float(np.sqrt(np.mean(residual(best.x) ** 2)))
-    return ScalingLawFit(big_a, float(alpha), float(beta), float(e), rmse, int(y.size)), ""
+    return ScalingLawFit(big_a, float(alpha), float(beta) if use_beta else None, float(e), rmse, int(y.size)), ""
 
 
 class ReferenceLossFitter:
-    """Per-domain reference losses for +Dy: fit each domain's law, predict ahead, never exceed the best seen.
+    """Per-domain reference losses for +Dy (module docstring): fit, predict at the end of training, never rise."""
 
-    The new reference of a domain is the law's loss after ``horizon`` times the tokens it has seen so
-    far, at ``target_sparsity`` (default: the latest observed sparsity), capped at the lowest loss
-    observed for that domain. A domain with too few points or a failed fit keeps its reference.
-    """
-
-    def __init__(self, set_names: Sequence[str], *, horizon: float = 2.0,
-                 target_sparsity: float | None = None) -> None:
-        if not horizon >= 1:
-            raise ValueError(f"horizon={horizon} must be >= 1")
-        if target_sparsity is not None and not 0 <= target_sparsity < 1:
-            raise ValueError(f"target_sparsity={target_sparsity} must be in [0, 1)")
+    def __init__(self, set_names: Sequence[str], *, min_points: int = MIN_POINTS) -> None:
+        if min_points < 1:
+            raise ValueError(f"min_points={min_points} must be >= 1")
         self.set_names = list(set_names)
-        self.horizon, self.target_sparsity = float(horizon), target_sparsity
+        self.min_points = int(min_points)
         self.observations: dict[str, list[tuple[float, float, float]]] = {n: [] for n in self.set_names}
+        self.fitted: dict[str, bool] = {n: False for n in self.set_names}
         self._jobs: queue.Queue = queue.Queue()
         self._worker = threading.Thread(target=self._run, name="drprune-reference-fit", daemon=True)
         self._worker.start()
@@ -133,20 +134,30 @@ class ReferenceLossFitter:
             raise ValueError(f"bad observation for {domain}: tokens={tokens}, sparsity={sparsity}, loss={loss}")
         self.observations[domain].append((float(tokens), float(sparsity), float(loss)))
 
-    def refit_async(self, current: Sequence[float]) -> Future:
-        """Queue a fit of every domain on the observations so far; the Future yields the new references."""
-        if len(current) != len(self.set_names):
-            raise ValueError(f"current has {len(current)} reference losses for {len(self.set_names)} domains")
+    def refit_async(self, current: Sequence[float], final_tokens: Sequence[float],
+                    target_sparsity: float) -> Future:
+        """Queue a fit of every domain; the Future yields the new references.
+
+        ``final_tokens`` is each domain's token count at the end of training, ``target_sparsity``
+        the sparsity the run prunes to (0 without masks): the point the law is evaluated at.
+        """
+        k = len(self.set_names)
+        if len(current) != k or len(final_tokens) != k:
+            raise ValueError(f"current ({len(current)}) and final_tokens ({len(final_tokens)}) need one value "
+                             f"per domain ({k})")
+        if not 0 <= target_sparsity < 1:
+            raise ValueError(f"target_sparsity={target_sparsity} must be in [0, 1)")
         if not self._worker.is_alive():
             raise RuntimeError("the reference-loss fitter is closed")
         future: Future = Future()
         snapshot = {name: list(points) for name, points in self.observations.items()}
-        self._jobs.put((snapshot, [float(c) for c in current], future))
+        job = (snapshot, [float(c) for c in current], [float(t) for t in final_tokens], float(target_sparsity))
+        self._jobs.put((job, future))
         return future
 
-    def refit(self, current: Sequence[float]) -> list[float]:
+    def refit(self, current: Sequence[float], final_tokens: Sequence[float], target_sparsity: float) -> list[float]:
         """`refit_async` and wait: the deterministic path training uses."""
-        return self.refit_async(current).result()
+        return self.refit_async(current, final_tokens, target_sparsity).result()
 
     def close(self) -> None:
         """Finish queued fits and stop the worker thread."""
@@ -156,7 +167,7 @@ class ReferenceLossFitter:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain lists of floats (one point per evaluation per domain), safe in any checkpoint."""
-        return {"set_names": list(self.set_names),
+        return {"set_names": list(self.set_names), "fitted": dict(self.fitted),
                 "observations": {n: [list(p) for p in pts] for n, pts in self.observations.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -167,32 +178,43 @@ class ReferenceLossFitter:
         for name, points in state["observations"].items():
             for tokens, sparsity, loss in points:
                 self.observe(name, tokens, sparsity, loss)
+        self.fitted = {n: bool(state.get("fitted", {}).get(n, False)) for n in self.set_names}
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            snapshot, current, future = job
+        while (item := self._jobs.get()) is not None:
+            (snapshot, current, final_tokens, target_s), future = item
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result([self._reference(n, snapshot[n], c) for n, c in zip(self.set_names, current)])
+                refs = [self._reference(n, snapshot[n], c, t, target_s)
+                        for n, c, t in zip(self.set_names, current, final_tokens)]
             except Exception as err:  # handed to the waiting caller, never lost on this thread
                 future.set_exception(err)
+            else:
+                future.set_result(refs)
 
-    def _reference(self, name: str, points: list[tuple[float, float, float]], current: float) -> float:
-        if not points:
-            log.info("reference loss of %s unchanged (%.4f): no observations yet", name, current)
+    def _reference(self, name: str, points: list[tuple[float, float, float]], current: float,
+                   final_tokens: float, target_s: float) -> float:
+        if len(points) < self.min_points:
+            log.info("reference loss of %s unchanged (%.4f): %d points, the fit needs %d",
+                     name, current, len(points), self.min_points)
             return current
         tokens, sparsity, losses = (list(v) for v in zip(*points))
         fit, why = _fit(tokens, sparsity, losses)
         if fit is None:
             log.info("reference loss of %s unchanged (%.4f): %s", name, current, why)
             return current
-        target_s = sparsity[-1] if self.target_sparsity is None else self.target_sparsity
-        predicted = fit.predict(self.horizon * max(tokens), target_s)
+        s_at = target_s if target_s > 0 else sparsity[-1]  # a law with an s-term needs s > 0
+        predicted = fit.predict(max(final_tokens, max(tokens)), s_at)
         if not math.isfinite(predicted):
             log.info("reference loss of %s unchanged (%.4f): prediction %s", name, current, predicted)
             return current
-        new = min(predicted, min(losses))
-        log.info("reference loss of %s: %.4f -> %.4f (A=%.4g alpha=%.3f beta=%.3f E=%.3f rmse=%.4f, %d points)",
-                 name, current, new, fit.A, fit.alpha, fit.beta, fit.E, fit.rmse, fit.n_points)
+        new = max(0.0, min(predicted, min(losses)))
+        if self.fitted[name]:
+            new = min(new, current)
+        self.fitted[name] = True
+        beta = "none" if fit.beta is None else f"{fit.beta:.3f}"
+        log.info("reference loss of %s: %.4f -> %.4f (law at D=%.3g, s=%.3f: %.4f; A=%.4g alpha=%.3f beta=%s "
+                 "E=%.3f rmse=%.4f, %d points)", name, current, new, final_tokens, s_at, predicted,
+                 fit.A, fit.alpha, beta, fit.E, fit.rmse, fit.n_points)
         return new
