@@ -85,10 +85,43 @@ def test_taylor_equals_hand_computed():
     assert torch.allclose(s.head[0], head) and torch.allclose(s.intermediate[0], inter)
     assert torch.allclose(s.hidden, hidden)
     s = taylor(dec, rows, "vector", batch_size=2)
-    head, inter, hidden = hand_groups(dec, lambda p: p.detach().double() * by_param[id(p)].double())
-    assert torch.allclose(s.head[0], head.abs()) and torch.allclose(s.intermediate[0], inter.abs())
-    assert torch.allclose(s.hidden, hidden.abs())
+    head, inter, hidden = hand_vector(dec, lambda p: p.detach().double() * by_param[id(p)].double())
+    assert torch.allclose(s.head[0], head) and torch.allclose(s.intermediate[0], inter)
+    assert torch.allclose(s.hidden, hidden)
+    # not the old whole-group |sum w g|, which lets one matrix's positive and another's negative cancel
+    whole_head, _, whole_hidden = hand_groups(dec, lambda p: p.detach().double() * by_param[id(p)].double())
+    assert not torch.allclose(s.hidden, whole_hidden.abs()) and not torch.allclose(s.head[0], whole_head.abs())
     assert all(p.grad is None for p in dec.parameters())
+
+
+def hand_vector(dec: PrunableDecoder, wg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LLM-Pruner's vector-wise Taylor on the one-layer toy, written out: per matrix, each row (or column)
+    the structure owns contributes |sum of w*g over that row|; vector entries (biases, norms) |w*g|."""
+    t, b = dec.transformer, dec.transformer["blocks"][0]
+    a, m = b.attn, b.mlp
+    g = H // KV
+
+    def row(w, r):  # |sum over row r|
+        return abs(float(wg(w)[r].sum()))
+
+    def col(w, c):
+        return abs(float(wg(w)[:, c].sum()))
+
+    head = torch.zeros(KV, dtype=torch.float64)
+    for k in range(KV):
+        q_rows, kv_rows = range(k * g * HD, (k + 1) * g * HD), range(k * HD, (k + 1) * HD)
+        head[k] = (sum(row(a.wq.weight, r) + abs(float(wg(a.wq.bias)[r])) + col(a.out_proj.weight, r) for r in q_rows)
+                   + sum(row(w, r) + abs(float(wg(bias)[r])) for r in kv_rows
+                         for w, bias in ((a.wk.weight, a.wk.bias), (a.wv.weight, a.wv.bias))))
+    inter = torch.tensor([row(m.gate_proj.weight, j) + row(m.up_proj.weight, j) + col(m.down_proj.weight, j)
+                          for j in range(I)], dtype=torch.float64)
+    hidden = torch.zeros(D, dtype=torch.float64)
+    col_mats = [t["wte"].weight, t["output"].weight, a.wq.weight, a.wk.weight, a.wv.weight,
+                m.gate_proj.weight, m.up_proj.weight]
+    for k in range(D):
+        hidden[k] = sum(col(w, k) for w in col_mats) + row(a.out_proj.weight, k) + row(m.down_proj.weight, k)
+        hidden[k] += sum(abs(float(wg(w)[k])) for w in (t["ln_f"].weight, b.ln_1.weight, b.ln_2.weight))
+    return head, inter, hidden
 
 
 def test_activation_equals_hand_computed():
@@ -208,3 +241,21 @@ def test_compact_model_matches_masked_model():
         small = compact_decoder(dec, masks)
         assert torch.allclose(small(ids), dec(ids, masks), atol=1e-5)
     assert (small.cfg.d_model, small.cfg.n_heads, small.cfg.intermediate_size) == (4, 2, 2)
+
+
+def test_taylor_ratio_keeps_first_four_and_last_two_blocks(caplog):
+    import logging
+
+    dec = toy("llama", n_layers=8)
+    rows = np.random.default_rng(4).integers(0, V, size=(4, 8))
+    with caplog.at_level(logging.WARNING, logger="drprune.oneshot.importance"):
+        masks = width_prune(dec, rows, importance="taylor", target={"pruning_ratio": 0.5})
+    assert "taylor importance from 4 calibration rows" in caplog.text
+    kept = masks["intermediate"].sum(1).tolist()
+    assert kept == [I] * 4 + [I - 2] * 2 + [I] * 2  # layers 4, 5 pruned (round(5 * 0.5) = 2 channels)
+    assert masks["head"].sum(1).tolist() == [KV] * 4 + [1, 1] + [KV] * 2
+    # given ranges win; other importances prune every layer
+    masks = width_prune(dec, rows, importance="taylor", target={"pruning_ratio": 0.5, "block_mlp_layer_start": 0})
+    assert masks["intermediate"].sum(1).tolist() == [I - 2] * 6 + [I] * 2
+    masks = width_prune(dec, None, importance="l1", target={"pruning_ratio": 0.5})
+    assert masks["intermediate"].sum(1).tolist() == [I - 2] * 8

@@ -8,13 +8,15 @@ A structure owns every weight that disappears with it, which is what makes pruni
                           its bias, element k of every norm, column k of the embedding and the head
 Weight criteria reduce a per-element tensor over these groups:
   l1 = sum |w|,  l2 = sqrt(sum w^2),  taylor element-wise = sum |w * dL/dw|,
-  taylor vector-wise = |sum w * dL/dw| (first-order loss change of zeroing the whole group)
+  taylor vector-wise = sum over the structure's rows (or columns) of each matrix of |sum_row w * dL/dw|
+  (LLM-Pruner's `vectorize`: the first-order loss change of zeroing one row, in absolute value)
 `activation` is the mean |activation| on calibration data: each head's context (out_proj input),
 each channel's gated activation (down_proj input), and each hidden dim of the normalised sub-layer
 inputs summed over layers. `random` draws seeded uniform scores (Pruning-LLMs' random masks).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,6 +30,9 @@ from drprune.models.decoder import PrunableDecoder
 
 IMPORTANCES = ("taylor", "l1", "l2", "activation", "random")
 TAYLOR_MODES = ("element", "vector")
+TAYLOR_MIN_ROWS = 64  # fewer calibration rows gave taylor a KV group choice that wrecked SmolLM2
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,51 +50,61 @@ def _zeros(cfg) -> Scores:
                   torch.zeros(cfg.d_model, dtype=torch.float64))
 
 
-def aggregate(decoder: PrunableDecoder, element: Callable[[nn.Parameter], Tensor]) -> Scores:
-    """Sum `element(p)` (same shape as p) over each structure's weights, for every structure."""
+def aggregate(decoder: PrunableDecoder, element: Callable[[nn.Parameter], Tensor],
+              per_row: Callable[[Tensor], Tensor] | None = None) -> Scores:
+    """Sum `element(p)` (same shape as p) over each structure's weights, for every structure.
+
+    `per_row` (e.g. abs) is applied to each row's (or column's) sum before the rows of a structure
+    are added up: within a matrix, a structure owns whole rows or whole columns.
+    """
     cfg = decoder.cfg
     if not cfg.is_uniform:
         raise UserError("width pruning applies to a full model, not an already compacted one")
+    post = per_row or (lambda v: v)
     out = _zeros(cfg)
     t = decoder.transformer
 
-    def add_hidden(v: Tensor, dim: int) -> None:
-        out.hidden.add_(v.double().sum(dim) if v.dim() == 2 else v.double())
+    def rows(w: Tensor) -> Tensor:
+        """Per output row of a matrix (or per element of a vector)."""
+        return post(w.double().sum(1) if w.dim() == 2 else w.double())
 
-    add_hidden(element(t["wte"].weight), 0)
+    def cols(w: Tensor) -> Tensor:
+        return post(w.double().sum(0))
+
+    out.hidden.add_(cols(element(t["wte"].weight)))
     if not cfg.tie_word_embeddings:
-        add_hidden(element(t["output"].weight), 0)
+        out.hidden.add_(cols(element(t["output"].weight)))
     for p in t["ln_f"].parameters():
-        add_hidden(element(p), 0)
+        out.hidden.add_(rows(element(p)))
     kv = cfg.n_kv_heads
     for i, block in enumerate(t["blocks"]):
         attn, mlp = block.attn, block.mlp
         for p in [*block.ln_1.parameters(), *block.ln_2.parameters()]:
-            add_hidden(element(p), 0)
+            out.hidden.add_(rows(element(p)))
         for lin in (attn.wq, attn.wk, attn.wv):
             w = element(lin.weight)
-            out.head[i] += w.double().view(kv, -1, w.shape[1]).sum((1, 2))
-            add_hidden(w, 0)
+            out.head[i] += rows(w).view(kv, -1).sum(1)
+            out.hidden.add_(cols(w))
             if lin.bias is not None:
-                out.head[i] += element(lin.bias).double().view(kv, -1).sum(1)
+                out.head[i] += rows(element(lin.bias)).view(kv, -1).sum(1)
         w = element(attn.out_proj.weight)
-        out.head[i] += w.double().view(w.shape[0], kv, -1).sum((0, 2))
-        add_hidden(w, 1)
+        out.head[i] += cols(w).view(kv, -1).sum(1)
+        out.hidden.add_(rows(w))
         if attn.out_proj.bias is not None:
-            add_hidden(element(attn.out_proj.bias), 0)
+            out.hidden.add_(rows(element(attn.out_proj.bias)))
         for lin in (mlp.gate_proj, mlp.up_proj):
             if lin is None:
                 continue
             w = element(lin.weight)
-            out.intermediate[i] += w.double().sum(1)
-            add_hidden(w, 0)
+            out.intermediate[i] += rows(w)
+            out.hidden.add_(cols(w))
             if lin.bias is not None:
-                out.intermediate[i] += element(lin.bias).double()
+                out.intermediate[i] += rows(element(lin.bias))
         w = element(mlp.down_proj.weight)
-        out.intermediate[i] += w.double().sum(0)
-        add_hidden(w, 1)
+        out.intermediate[i] += cols(w)
+        out.hidden.add_(rows(w))
         if mlp.down_proj.bias is not None:
-            add_hidden(element(mlp.down_proj.bias), 0)
+            out.hidden.add_(rows(element(mlp.down_proj.bias)))
     return out
 
 
@@ -117,13 +132,15 @@ def taylor(decoder: PrunableDecoder, rows: np.ndarray, mode: str = "element", ba
     """First-order Taylor importance; gradients are freed afterwards."""
     if mode not in TAYLOR_MODES:
         raise UserError(f"taylor mode {mode!r} is unknown: use one of {TAYLOR_MODES}")
+    if len(rows) < TAYLOR_MIN_ROWS:
+        log.warning("taylor importance from %d calibration rows: below %d its choices are unreliable (one KV "
+                    "group can carry the model); raise --max-rows", len(rows), TAYLOR_MIN_ROWS)
     accumulate_gradients(decoder, rows, batch_size)
     try:
         with torch.no_grad():
             if mode == "element":
                 return aggregate(decoder, lambda p: (p.double() * p.grad.double()).abs())
-            s = aggregate(decoder, lambda p: p.double() * p.grad.double())
-            return Scores(s.head.abs(), s.intermediate.abs(), s.hidden.abs())
+            return aggregate(decoder, lambda p: p.double() * p.grad.double(), per_row=torch.abs)
     finally:
         decoder.zero_grad(set_to_none=True)
 

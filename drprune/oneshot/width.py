@@ -7,11 +7,13 @@ The target is met exactly by keeping the highest-scoring structures (see `import
   ratio  pruning_ratio R of the KV groups in layers [block_attention_layer_start, _end) and of the
          MLP channels in [block_mlp_layer_start, _end) (defaults: every layer); hidden dims are
          kept, as in LLM-Pruner's block-wise mode. Layers outside the ranges keep their width, so
-         the result has per-layer shapes.
+         the result has per-layer shapes. With taylor importance the ranges default to LLM-Pruner's
+         block-wise ones: the first 4 and the last 2 blocks keep their width.
 The output is a hard MaskSet (1 = keep unscaled, 0 = drop) for the shared compaction path.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -26,10 +28,13 @@ from drprune.models.decoder import PrunableDecoder
 from drprune.oneshot.importance import Scores, importance_scores
 from drprune.oneshot.layers import normalize_skip
 
+log = logging.getLogger(__name__)
+
 SHAPE_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")
 RATIO_KEYS = ("pruning_ratio", "block_attention_layer_start", "block_attention_layer_end",
               "block_mlp_layer_start", "block_mlp_layer_end")
 TARGET_KEYS = (*SHAPE_KEYS, *RATIO_KEYS, "drop_layers")
+TAYLOR_KEEP_FIRST, TAYLOR_KEEP_LAST = 4, 2  # LLM-Pruner: --block_*_layer_start 4 --block_*_layer_end n-2
 
 
 @dataclass
@@ -65,6 +70,29 @@ def plan_target(cfg: ModelConfig, target: Mapping[str, Any]) -> WidthPlan:
     inter = _bounded("intermediate_size", shape.get("intermediate_size", cfg.intermediate_size), cfg.intermediate_size)
     hidden = _bounded("hidden_size", shape.get("hidden_size", cfg.d_model), cfg.d_model)
     return WidthPlan([kv] * cfg.n_layers, [inter] * cfg.n_layers, hidden, drop)
+
+
+def taylor_ratio_defaults(cfg: ModelConfig, target: Mapping[str, Any]) -> dict[str, Any]:
+    """`target` with LLM-Pruner's layer ranges filled in for a taylor pruning_ratio (given ranges win).
+
+    Gradients of the first and last blocks are the least reliable guide (one KV group there can
+    carry the model), so those blocks keep their width. Models too shallow for the range keep all.
+    """
+    target = dict(target)
+    if target.get("pruning_ratio") is None:
+        return target
+    start, end = TAYLOR_KEEP_FIRST, cfg.n_layers - TAYLOR_KEEP_LAST
+    if start >= end:
+        log.info("taylor: %d layers are too few to keep the first %d and last %d blocks; every layer is pruned",
+                 cfg.n_layers, TAYLOR_KEEP_FIRST, TAYLOR_KEEP_LAST)
+        return target
+    for kind in ("attention", "mlp"):
+        target.setdefault(f"block_{kind}_layer_start", start)
+        target.setdefault(f"block_{kind}_layer_end", end)
+    log.info("taylor: pruning_ratio applies to attention layers [%d, %d) and MLP layers [%d, %d)",
+             target["block_attention_layer_start"], target["block_attention_layer_end"],
+             target["block_mlp_layer_start"], target["block_mlp_layer_end"])
+    return target
 
 
 def _bounded(key: str, value: int, source: int) -> int:
@@ -143,6 +171,8 @@ def width_prune(decoder: PrunableDecoder, calib_rows: np.ndarray | None, *, impo
                 target: Mapping[str, Any], seed: int = 0, taylor_mode: str = "element",
                 batch_size: int = 4) -> MaskSet:
     """Hard masks pruning `decoder` to `target` by `importance` (taylor|l1|l2|activation|random)."""
+    if importance == "taylor":
+        target = taylor_ratio_defaults(decoder.cfg, target)
     plan = plan_target(decoder.cfg, target)
     scores = importance_scores(decoder, calib_rows, importance, seed=seed, taylor_mode=taylor_mode,
                                batch_size=batch_size)
