@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 EPS = 1e-6
 # Keys the tiny/base configs set for L0; a `name=hypernetwork` override leaves them in the node.
+TRAIN_MASKS = ("soft", "hard_st")  # DISP-LLM's soft Gumbel-sigmoid masks | hard straight-through samples
 L0_ONLY_KEYS = ("pruning_modules", "target_model", "lagrangian_warmup_steps", "eval_target_model",
                 "start_sparsity", "droprate_init")
 
@@ -50,9 +51,14 @@ class HypernetworkMaskGenerator(MaskGenerator):
         hidden_size: int = 64,
         lr: float = 1e-3,
         seed: int = 0,
+        train_masks: str = "soft",
         config_prefix: str = "model.mask_generator",
     ) -> None:
         super().__init__()
+        if train_masks not in TRAIN_MASKS:
+            raise ConfigError(f"{config_prefix}.train_masks={train_masks!r} must be one of {', '.join(TRAIN_MASKS)} "
+                              "(soft: DISP-LLM's soft Gumbel-sigmoid masks; hard_st: hard samples, straight-through)")
+        self.train_masks = train_masks
         self.cfg = cfg
         self.kinds = (*RESIDUAL_SELECTIONS, "intermediate", *(("head",) if prune_heads else ()))
         self.full_params = config_params(cfg, embeddings=False)
@@ -64,7 +70,8 @@ class HypernetworkMaskGenerator(MaskGenerator):
         self.budget_weight, self.temperature, self.offset, self.lr = budget_weight, temperature, offset, lr
         self.settings = dict(target_params=self.target_params, budget_weight=budget_weight,
                              temperature=temperature, offset=offset, prune_heads=prune_heads,
-                             embedding_dim=embedding_dim, hidden_size=hidden_size, lr=lr, seed=seed)
+                             embedding_dim=embedding_dim, hidden_size=hidden_size, lr=lr, seed=seed,
+                             train_masks=train_masks)
         n_masks = cfg.n_layers * len(self.kinds)
         inputs = torch.randn(n_masks, embedding_dim, generator=torch.Generator().manual_seed(seed))
         self.register_buffer("inputs", inputs)  # fixed, saved with the checkpoint
@@ -96,8 +103,15 @@ class HypernetworkMaskGenerator(MaskGenerator):
         logits = self.logits()
         if not self.training:
             return MaskSet({k: _deterministic(v) for k, v in logits.items()})
-        # The budget counts the noise-free masks (what eval and compaction keep), so the exported size
-        # converges to the target; cross-entropy sees the noisy samples, which explore.
+        if self.train_masks == "soft":
+            # DISP-LLM: the model sees soft Gumbel-sigmoid masks; the budget counts their hard
+            # threshold (>= 0.5, straight-through), a noisy sample of the size.
+            soft = {k: self._soft_sample(v) for k, v in logits.items()}
+            self._budget_masks = MaskSet({k: self._straight_through(v >= 0.5, v, logits[k], probs=True)
+                                          for k, v in soft.items()})
+            return MaskSet(soft)
+        # hard_st: the budget counts the noise-free masks (what eval and compaction keep), so the
+        # exported size converges to the target; cross-entropy sees hard noisy samples, which explore.
         self._budget_masks = MaskSet({k: self._straight_through(v > 0, v / self.temperature, v)
                                       for k, v in logits.items()})
         return MaskSet({k: self._sample(v) for k, v in logits.items()})
@@ -123,11 +137,17 @@ class HypernetworkMaskGenerator(MaskGenerator):
         noisy = (logits + torch.log(u) - torch.log1p(-u)) / self.temperature
         return self._straight_through(noisy > 0, noisy, logits)
 
+    def _soft_sample(self, logits: Tensor) -> Tensor:
+        """sigmoid((logit + Gumbel noise) / T), as DISP-LLM's `gumbel_softmax_sample`."""
+        u = self._uniform(logits).clamp(EPS, 1 - EPS)
+        return torch.sigmoid((logits - torch.log(-torch.log(u))) / self.temperature)
+
     @staticmethod
-    def _straight_through(keep: Tensor, soft_logits: Tensor, logits: Tensor) -> Tensor:
-        soft = torch.sigmoid(soft_logits)
+    def _straight_through(keep: Tensor, soft: Tensor, logits: Tensor, probs: bool = False) -> Tensor:
+        """Exactly 0/1 forward, the gradient of sigmoid(soft) (or of `soft` itself when `probs`)."""
+        soft = soft if probs else torch.sigmoid(soft)
         hard = _at_least_one(keep, logits).to(soft.dtype)
-        return hard + (soft - soft.detach())  # exactly 0/1 forward, soft gradient
+        return hard + (soft - soft.detach())
 
     @torch.no_grad()
     def hard_masks(self) -> MaskSet:
@@ -135,15 +155,16 @@ class HypernetworkMaskGenerator(MaskGenerator):
         return MaskSet({k: _deterministic(v) for k, v in self.logits().items()})
 
     def regularization(self, masks: MaskSet) -> tuple[Tensor, dict[str, float]]:
-        """lambda * |ln(P / P_target)|, P from the noise-free masks of the last training forward."""
+        """lambda * |ln(P / P_target)|, P from the last training forward's budget masks (see `forward`)."""
         budget = self._budget_masks if self.training and self._budget_masks is not None else masks
         kept = expected_params(self.cfg, budget, embeddings=False)
         loss = self.budget_weight * torch.log(kept / self.target_params).abs()
         with torch.no_grad():
             sampled = float(expected_params(self.cfg, masks, embeddings=False))
+        sizes = {f"expected_size/{k}": float(v.detach().sum(-1).mean()) for k, v in budget.items()}  # per layer
         return loss, {"expected_params": float(kept), "kept_ratio": float(kept) / self.full_params,
                       "sampled_ratio": sampled / self.full_params,
-                      "target_ratio": self.target_params / self.full_params, "budget_loss": float(loss)}
+                      "target_ratio": self.target_params / self.full_params, "budget_loss": float(loss), **sizes}
 
     def get_extra_state(self) -> dict[str, Any]:
         """The generator's config rides in checkpoints, so `drprune compact` can rebuild it alone."""
