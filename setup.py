@@ -22,8 +22,10 @@ setup(
     install_requires=requirements,
     extras_require={
         "gpu": ["flash-attn>=2.5"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "tensorboard==2.21.0"],
+        "loggers": ["tensorboard==2.21.0"],  # wandb / mlflow loggers: pip install wandb / mlflow
         "demo": ["gguf>=0.10", "accelerate>=1.0"],
+        "eval": ["lm-eval==0.4.13", "accelerate>=1.0"],  # `drprune eval --tasks` (its HF model class needs accelerate)
     },
     entry_points={"console_scripts": ["drprune=drprune.cli:main"]},
 )

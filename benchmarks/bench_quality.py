@@ -12,7 +12,8 @@ in-context copying before any training hides it.
 Usage (after `DEMO_INSTALL_ONLY=1 bash scripts/demo.sh`):
     python benchmarks/bench_quality.py --out bench-quality --budgets 36 144 --kd 0 0.5 [--ablate]
 Stages are cached in --out (source, data and the one-shot selection are shared by every run), so an
-interrupted benchmark resumes where it stopped. `--json FILE` also writes every number.
+interrupted benchmark resumes where it stopped. `--json FILE` also writes every number; `--tasks
+drprune_copy,drprune_cloze` adds lm-eval task scores of every candidate (a table of their own).
 """
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ import torch
 
 from drprune.demo.compare import fmt, head_to_head
 from drprune.demo.options import DemoOptions
-from drprune.demo.pipeline import evaluate_model, import_composer_first, preflight, run_candidates
+from drprune.demo.pipeline import evaluate_model, import_composer_first, preflight, run_candidates, task_scores
+from drprune.demo.report import task_rows
+from drprune.eval.harness import parse_tasks
 
 MODELS = ("source", "baseline", "pruned")
 ABLATIONS = {"layers only": ("layer",), "KV groups only": ("head",), "MLP channels only": ("intermediate",),
@@ -62,16 +65,19 @@ def main() -> None:
                    help="share of the budget the learned candidate spends on L0 masks")
     p.add_argument("--eval-rows", type=int, default=64)
     p.add_argument("--ablate", action="store_true", help="also score each part of the one-shot selection alone")
+    p.add_argument("--tasks", help="also score every candidate on these lm-eval tasks, comma-separated "
+                                   "(e.g. drprune_copy,drprune_cloze; see `drprune eval --tasks`)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import_composer_first()
 
-    rows, lines, results = [], [], []
+    tasks = tuple(parse_tasks(args.tasks)) if args.tasks is not None else ()
+    rows, lines, results, task_table = [], [], [], []
     for budget in args.budgets:
         for kd in args.kd:
             opts = DemoOptions(out=args.out, steps=budget, prune_steps=max(1, round(budget * args.prune_fraction)),
-                               kd=kd, eval_rows=args.eval_rows)
+                               kd=kd, eval_rows=args.eval_rows, tasks=tasks)
             gguf = preflight(opts)
             start = time.perf_counter()
             c = run_candidates(opts, gguf, args.out / f"budget{budget}-kd{kd:g}", {}, shared=args.out / "shared")
@@ -84,6 +90,12 @@ def main() -> None:
                              fmt(e["in_domain"]["geomean"]),
                              fmt(e["held_out"]["geomean"]) if e.get("held_out") else "n/a", fmt(e["copy"], 2)])
             lines += [f"budget {budget}, kd {kd:g}:", *head_to_head(c.evals, "pruned", "baseline")]
+            if tasks:
+                ckpts = {"source": c.source.dir / "model.pt", "baseline": c.baseline_continued.dir / "model.pt",
+                         "pruned": c.pruned_continued.dir / "model.pt"}
+                scores = task_scores(ckpts, opts, args.out / "shared" / "data" / "mds", c.source.dir / "hf")
+                results[-1]["tasks"] = scores
+                task_table += [[str(budget), f"{kd:g}", *r] for r in task_rows(scores, list(MODELS))]
     if args.ablate:
         print("\n| selection applied to the source (no training) | in-domain ppl | held-out ppl | copying ppl |")
         print("|---|---|---|---|")
@@ -93,6 +105,10 @@ def main() -> None:
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     print("\n".join("| " + " | ".join(r) + " |" for r in rows))
     print("\n" + "\n".join(lines))
+    if task_table:
+        header = ["budget (steps)", "KD", "task", "metric", *MODELS]
+        print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+        print("\n".join("| " + " | ".join(r) + " |" for r in task_table))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

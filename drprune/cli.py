@@ -23,8 +23,23 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+def add_trust_pickle(parser: argparse.ArgumentParser, default: bool | None = False) -> None:
+    """The one switch that lets a command fully unpickle a checkpoint (drprune.convert.integrity)."""
+    parser.add_argument("--trust-pickle", action="store_true", default=default,
+                        help="fully unpickle checkpoints that hold more than tensors and plain values; unpickling "
+                             "can run arbitrary code, so only for files from a source you trust")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors end like every other error: one `drprune: error:` line (exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(2, f"drprune: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="drprune", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="drprune", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:

@@ -27,13 +27,25 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     """A YAML file merged over its `base:` file (a path relative to it), recursively."""
     if path in seen:
         raise ConfigError(f"config {path} includes itself through `base:`")
+    if path.is_dir():
+        raise UserError(f"config {path} is a folder, not a config file: give a YAML file (e.g. configs/tiny/prune.yaml)")
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
-    cfg = OmegaConf.load(path)
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # noqa: BLE001 - yaml and omegaconf raise many types for a broken file
+        raise UserError(f"config {path} is not valid YAML: {' '.join(str(err).split())}; fix the file") from err
+    if not isinstance(cfg, DictConfig) or not cfg:
+        raise UserError(f"config {path} is {'empty' if not cfg else 'not a mapping'}: a run config is a YAML "
+                        "mapping of keys (see configs/tiny/prune.yaml)")
     base = cfg.pop("base", None)
     if base is None:
         return cfg
-    return OmegaConf.merge(_load_yaml((path.parent / base).resolve(), (*seen, path)), cfg)
+    base_path = (path.parent / str(base)).resolve()
+    if not base_path.is_file():
+        raise UserError(f"config {path}: its `base: {base}` ({base_path}) does not exist; fix the path (relative "
+                        "to the config's folder)")
+    return OmegaConf.merge(_load_yaml(base_path, (*seen, path)), cfg)
 
 
 def load_config(path: str, overrides: list[str]) -> DictConfig:
@@ -44,6 +56,12 @@ def load_config(path: str, overrides: list[str]) -> DictConfig:
     for item in assignments:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. max_duration=20ba) or ~key")
+    for item in assignments:
+        try:
+            OmegaConf.from_dotlist([item])
+        except Exception as err:  # noqa: BLE001 - omegaconf's grammar and YAML errors
+            raise ConfigError(f"override {item!r} cannot be parsed ({' '.join(str(err).split())[:200]}): check its "
+                              "quotes and brackets, e.g. key='a b' or key=[a,b]") from err
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(assignments))
     for key in deletions:
         parent_key, _, leaf = key.rpartition(".")
@@ -128,7 +146,16 @@ def _container_or_value(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
 
 
-def _build_teacher(distill, init_path: str | None, init_state: dict | None, mcfg, mask_generator):
+def _trust_pickle(cfg: DictConfig) -> bool:
+    """`trust_pickle: true` is the only way a run fully unpickles model.path / distillation.teacher."""
+    value = cfg.get("trust_pickle", False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"trust_pickle={value!r} must be true or false")
+    return value
+
+
+def _build_teacher(distill, init_path: str | None, init_state: dict | None, mcfg, mask_generator,
+                   trust_pickle: bool = False):
     """Check the teacher against the student (before either is built), then load it.
 
     None when the student's own unmasked weights are the teacher: the mask generator freezes the LLM
@@ -138,7 +165,7 @@ def _build_teacher(distill, init_path: str | None, init_state: dict | None, mcfg
     from drprune.models.distill import build_teacher, check_teacher, same_file, teacher_config
 
     same = same_file(distill.teacher, init_path)
-    state = init_state if same else load_model_state(distill.teacher)
+    state = init_state if same else load_model_state(distill.teacher, trust_pickle)
     teacher_cfg = teacher_config(state, distill.teacher, mcfg if same else None)
     check_teacher(teacher_cfg, mcfg, distill.teacher)
     recipe = (f"loss = {distill.ce_weight:g} * CE + {distill.kl_weight:g} * KL(teacher || student), "
@@ -158,32 +185,57 @@ def _build_teacher(distill, init_path: str | None, init_state: dict | None, mcfg
 
 
 def build_trainer(cfg: DictConfig):
-    """Validate the whole config, then build model, data, optimizer and the Composer Trainer."""
+    """Validate the whole config, then build model, data, optimizer and the Composer Trainer.
+
+    A failure after the save_folder guard releases its lock (and removes the folder when the guard
+    created it), so a refused run leaves nothing behind even in a process that goes on.
+    """
+    guards: list = []
+    try:
+        return _build_trainer(cfg, guards)
+    except BaseException:
+        for guard in guards:
+            guard.lock.release()
+        raise
+
+
+def _build_trainer(cfg: DictConfig, guards: list):
     from composer import Evaluator, Trainer
     from composer.algorithms import GradientClipping
     from composer.utils import reproducibility
 
     from drprune.callbacks import build_callbacks, build_loggers
     from drprune.convert.checkpoint import decoder_state, load_decoder_weights, load_model_state
-    from drprune.data.loaders import build_eval_dataloader, build_train_dataloader, validate_data_config
+    from drprune.data.loaders import (build_eval_dataloader, build_train_dataloader, check_data_vocab,
+                                      validate_data_config)
     from drprune.masks import build_mask_generator
     from drprune.models.composer_model import PrunableLM
     from drprune.models.distill import DistillConfig
+    from drprune.run_config import check_model_fits_data, check_run_values, check_top_level_keys
+    from drprune.run_guard import guard_save_folder
 
+    check_top_level_keys(cfg)
     for key in ("max_duration", "global_train_batch_size"):
         if cfg.get(key) is None:
             raise ConfigError(f"{key} is required")
+    check_run_values(cfg)
     validate_data_config(cfg)
+    loggers = build_loggers(cfg)  # an unknown logger or a missing package fails here, before the model
     init_path = cfg.model.get("path")
     distill = DistillConfig.from_node(_container_or_value(cfg.get("distillation")), init_path)
-    init_state = load_model_state(init_path) if init_path else None
+    init_state = load_model_state(init_path, _trust_pickle(cfg)) if init_path else None
     mcfg = model_config(cfg, init_state)
+    check_model_fits_data(cfg, mcfg.max_seq_len)
+    check_data_vocab(cfg, mcfg.vocab_size)  # another tokenizer's data, ids beyond the vocabulary
     train_bs, eval_bs = _batch_sizes(cfg)
+    reproducibility.seed_all(int(cfg.get("seed", 17)))  # before any generator: fresh runs are bit-identical
     mask_generator = build_mask_generator(mcfg, cfg.model)  # validates target_model
     set_names = list(cfg.get("callbacks", {}).get("data_loading", {}).get("set_names", []) or [])
-    teacher = _build_teacher(distill, init_path, init_state, mcfg, mask_generator) if distill else None
+    guard = guard_save_folder(cfg, set_names)  # lock, half-written checkpoints, resume fingerprint
+    guards.extend(guard)
+    teacher = (_build_teacher(distill, init_path, init_state, mcfg, mask_generator, _trust_pickle(cfg))
+               if distill else None)
 
-    reproducibility.seed_all(int(cfg.get("seed", 17)))
     model = PrunableLM(mcfg, mask_generator, set_names, distill=distill, teacher=teacher)
     if init_state is not None:
         load_decoder_weights(model.model, decoder_state(init_state), init_path)
@@ -217,8 +269,8 @@ def build_trainer(cfg: DictConfig):
         eval_interval=cfg.get("eval_interval", 1),
         eval_subset_num_batches=int(cfg.get("eval_subset_num_batches", -1)),
         algorithms=algorithms,
-        callbacks=build_callbacks(cfg, model, train_loader),
-        loggers=build_loggers(cfg),
+        callbacks=[*build_callbacks(cfg, model, train_loader), *guard],
+        loggers=loggers,
         progress_bar=bool(cfg.get("progress_bar", False)),
         log_to_console=bool(cfg.get("log_to_console", True)),
         console_log_interval=cfg.get("console_log_interval", "1ba"),
@@ -239,18 +291,19 @@ def build_trainer(cfg: DictConfig):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
-        print("usage: python -m drprune.train CONFIG.yaml [key=value ...]", file=sys.stderr)
+        print("drprune: error: no run config given; usage: python -m drprune.train CONFIG.yaml [key=value ...]",
+              file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(argv[0], argv[1:])
         trainer = build_trainer(cfg)
     except MissingMandatoryValue as err:
-        print(f"drprune.train: error: config key {err.full_key} is required: add {err.full_key}=... "
+        print(f"drprune: error: config key {err.full_key} is required: add {err.full_key}=... "
               "to the command line", file=sys.stderr)
         return 2
     except UserError as err:
-        print(f"drprune.train: error: {err}", file=sys.stderr)
+        print(f"drprune: error: {err}", file=sys.stderr)
         return 2
     trainer.fit()
     trainer.close()

@@ -64,7 +64,11 @@ def test_missing_and_unexpected_hf_keys_are_named(tmp_path):
     save_file(tensors, weights, metadata={"format": "pt"})
     from drprune.convert.checkpoint import load_hf
 
-    cfg, ours, _ = load_hf(str(tmp_path / "hf"))
+    with pytest.raises(UserError, match=r"missing keys \['transformer.blocks.1.mlp.up_proj.weight'\]"):
+        load_hf(str(tmp_path / "hf"))
+    model.save_pretrained(tmp_path / "full")
+    cfg, ours, _ = load_hf(str(tmp_path / "full"))
+    ours.pop("transformer.blocks.1.mlp.up_proj.weight")
     state = {f"model.{k}": v for k, v in ours.items()}
     save_checkpoint(state, tmp_path / "broken.pt")
     with pytest.raises(UserError, match="transformer.blocks.1.mlp.up_proj.weight"):
@@ -86,7 +90,7 @@ def test_sheared_style_state_dict_loads_with_a_config(tmp_path, hf_dir):
 
 def test_cli_errors_are_clear(tmp_path, hf_dir, capsys):
     assert drprune(["convert", "hf-to-composer", str(tmp_path / "nope"), str(tmp_path / "o.pt")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "not found (use hub:NAME to download from the Hugging Face Hub)" in capsys.readouterr().err
     ckpt = tmp_path / "m.pt"
     drprune(["convert", "hf-to-composer", str(hf_dir), str(ckpt)])
     assert drprune(["convert", "hf-to-composer", str(hf_dir), str(ckpt)]) == 2

@@ -139,7 +139,9 @@ def test_prepare_writes_eval_only_domains_to_eval_only(root, sources):
     assert sorted(p.name for p in (root / "eval").iterdir()) == ["a", "b", "eval_merge", "held"]
     merged = ShardReader(root / "eval" / "eval_merge")
     assert {merged[i]["set"] for i in range(len(merged))} == {"a", "b"}
-    assert json.loads((root / "domains.json").read_text()) == {"train": ["a", "b"], "eval_only": ["held"]}
+    listed = json.loads((root / "domains.json").read_text())
+    assert {k: listed[k] for k in ("train", "eval_only")} == {"train": ["a", "b"], "eval_only": ["held"]}
+    assert set(listed) == {"train", "eval_only", "tokenizer"}  # the tokenizer identity: test_data_integrity.py
     assert read_domains(root) == {"train": ["a", "b"], "eval_only": ["held"]}
     held = _all_tokens(root / "eval" / "held")
     assert np.isin(held, [*HELD, EOS]).all()  # the test below can tell held-out tokens apart

@@ -146,8 +146,10 @@ def test_warm_start_from_a_hard_mask_file(tmp_path):
         head=torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]),
         layer=torch.tensor([1.0, 0.0, 1.0, 1.0]),
     )
-    path = tmp_path / "masks.pt"
-    torch.save(dict(chosen), path)
+    path = chosen.save(tmp_path / "masks.safetensors")
+    legacy = tmp_path / "zs_s4.pt"  # Sheared-LLaMA's torch.save dict with `_z` names loads too
+    torch.save({f"{k}_z": v for k, v in chosen.items()}, legacy)
+    assert all(torch.equal(MaskSet.load(legacy)[k], v) for k, v in chosen.items())
     gen = make(init_masks=str(path))
     assert gen.warmup == 0 and gen.target_sparsity("intermediate") == pytest.approx(1 - 20 / 48)
     hard = gen.hard_masks()
@@ -155,8 +157,8 @@ def test_warm_start_from_a_hard_mask_file(tmp_path):
         assert torch.equal(hard[name] != 0, chosen[name] != 0), name
     assert gen.gates["intermediate"].keep_prob()[0][chosen["intermediate"][0] == 0].max() < 0.05
     assert "init_masks" not in gen.get_extra_state()["params"]  # checkpoints carry the logits instead
-    with pytest.raises(ConfigError, match="init_masks=.*does not exist"):
+    with pytest.raises(ConfigError, match="init_masks: mask file .* does not exist"):
         make(init_masks=str(tmp_path / "none.pt"))
     torch.save({"head": torch.ones(3, 3)}, tmp_path / "bad.pt")
-    with pytest.raises(ConfigError, match="init_masks=.*shape"):
+    with pytest.raises(ConfigError, match="init_masks: .*bad.pt.*shape"):
         make(init_masks=str(tmp_path / "bad.pt"))

@@ -81,6 +81,18 @@ def test_width_to_shape_with_gqa(tmp_path, mds, capsys):
     with torch.no_grad():
         expected = full(ids, {"hidden": hidden, "head": head, "intermediate": inter})
     assert torch.allclose(hf_logits(out / "hf", ids), expected, atol=1e-4)
+    # OUT/masks.safetensors holds the same selection, on the source shape, and warm-starts L0
+    from drprune.masks.base import MaskSet
+    from drprune.masks.l0 import L0MaskGenerator
+
+    masks = MaskSet.load(out / "masks.safetensors", full.cfg)
+    assert torch.equal(masks["hidden"], hidden) and torch.equal(masks["head"], head)
+    assert torch.equal(masks["intermediate"], inter)
+    assert MaskSet.source_config(out / "masks.safetensors") == full.cfg
+    gen = L0MaskGenerator(full.cfg, pruning_modules=["hidden", "head", "intermediate"],
+                          target_model={"d_model": 48, "n_heads": 2, "n_kv_heads": 1, "intermediate_size": 64},
+                          init_masks=str(out / "masks.safetensors"))
+    assert all(torch.equal(gen.hard_masks()[k] != 0, masks[k] != 0) for k in masks)
 
 
 def test_width_ratio_gives_per_layer_shapes(tmp_path, mds):

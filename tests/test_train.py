@@ -11,6 +11,7 @@ import torch
 from composer.loggers import InMemoryLogger
 
 from drprune.data.testing import write_synthetic_mds
+from drprune.masks.base import MaskSet
 from drprune.train import build_trainer, load_config, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +47,8 @@ def test_pruning_run_learns_prunes_and_resumes(tmp_path, data_dir):
         last = float(memory.data[f"pruning/expected_sparsity/{module}"][-1][1])
         target = gen.gates[module].target_sparsity
         assert abs(last - target) < abs(first - target), module
-    assert (save / "latest-rank0.pt").exists() and (save / "zs_s20.pt").exists()
-    masks = torch.load(save / "zs_s20.pt")
+    assert (save / "latest-rank0.pt").exists() and (save / "zs_s20.safetensors").exists()
+    masks = MaskSet.load(save / "zs_s20.safetensors")
     assert int((masks["hidden"] != 0).sum()) == 48 and int((masks["layer"] != 0).sum()) == 3
     final = {k: v.clone() for k, v in trainer.state.model.state_dict().items() if torch.is_tensor(v)}
     trainer.close()

@@ -64,14 +64,42 @@ def build_callbacks(cfg: DictConfig, model: Any, train_loader: Any) -> list[Call
     return out
 
 
-def build_loggers(cfg: DictConfig) -> list[Any]:
-    import composer.loggers as cl
+# `loggers:` names -> Composer logger classes (composer.loggers), llm-foundry's names; options are their kwargs
+LOGGERS = {"tensorboard": "TensorboardLogger", "wandb": "WandBLogger", "mlflow": "MLFlowLogger",
+           "file": "FileLogger", "inmemory": "InMemoryLogger", "in_memory_logger": "InMemoryLogger"}
+# the pip package each logger needs beyond Composer
+LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
-    table = {"wandb": "WandBLogger", "tensorboard": "TensorboardLogger", "file": "FileLogger",
-             "mlflow": "MLFlowLogger", "inmemory": "InMemoryLogger"}
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    """Composer loggers from the `loggers:` node, each `name: {kwargs}`.
+
+    Built before the model (constructing one starts nothing: runs open at the trainer's INIT event),
+    so an unknown name, a bad option or a missing package stops the run before any heavy work.
+    """
+    import difflib
+    import inspect
+
+    import composer.loggers as cl
+    from composer.utils import MissingConditionalImportError
+
     out = []
     for name, params in _container(cfg, "loggers").items():
-        if name not in table:
-            raise ConfigError(f"loggers.{name} is unknown; valid: {sorted(table)}")
-        out.append(getattr(cl, table[name])(**(params or {})))
+        if name not in LOGGERS:
+            near = difflib.get_close_matches(name, LOGGERS, n=1, cutoff=0.0)
+            raise ConfigError(f"loggers.{name} is unknown: did you mean loggers.{near[0]}? "
+                              f"valid: {', '.join(sorted(LOGGERS))}")
+        if params is not None and not isinstance(params, dict):
+            raise ConfigError(f"loggers.{name} must be a mapping of options (e.g. loggers.{name}={{}}), "
+                              f"got {params!r}")
+        cls = getattr(cl, LOGGERS[name])
+        try:
+            inspect.signature(cls).bind(**(params or {}))
+        except TypeError as err:
+            raise ConfigError(f"loggers.{name}: {err}; see the options of composer.loggers.{cls.__name__}") from err
+        try:
+            out.append(cls(**(params or {})))
+        except MissingConditionalImportError as err:
+            package = LOGGER_PACKAGES.get(name, name)
+            raise ConfigError(f"loggers.{name} needs the `{package}` package: pip install {package}") from err
     return out

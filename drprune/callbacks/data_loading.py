@@ -254,16 +254,24 @@ def _target_sparsity(state: State) -> float:
     return max(0.0, 1.0 - target / config_params(model.model.cfg, embeddings=False))
 
 
-def build_data_loading_callback(params: dict[str, Any], cfg: DictConfig, model: Any, loader: Any) -> Callback | None:
-    """From `callbacks.data_loading`; None when the mixture is not dynamic."""
+def _number(prefix: str, key: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ConfigError(f"{prefix}.{key}={value!r} must be a finite number")
+    return number
+
+
+def check_data_loading(params: dict[str, Any], set_names: list[str]) -> tuple[UpdateType, dict[str, Any]]:
+    """Validate `callbacks.data_loading` against the run's set_names, before any model or data is built.
+
+    Returns the parsed update type and the callback's keyword arguments (reference_loss, rho, ema,
+    min_prob, clamp_q_to_min, dro_clamp).
+    """
     prefix = "callbacks.data_loading"
-    if not params.get("dynamic", False):
-        return None
     update_type = parse_update_type(params.get("update_type", "constant"))
-    dataset = getattr(loader, "dataset", None)
-    if not hasattr(dataset, "update_proportion"):
-        raise ConfigError(f"{prefix}.dynamic=true needs the dynamic mixture dataset as the train loader")
-    set_names = list(dataset.set_names)
     reference = params.get("reference_loss")
     if update_type.rule != "constant":
         if reference is None:
@@ -272,18 +280,33 @@ def build_data_loading_callback(params: dict[str, Any], cfg: DictConfig, model: 
                 f"per domain in set_names order ({set_names}), e.g. the source model's eval losses"
             )
         if len(reference) != len(set_names):
-            raise ConfigError(f"{prefix}.reference_loss has {len(reference)} values for {len(set_names)} domains")
+            raise ConfigError(f"{prefix}.reference_loss has {len(reference)} values for {len(set_names)} domains "
+                              f"({set_names}): give one target loss per domain, in set_names order")
     dro_clamp = params.get("dro_clamp", "reference")
     if dro_clamp not in DRO_CLAMP_MODES:
         raise ConfigError(f"{prefix}.dro_clamp={dro_clamp!r} must be one of {', '.join(DRO_CLAMP_MODES)} "
                           "(reference: DRPruning's clamp after the bisection; exact: q on the χ² ball)")
-    for key in ("rho", "ema"):
-        if key in params and not float(params[key]) >= 0:
-            raise ConfigError(f"{prefix}.{key}={params[key]} must be >= 0")
-    return DynamicLoadingCallback(
-        set_names, list(dataset.proportion), update_type, dataset,
-        reference_loss=[float(x) for x in reference] if reference is not None else None,
-        rho=float(params.get("rho", 0.1)), ema=float(params.get("ema", 0.1)),
-        min_prob=float(params.get("min_prob", 0.2)), clamp_q_to_min=bool(params.get("clamp_q_to_min", True)),
-        dro_clamp=dro_clamp, save_folder=cfg.get("save_folder"),
-    )
+    values = {key: _number(prefix, key, params.get(key, default))
+              for key, default in (("rho", 0.1), ("ema", 0.1), ("min_prob", 0.2))}
+    ranges = {"rho": (values["rho"] >= 0, ">= 0 (the size of the χ² ball)"),
+              "ema": (0 < values["ema"] <= 1, "in (0, 1] (the weight of the newest loss)"),
+              "min_prob": (0 <= values["min_prob"] < 1, "in [0, 1) (a floor on q / p0)")}
+    for key, (ok, expected) in ranges.items():
+        if not ok:
+            raise ConfigError(f"{prefix}.{key}={params[key]} must be {expected}")
+    return update_type, dict(
+        reference_loss=[_number(prefix, "reference_loss", x) for x in reference] if reference is not None else None,
+        clamp_q_to_min=bool(params.get("clamp_q_to_min", True)), dro_clamp=dro_clamp, **values)
+
+
+def build_data_loading_callback(params: dict[str, Any], cfg: DictConfig, model: Any, loader: Any) -> Callback | None:
+    """From `callbacks.data_loading`; None when the mixture is not dynamic."""
+    if not params.get("dynamic", False):
+        return None
+    dataset = getattr(loader, "dataset", None)
+    if not hasattr(dataset, "update_proportion"):
+        raise ConfigError("callbacks.data_loading.dynamic=true needs the dynamic mixture dataset as the train loader")
+    set_names = list(dataset.set_names)
+    update_type, kwargs = check_data_loading(params, set_names)
+    return DynamicLoadingCallback(set_names, list(dataset.proportion), update_type, dataset,
+                                  save_folder=cfg.get("save_folder"), **kwargs)

@@ -9,13 +9,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from drprune.atomic import atomic_output  # noqa: E402
+
 
 def save_figure(fig, path: Path) -> None:
-    """Write a PNG under a temporary name, then rename: never a half-written picture."""
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    """Write a PNG atomically: never a half-written picture."""
+    with atomic_output(path, overwrite=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def plot_weights(history: Sequence[tuple[int, Sequence[float]]], names: Sequence[str], path: Path,

@@ -9,7 +9,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
@@ -45,11 +44,9 @@ class PruningCallback(Callback):
             return
         step = int(state.timestamp.batch)
         self.save_folder.mkdir(parents=True, exist_ok=True)
-        path = self.save_folder / f"zs_s{step}.pt"
-        masks = {k: v.cpu() for k, v in unwrap_model(state).mask_generator.hard_masks().items()}
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(masks, tmp)
-        tmp.replace(path)
+        path = self.save_folder / f"zs_s{step}.safetensors"
+        model = unwrap_model(state)
+        model.mask_generator.hard_masks().save(path, source=model.model.cfg)
         log.info("saved masks of step %d to %s", step, path)
         self._plot()
 

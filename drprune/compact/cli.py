@@ -1,8 +1,10 @@
-"""`drprune compact CKPT [--out OUT]`: pruning checkpoint -> compact Composer checkpoint."""
+"""`drprune compact CKPT [--out OUT] [--hf DIR]`: pruning checkpoint -> compact Composer checkpoint (+ HF folder)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from drprune.cli import add_trust_pickle
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -10,16 +12,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "compact", help="fold a pruning checkpoint's masks into a smaller model (drop pruned structure)",
         description="Rebuild the mask generator stored in the checkpoint, take its deterministic "
                     "target-size masks, fold them into the weights and write an ordinary checkpoint of the "
-                    "smaller model (continued pretraining and `drprune convert composer-to-hf` read it).",
+                    "smaller model (continued pretraining and `drprune convert composer-to-hf` read it). "
+                    "The checkpoint records where it came from, so its HF export gets a model card.",
     )
     p.add_argument("ckpt", help="pruning checkpoint (.pt) written by a pruning run")
     p.add_argument("--out", help="output checkpoint (default: pruned-<name> beside the input)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--hf", metavar="DIR", help="also export the compact model as a HF folder (with README.md)")
+    p.add_argument("--tokenizer", help="with --hf: folder whose tokenizer files are copied into it")
+    p.add_argument("--base-model", metavar="HF_DIR_OR_ID",
+                   help="with --hf: the source model (hub id or HF folder), named in the card with its license")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and --hf) if it exists")
+    add_trust_pickle(p)
     p.set_defaults(func=compact)
 
 
 def compact(args: argparse.Namespace) -> None:
+    from drprune.compact.export import export_checkpoint
+    from drprune.atomic import check_output
     from drprune.compact.stream import compact_checkpoint, default_output
+    from drprune.errors import UserError
 
+    if args.hf is None and (args.tokenizer or args.base_model):
+        raise UserError("--tokenizer and --base-model describe the HF folder: add --hf DIR")
+    if args.hf is not None and Path(args.hf).exists() and not args.overwrite:
+        raise UserError(f"--hf {args.hf} already exists: remove it, choose another folder, or pass --overwrite")
+    if args.tokenizer is not None and not Path(args.tokenizer).is_dir():
+        raise UserError(f"--tokenizer {args.tokenizer} is not a folder: give the source model's HF folder")
     ckpt = Path(args.ckpt)
-    compact_checkpoint(ckpt, Path(args.out) if args.out else default_output(ckpt), overwrite=args.overwrite)
+    out = Path(args.out) if args.out else default_output(ckpt)
+    if out.resolve() == ckpt.resolve():
+        raise UserError(f"--out {out} is the input checkpoint: choose another path (the pruning checkpoint is "
+                        "needed to compact again)")
+    check_output(out, args.overwrite)
+    if args.hf is not None:
+        check_output(args.hf, args.overwrite, folder=True, what="--hf")
+    compact_checkpoint(ckpt, out, overwrite=args.overwrite, trust_pickle=args.trust_pickle)
+    if args.hf is not None:
+        export_checkpoint(out, args.hf, tokenizer_dir=args.tokenizer, overwrite=args.overwrite,
+                          base_model=args.base_model)

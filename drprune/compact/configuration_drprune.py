@@ -35,7 +35,7 @@ class DrpruneConfig(PretrainedConfig):
         rope_scaling=None,
         layers=None,
         tie_word_embeddings=False,
-        use_cache=False,
+        use_cache=True,
         **kwargs,
     ):
         self.family = family
@@ -59,7 +59,7 @@ class DrpruneConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.rope_scaling = rope_scaling
         self.layers = layers
-        self.use_cache = use_cache  # no KV cache: generation recomputes the prefix each step
+        self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     def layer(self, i):

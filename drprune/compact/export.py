@@ -15,9 +15,11 @@ from typing import Any, Callable
 
 from torch import Tensor
 
-from drprune.convert.checkpoint import (atomic_output, copy_tokenizer, write_hf_folder,
-                                        write_safetensors_shards)
+from drprune.atomic import atomic_output, mark_complete
+from drprune.convert.checkpoint import copy_tokenizer, write_hf_folder, write_safetensors_shards
 from drprune.convert.hf import remote_config_dict, stock_class_fits
+from drprune.convert.model_card import ModelCard, write_card
+from drprune.errors import UserError
 from drprune.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,24 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     return {**remote_config_dict(cfg), "auto_map": AUTO_MAP}
 
 
+def runs_only_drprune_code(folder: Path) -> bool:
+    """Whether loading `folder` with trust_remote_code can run nothing but this drprune's own modeling files:
+    config.json's auto_map is ours, no tokenizer code is named, and every .py file is byte for byte ours.
+    `model_type: drprune` alone proves nothing: anyone can write it beside their own code."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        tok_file = folder / "tokenizer_config.json"
+        tok_config = json.loads(tok_file.read_text()) if tok_file.is_file() else {}
+    except (OSError, ValueError):
+        return False
+    if not isinstance(config, dict) or config.get("auto_map") != AUTO_MAP or "auto_map" in tok_config:
+        return False
+    if sorted(p.name for p in folder.rglob("*.py")) != sorted(REMOTE_CODE_FILES):
+        return False
+    return all((folder / n).read_bytes() == Path(__file__).with_name(n).read_bytes() for n in REMOTE_CODE_FILES)
+
+
 def export_hf(
     cfg: ModelConfig,
     tensors: dict[str, Tensor],
@@ -42,19 +62,64 @@ def export_hf(
     max_shard_bytes: int = 2 * 1024**3,
     overwrite: bool = False,
     release: Callable[[Tensor], None] | None = None,
+    remote_code: bool = False,
+    card: ModelCard | None = None,
 ) -> Path:
-    """Write `tensors` (decoder names, `transformer.*`) as a HF folder; returns the folder."""
-    if stock_class_fits(cfg):
+    """Write `tensors` (decoder names, `transformer.*`) as a HF folder with its README.md from `card`;
+    returns the folder.
+
+    `remote_code=True` ships the remote-code model even when a stock class fits (to compare the two).
+    """
+    if stock_class_fits(cfg) and not remote_code:
         return write_hf_folder(cfg, tensors, out_dir, tokenizer_dir=tokenizer_dir, config_overrides=config_overrides,
-                               max_shard_bytes=max_shard_bytes, overwrite=overwrite, release=release)
+                               max_shard_bytes=max_shard_bytes, overwrite=overwrite, release=release, card=card)
     config = {**hf_config(cfg), **(config_overrides or {})}
-    with atomic_output(out_dir, overwrite) as tmp:
-        tmp.mkdir()
+    with atomic_output(out_dir, overwrite, folder=True) as tmp:
         write_safetensors_shards(iter(tensors.items()), tmp, max_shard_bytes, release)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name in REMOTE_CODE_FILES:
             shutil.copy2(Path(__file__).with_name(name), tmp / name)
         copy_tokenizer(tokenizer_dir, tmp)
+        write_card(card, cfg, tmp, remote_code=True)
+        mark_complete(tmp)
     log.info("wrote HF folder %s with remote code (layers differ in shape): load it with trust_remote_code=True",
              out_dir)
     return Path(out_dir)
+
+
+def export_checkpoint(
+    ckpt: str | Path,
+    out_dir: str | Path,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    config_overrides: dict[str, Any] | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+    overwrite: bool = False,
+    base_model: str | None = None,
+    trust_pickle: bool = False,
+) -> Path:
+    """A compact Composer checkpoint as a HF folder, its card from the checkpoint (`drprune compact`
+    stores one) and from `base_model` (the source's hub id or HF folder: its license)."""
+    from drprune.convert.checkpoint import config_of_state, decoder_state, load_model_state, mapped_releaser
+    from drprune.convert.hf import hf_config_dict
+    from drprune.convert.model_card import card_of_state
+
+    state = load_model_state(ckpt, trust_pickle)
+    if any(k.startswith("mask_generator.") for k in state):
+        raise UserError(
+            f"{ckpt} is a pruning checkpoint with masks: run `drprune compact {ckpt}` first and convert its output"
+        )
+    cfg = config_of_state(state)
+    overrides = dict(config_overrides or {})
+    derived = hf_config_dict(cfg) if stock_class_fits(cfg) else hf_config(cfg)
+    conflicts = {k: (v, derived[k]) for k, v in overrides.items() if k in derived and derived[k] != v}
+    if conflicts:
+        raise UserError(
+            "overrides contradict the checkpoint's shape (drop them; the shape is read from the "
+            f"checkpoint): {', '.join(f'{k}={v!r} but checkpoint has {d!r}' for k, (v, d) in conflicts.items())}"
+        )
+    card = card_of_state(state) or ModelCard(source=str(ckpt))
+    if base_model is not None:
+        card = card.with_source_facts(base_model)
+    return export_hf(cfg, decoder_state(state), out_dir, tokenizer_dir=tokenizer_dir, config_overrides=overrides,
+                     max_shard_bytes=max_shard_bytes, overwrite=overwrite, release=mapped_releaser(state), card=card)

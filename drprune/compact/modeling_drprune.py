@@ -6,12 +6,14 @@ transformers and computes exactly what drprune's PrunableDecoder computes for a 
 layer head counts and MLP widths (a removed sub-layer is absent), and for dimension-independent
 pruning, sub-layers that normalise the full residual stream, read a subset of it (gather) and add
 their output back at their own subset (scatter). Weight names are drprune's own (`transformer.*`).
-No KV cache: generation recomputes the prefix each step.
+Generation keeps a KV cache (transformers' DynamicCache: one tensor pair per layer, so every layer may
+have its own number of KV heads); entries are numbered over the layers that attend.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_drprune import DrpruneConfig
@@ -64,31 +66,34 @@ def rotate_half(x):
 
 def apply_rotary(x, cos, sin):
     rot = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    x_rot = x_rot * cos + rotate_half(x_rot) * sin
-    return torch.cat((x_rot, x_pass), dim=-1) if x_pass.numel() else x_rot
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot = x[..., :rot]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x[..., rot:]), dim=-1)
 
 
 class DrpruneAttention(nn.Module):
-    def __init__(self, config, n_heads, n_kv, d_in, d_out):
+    def __init__(self, config, n_heads, n_kv, d_in, d_out, cache_idx):
         super().__init__()
-        self.n_heads, self.n_kv, self.hd = n_heads, n_kv, config.head_dim
+        self.n_heads, self.n_kv, self.hd, self.cache_idx = n_heads, n_kv, config.head_dim, cache_idx
         self.wq = nn.Linear(d_in, n_heads * self.hd, bias=config.qkv_bias)
         self.wk = nn.Linear(d_in, n_kv * self.hd, bias=config.qkv_bias)
         self.wv = nn.Linear(d_in, n_kv * self.hd, bias=config.qkv_bias)
         self.out_proj = nn.Linear(n_heads * self.hd, d_out, bias=config.o_bias)
 
-    def forward(self, x, rope, mask):
+    def forward(self, x, rope, mask, cache):
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_heads, self.hd).transpose(1, 2)
         k = self.wk(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
         v = self.wv(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(k, v, self.cache_idx)
         group = self.n_heads // self.n_kv
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         # Softmax scale 1/sqrt(head_dim) of the source model: pruning never changes head_dim.
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1)
         return self.out_proj(ctx.transpose(1, 2).reshape(b, t, self.n_heads * self.hd))
 
 
@@ -108,7 +113,7 @@ class DrpruneMLP(nn.Module):
 
 
 class DrpruneBlock(nn.Module):
-    def __init__(self, config, spec):
+    def __init__(self, config, spec, cache_idx):
         super().__init__()
         self.parallel = config.parallel_residual
         d = config.hidden_size
@@ -122,7 +127,7 @@ class DrpruneBlock(nn.Module):
         if spec["n_heads"] > 0:
             self.ln_1 = DrpruneNorm(config.norm, width("attn_in"), config.norm_eps)
             self.attn = DrpruneAttention(config, spec["n_heads"], spec["n_kv_heads"], width("attn_in"),
-                                         width("attn_out"))
+                                         width("attn_out"), cache_idx)
         if spec["intermediate_size"] > 0:
             self.ln_2 = DrpruneNorm(config.norm, width("mlp_in"), config.norm_eps)
             self.mlp = DrpruneMLP(config, spec["intermediate_size"], width("mlp_in"), width("mlp_out"))
@@ -131,8 +136,8 @@ class DrpruneBlock(nn.Module):
     def add(x, out, idx):
         return x + out if idx is None else x.index_add(-1, idx, out)
 
-    def forward(self, x, rope, mask):
-        attn_out = self.attn(self.ln_1(x, self.attn_in_idx), rope, mask) if hasattr(self, "attn") else None
+    def forward(self, x, rope, mask, cache):
+        attn_out = self.attn(self.ln_1(x, self.attn_in_idx), rope, mask, cache) if hasattr(self, "attn") else None
         if not self.parallel and attn_out is not None:
             x = self.add(x, attn_out, self.attn_out_idx)
         if hasattr(self, "mlp"):
@@ -162,9 +167,15 @@ class DrprunePreTrainedModel(PreTrainedModel):
 class DrpruneForCausalLM(DrprunePreTrainedModel, GenerationMixin):
     def __init__(self, config):
         super().__init__(config)
+        # Cache entries are numbered over the layers that attend, so entry 0 (whose length
+        # DynamicCache.get_seq_length() reports) belongs to a layer that fills it.
+        blocks, n_attn = [], 0
+        for i in range(config.num_hidden_layers):
+            blocks.append(DrpruneBlock(config, config.layer(i), n_attn))
+            n_attn += config.layer(i)["n_heads"] > 0
         modules = dict(
             wte=nn.Embedding(config.vocab_size, config.hidden_size),
-            blocks=nn.ModuleList(DrpruneBlock(config, config.layer(i)) for i in range(config.num_hidden_layers)),
+            blocks=nn.ModuleList(blocks),
             ln_f=DrpruneNorm(config.norm, config.hidden_size, config.norm_eps),
         )
         if not config.tie_word_embeddings:
@@ -188,26 +199,39 @@ class DrpruneForCausalLM(DrprunePreTrainedModel, GenerationMixin):
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [B, 1, T, rot]
 
     @staticmethod
-    def padding_mask(attention_mask, t):
-        """None when nothing is padded (plain causal attention), else a [B, 1, T, T] boolean mask."""
-        if attention_mask is None or bool(attention_mask.all()):
+    def attention_bias(attention_mask, cache_position, kv_len):
+        """None when SDPA needs no mask (one query, or a causal block starting at key 0, nothing padded),
+        else a boolean [B or 1, 1, T, kv_len] mask: query i sees keys up to its cache position."""
+        t = cache_position.shape[0]
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if not padded and (t == 1 or t == kv_len):
             return None
-        causal = torch.ones(t, t, dtype=torch.bool, device=attention_mask.device).tril()
-        mask = causal & attention_mask.bool()[:, None, None, :]
-        return mask | torch.eye(t, dtype=torch.bool, device=mask.device)  # padded queries see themselves
+        keys = torch.arange(kv_len, device=cache_position.device)
+        mask = keys <= cache_position[:, None]
+        if padded:
+            mask = (mask & attention_mask.bool()[:, None, None, :]) | (keys == cache_position[:, None])
+            return mask  # padded queries see themselves (their output is ignored; no all-masked rows)
+        return mask[None, None]
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
-                return_dict=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, cache_position=None, logits_to_keep=0, **kwargs):
         x = self.transformer["wte"](input_ids) if inputs_embeds is None else inputs_embeds
         b, t = x.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if cache_position is None:
+            cache_position = torch.arange(past, past + t, device=x.device)
         if position_ids is None:
-            position_ids = torch.arange(t, device=x.device).expand(b, t)
+            position_ids = cache_position[None].expand(b, t)
         rope = self.rope(position_ids, x.dtype)
-        mask = self.padding_mask(attention_mask, t)
+        mask = self.attention_bias(attention_mask, cache_position, past + t)
         for block in self.transformer["blocks"]:
-            x = block(x, rope, mask)
-        logits = F.linear(self.transformer["ln_f"](x), self.output_weight())
+            x = block(x, rope, mask, past_key_values)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = F.linear(self.transformer["ln_f"](x[:, keep]), self.output_weight())
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)

@@ -15,6 +15,7 @@ from drprune.compact.fold import fold_state, plan_compaction
 from drprune.convert.checkpoint import (config_of_state, decoder_keys, decoder_state, load_model_state,
                                         mapped_releaser, save_checkpoint)
 from drprune.convert.hf import check_state_keys
+from drprune.convert.model_card import CARD_KEY, ModelCard
 from drprune.errors import UserError
 from drprune.masks.base import config_params, mask_generator_from_state
 from drprune.models.config import ModelConfig
@@ -28,12 +29,13 @@ def default_output(ckpt: Path) -> Path:
     return ckpt.with_name(f"pruned-{ckpt.name}")
 
 
-def compact_checkpoint(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> ModelConfig:
+def compact_checkpoint(ckpt: str | Path, out: str | Path, overwrite: bool = False,
+                       trust_pickle: bool = False) -> ModelConfig:
     """Fold a pruning checkpoint's deterministic target-size masks into a compact checkpoint at `out`."""
     ckpt, out = Path(ckpt), Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"output {out} already exists: remove it, choose another --out, or pass --overwrite")
-    state = load_model_state(ckpt)
+    state = load_model_state(ckpt, trust_pickle)
     cfg = config_of_state(state)
     masks = mask_generator_from_state(cfg, state).hard_masks()
     plan = plan_compaction(cfg, masks)
@@ -53,7 +55,8 @@ def compact_checkpoint(ckpt: str | Path, out: str | Path, overwrite: bool = Fals
         for t in read:
             release(t)
         read.clear()
-    compact["model._extra_state"] = PrunableDecoder.extra_state_for(plan.target)
+    compact["model._extra_state"] = {**PrunableDecoder.extra_state_for(plan.target),
+                                     CARD_KEY: compaction_card(ckpt, cfg, state, plan.kept_layers).to_dict()}
     save_checkpoint(compact, out, overwrite=overwrite)
     t = plan.target
     log.info("compacted %s -> %s: %d -> %d parameters; d_model=%d layers=%d (kept source layers %s)%s",
@@ -61,3 +64,11 @@ def compact_checkpoint(ckpt: str | Path, out: str | Path, overwrite: bool = Fals
              f" heads={t.n_heads}/{t.n_kv_heads} intermediate={t.intermediate_size}" if t.is_uniform
              else " (layers differ in shape)")
     return t
+
+
+def compaction_card(ckpt: Path, cfg: ModelConfig, state: dict, kept_layers: list[int]) -> ModelCard:
+    """Provenance of a compacted checkpoint, kept in it so its HF export can describe it."""
+    generator = state.get("mask_generator._extra_state") or {}
+    params = dict(generator.get("params", {}))
+    return ModelCard(source=str(ckpt), method=generator.get("name"), target=params.pop("target_model", {}),
+                     options={**params, "kept_layers": kept_layers}, source_config=cfg.to_dict())

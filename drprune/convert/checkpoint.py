@@ -8,24 +8,26 @@ Plain Sheared-LLaMA / DRPruning state dicts (`model.transformer.*`) load too, gi
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import logging
 import mmap
-import os
 import struct
 import sys
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from drprune.atomic import atomic_output, check_complete, kill_point, mark_complete
+from drprune.convert.integrity import (ALGORITHM, STATE_CHECKSUMS_KEY, state_checksums, torch_load, verify_folder,
+                                      verify_state, write_folder_checksums)
 from drprune.convert.hf import (REMOTE_MODEL_TYPE, check_state_keys, config_from_hf, hf_config_dict, hf_to_ours,
                                 ours_to_hf, stock_class_fits)
+from drprune.convert.model_card import ModelCard, write_card
 from drprune.errors import UserError
 from drprune.models.config import ModelConfig
 from drprune.models.decoder import PrunableDecoder
@@ -33,51 +35,42 @@ from drprune.models.decoder import PrunableDecoder
 log = logging.getLogger(__name__)
 
 EXTRA_STATE_KEY = "model._extra_state"
+HUB_PREFIX = "hub:"  # the only way a model argument reaches the Hugging Face Hub
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
 )
 
 
-@contextmanager
-def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling path; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise UserError(f"output {path} already exists: remove it or choose another path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    target = tmp / path.name
-    try:
-        yield target
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        os.replace(target, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 # ---------------------------------------------------------------- Composer side
 
 def save_checkpoint(model_state: dict[str, Any], path: str | Path, overwrite: bool = False) -> Path:
-    """Write a Composer-format checkpoint holding only model weights (+ config extra state)."""
+    """Write a Composer-format checkpoint holding only model weights (+ config extra state) and their
+    checksums; it loads with `weights_only=True`."""
     with atomic_output(path, overwrite) as tmp:
-        torch.save({"state": {"model": model_state}}, tmp)
+        torch.save({"state": {"model": model_state}, STATE_CHECKSUMS_KEY: state_checksums(model_state)}, tmp)
     log.info("wrote %s", path)
     return Path(path)
 
 
-def load_model_state(path: str | Path) -> dict[str, Any]:
-    """The model state dict of a Composer checkpoint, or of a plain state-dict file."""
+def load_model_state(path: str | Path, trust_pickle: bool = False) -> dict[str, Any]:
+    """The model state dict of a Composer checkpoint, or of a plain state-dict file.
+
+    Read without running code from the file unless `trust_pickle` (see `integrity`); the checksums of
+    a checkpoint from `save_checkpoint` are verified.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder, not a checkpoint file: give the .pt file "
+                        "(for a HF model folder, convert it first: drprune convert hf-to-composer)")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise UserError(f"cannot read checkpoint {path}: {err}") from err
-    if isinstance(obj, dict) and "state" in obj and "model" in obj["state"]:
-        return obj["state"]["model"]
+    obj = torch_load(path, trust_pickle=trust_pickle)
+    if isinstance(obj, dict) and isinstance(obj.get("state"), dict) and "model" in obj["state"]:
+        state = obj["state"]["model"]
+        if STATE_CHECKSUMS_KEY in obj:
+            verify_state(state, obj[STATE_CHECKSUMS_KEY], path, mapped_releaser(state))
+        return state
     if isinstance(obj, dict) and any(k.startswith("model.transformer.") for k in obj):
         return obj
     raise UserError(f"{path} is neither a Composer checkpoint nor a state dict of a drprune/Sheared model")
@@ -124,8 +117,8 @@ def config_of_state(state: dict[str, Any], fallback: ModelConfig | None = None) 
         return ModelConfig.from_dict(extra["model_config"])
     if fallback is None:
         raise UserError(
-            "the checkpoint carries no model config (an older Sheared-LLaMA/DRPruning file?): "
-            "pass the model config (e.g. --config configs/llama2/7b.yaml)"
+            "the checkpoint carries no model config (an older Sheared-LLaMA/DRPruning file?): give its shape "
+            "in a run config (model.path=FILE plus the model keys, as in configs/llama2/7b.yaml)"
         )
     return fallback
 
@@ -135,9 +128,9 @@ def decoder_state(state: dict[str, Any]) -> dict[str, Tensor]:
     return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.transformer.")}
 
 
-def load_decoder(path: str | Path, fallback: ModelConfig | None = None) -> PrunableDecoder:
+def load_decoder(path: str | Path, fallback: ModelConfig | None = None, trust_pickle: bool = False) -> PrunableDecoder:
     """Strictly load the decoder of a checkpoint (mask-generator tensors are ignored here)."""
-    state = load_model_state(path)
+    state = load_model_state(path, trust_pickle)
     cfg = config_of_state(state, fallback)
     decoder = PrunableDecoder(cfg)
     load_decoder_weights(decoder, decoder_state(state), str(path))
@@ -157,48 +150,84 @@ def decoder_checkpoint_state(decoder: PrunableDecoder) -> dict[str, Any]:
 # ---------------------------------------------------------------- HF side
 
 def resolve_hf_dir(name_or_path: str) -> Path:
-    """A local folder as is; otherwise a hub repo id fetched with huggingface_hub."""
+    """A local folder as is; `hub:NAME` is fetched from the Hugging Face Hub. Only that prefix ever
+    contacts the network: a typo in a path is "not found", never a download attempt."""
+    if name_or_path.startswith(HUB_PREFIX):
+        repo = name_or_path[len(HUB_PREFIX):]
+        if not repo:
+            raise UserError(f"{name_or_path!r} names no repo: use e.g. {HUB_PREFIX}HuggingFaceTB/SmolLM2-135M")
+        from huggingface_hub import snapshot_download
+
+        log.info("fetching %s from the Hugging Face Hub", repo)
+        try:
+            return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        except Exception as err:  # noqa: BLE001 - offline, unknown repo, gated repo: all need the user
+            raise UserError(f"cannot download {repo} from the Hugging Face Hub: {err}") from err
     path = Path(name_or_path)
     if path.is_dir():
         return path
-    if path.exists() or name_or_path.startswith((".", "/")):
-        raise UserError(f"HF model folder {name_or_path} does not exist or is not a folder")
-    from huggingface_hub import snapshot_download
-
-    log.info("%s is not a local folder: fetching it from the Hugging Face hub", name_or_path)
-    return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    if path.exists():
+        raise UserError(f"{name_or_path} is a file, not a HF model folder (config.json + weights)")
+    raise UserError(f"HF model folder {name_or_path} not found (use {HUB_PREFIX}NAME to download from the "
+                    "Hugging Face Hub)")
 
 
-def read_hf_tensors(hf_dir: Path) -> dict[str, Tensor]:
+def read_hf_tensors(hf_dir: Path, trust_pickle: bool = False) -> dict[str, Tensor]:
+    """Every tensor of a HF folder, after checking its `drprune_checksums.json` when it has one."""
+    verify_folder(hf_dir)
     files = sorted(hf_dir.glob("*.safetensors"))
     if files:
         out: dict[str, Tensor] = {}
         for f in files:
-            with safe_open(str(f), framework="pt") as fh:
-                for key in fh.keys():
-                    out[key] = fh.get_tensor(key)
+            try:
+                with safe_open(str(f), framework="pt") as fh:
+                    for key in fh.keys():
+                        out[key] = fh.get_tensor(key)
+            except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+                raise UserError(f"cannot read {f}: {err} (truncated or corrupted?)") from err
         return out
     bins = sorted(hf_dir.glob("pytorch_model*.bin"))
     if not bins:
         raise UserError(f"no *.safetensors or pytorch_model*.bin weights in {hf_dir}")
     out = {}
     for f in bins:
-        out.update(torch.load(f, map_location="cpu", weights_only=True))
+        out.update(torch_load(f, trust_pickle=trust_pickle, mmap=False))
     return out
 
 
-def load_hf(name_or_path: str) -> tuple[ModelConfig, dict[str, Tensor], Path]:
+def load_hf(name_or_path: str, trust_pickle: bool = False) -> tuple[ModelConfig, dict[str, Tensor], Path]:
     hf_dir = resolve_hf_dir(name_or_path)
+    check_complete(hf_dir, "HF model folder")
     config_file = hf_dir / "config.json"
     if not config_file.is_file():
         raise UserError(f"{hf_dir} has no config.json: is it a Hugging Face model folder?")
-    raw = json.loads(config_file.read_text())
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{config_file} is not valid JSON ({err}): is the folder complete?") from err
+    if not isinstance(raw, dict):
+        raise UserError(f"{config_file} must hold a JSON object (the model's config)")
     cfg = config_from_hf(raw)
-    if raw.get("model_type") == REMOTE_MODEL_TYPE:  # drprune's remote-code folder keeps our names
-        tensors = read_hf_tensors(hf_dir)
-        check_state_keys(decoder_keys(cfg), set(tensors), str(hf_dir))
-        return cfg, tensors, hf_dir
-    return cfg, hf_to_ours(cfg, read_hf_tensors(hf_dir)), hf_dir
+    tensors = read_hf_tensors(hf_dir, trust_pickle)
+    if raw.get("model_type") != REMOTE_MODEL_TYPE:  # drprune's remote-code folder keeps our names
+        tensors = hf_to_ours(cfg, tensors)
+    check_decoder_tensors(cfg, tensors, str(hf_dir))
+    return cfg, tensors, hf_dir
+
+
+def check_decoder_tensors(cfg: ModelConfig, tensors: dict[str, Tensor], source: str) -> None:
+    """Every weight of a `cfg` decoder, each of its shape: a config.json that disagrees with the weights
+    is an error naming the tensor, not a checkpoint that fails (or silently misbehaves) later."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in PrunableDecoder(cfg).state_dict().items()
+                    if not k.endswith("_extra_state")}
+    fix = "are config.json and the weights from the same model?"
+    check_state_keys(set(expected), set(tensors), source, fix)
+    wrong = [k for k, t in tensors.items() if tuple(t.shape) != expected[k]]
+    if wrong:
+        k = wrong[0]
+        raise UserError(f"{source}: tensor {k} has shape {list(tensors[k].shape)} but config.json implies "
+                        f"{list(expected[k])} ({len(wrong)} tensors disagree): {fix}")
 
 
 def write_hf_folder(
@@ -211,16 +240,18 @@ def write_hf_folder(
     max_shard_bytes: int = 2 * 1024**3,
     overwrite: bool = False,
     release: Callable[[Tensor], None] | None = None,
+    card: ModelCard | None = None,
 ) -> Path:
-    """Write config.json + sharded safetensors (+ tokenizer files) for the stock HF class."""
+    """Write config.json + sharded safetensors (+ tokenizer files) + README.md for the stock HF class."""
     if not stock_class_fits(cfg):
         raise UserError("no stock HF class holds this shape: use drprune.compact.export.export_hf (remote code)")
     config = {**hf_config_dict(cfg), **(config_overrides or {})}
-    with atomic_output(out_dir, overwrite) as tmp:
-        tmp.mkdir()
+    with atomic_output(out_dir, overwrite, folder=True) as tmp:
         write_safetensors_shards(ours_to_hf(cfg, tensors), tmp, max_shard_bytes, release)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         copy_tokenizer(tokenizer_dir, tmp)
+        write_card(card, cfg, tmp, remote_code=False)
+        mark_complete(tmp)
     log.info("wrote HF folder %s", out_dir)
     return Path(out_dir)
 
@@ -231,13 +262,15 @@ def write_safetensors_shards(items: Iterable[tuple[str, Tensor]], out_dir: Path,
 
     Tensors are written straight from their memory (no serialised copy of the shard); `release` is
     called on each one once it is on disk, so a mapped input never becomes resident all at once.
+    Each shard's sha256, hashed as it is written, goes to `drprune_checksums.json` for readers to verify.
     """
     shard_keys: list[list[str]] = []
+    digests: list[str] = []
     current: dict[str, Tensor] = {}
     size = 0
 
     def flush() -> None:
-        _write_safetensors(out_dir / f"shard-{len(shard_keys):05d}.safetensors", current, release)
+        digests.append(_write_safetensors(out_dir / f"shard-{len(shard_keys):05d}.safetensors", current, release))
         shard_keys.append(list(current))
         current.clear()
 
@@ -252,12 +285,14 @@ def write_safetensors_shards(items: Iterable[tuple[str, Tensor]], out_dir: Path,
     total = len(shard_keys)
     if total == 1:
         (out_dir / "shard-00000.safetensors").rename(out_dir / "model.safetensors")
+        write_folder_checksums(out_dir, {"model.safetensors": digests[0]})
         return
+    finals = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
     weight_map = {}
     for i, keys in enumerate(shard_keys):
-        final = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-        (out_dir / f"shard-{i:05d}.safetensors").rename(out_dir / final)
-        weight_map.update(dict.fromkeys(keys, final))
+        (out_dir / f"shard-{i:05d}.safetensors").rename(out_dir / finals[i])
+        weight_map.update(dict.fromkeys(keys, finals[i]))
+    write_folder_checksums(out_dir, dict(zip(finals, digests)))
     index = {"metadata": {}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
@@ -267,8 +302,9 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat1
                        torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def _write_safetensors(path: Path, tensors: dict[str, Tensor], release: Callable[[Tensor], None] | None) -> None:
-    """One safetensors file (8-byte header length, JSON header, raw little-endian data), one tensor at a time."""
+def _write_safetensors(path: Path, tensors: dict[str, Tensor], release: Callable[[Tensor], None] | None) -> str:
+    """One safetensors file (8-byte header length, JSON header, raw little-endian data), one tensor at a
+    time; returns the file's sha256."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, t in tensors.items():
@@ -280,13 +316,19 @@ def _write_safetensors(path: Path, tensors: dict[str, Tensor], release: Callable
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    digest = hashlib.new(ALGORITHM)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
+        for chunk in (struct.pack("<Q", len(raw)), raw):
+            f.write(chunk)
+            digest.update(chunk)
         for t in tensors.values():
-            data = t.detach().to("cpu").contiguous()
-            f.write(data.reshape(-1).view(torch.uint8).numpy().data)
+            data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data
+            f.write(data)
+            digest.update(data)
             if release is not None:
                 release(t)
+            kill_point("safetensors.tensor")
+    return digest.hexdigest()
 
 
 def copy_tokenizer(tokenizer_dir: str | Path | None, out_dir: Path) -> None:
@@ -302,12 +344,12 @@ def copy_tokenizer(tokenizer_dir: str | Path | None, out_dir: Path) -> None:
         shutil.copy2(src / name, out_dir / name)
 
 
-def load_any_decoder(model: str | Path) -> PrunableDecoder:
-    """A decoder from a HF folder (or hub id) or a drprune/Composer checkpoint file."""
+def load_any_decoder(model: str | Path, trust_pickle: bool = False) -> PrunableDecoder:
+    """A decoder from a HF folder (or `hub:NAME`) or a drprune/Composer checkpoint file."""
     path = Path(model)
     if path.is_file():
-        return load_decoder(path)
-    cfg, tensors, _ = load_hf(str(model))
+        return load_decoder(path, trust_pickle=trust_pickle)
+    cfg, tensors, _ = load_hf(str(model), trust_pickle)
     decoder = PrunableDecoder(cfg)
     load_decoder_weights(decoder, tensors, str(model))
     return decoder

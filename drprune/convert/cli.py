@@ -1,10 +1,12 @@
-"""`drprune convert`: hf-to-composer and composer-to-hf."""
+"""`drprune convert`: hf-to-composer, composer-to-hf, gguf-to-hf and hf-to-gguf."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 
+from drprune.atomic import check_output
+from drprune.cli import add_trust_pickle
 from drprune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -14,10 +16,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert = subparsers.add_parser("convert", help="convert checkpoints between HF and Composer")
     sub = convert.add_subparsers(dest="direction", required=True)
 
-    h2c = sub.add_parser("hf-to-composer", help="HF folder (or hub id) -> Composer checkpoint")
-    h2c.add_argument("hf_dir", help="local HF model folder or hub repo id")
+    h2c = sub.add_parser("hf-to-composer", help="HF folder (or hub:NAME) -> Composer checkpoint")
+    h2c.add_argument("hf_dir", help="local HF model folder, or hub:NAME to download NAME from the Hugging Face Hub")
     h2c.add_argument("out", help="output checkpoint path (.pt)")
     h2c.add_argument("--overwrite", action="store_true")
+    add_trust_pickle(h2c)
     h2c.set_defaults(func=hf_to_composer)
 
     c2h = sub.add_parser("composer-to-hf", help="Composer checkpoint -> HF folder (config.json + safetensors)")
@@ -27,7 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="config.json fields (optional; the shape is read from the checkpoint)")
     c2h.add_argument("--tokenizer", help="folder whose tokenizer files are copied into the output")
     c2h.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per safetensors shard")
+    c2h.add_argument("--base-model", metavar="HF_DIR_OR_ID",
+                     help="the source model (hub id or HF folder): the README names it and its license")
     c2h.add_argument("--overwrite", action="store_true")
+    add_trust_pickle(c2h)
     c2h.set_defaults(func=composer_to_hf)
 
     g2h = sub.add_parser("gguf-to-hf", help="llama-family GGUF file -> HF folder (de-quantized, with tokenizer)")
@@ -36,10 +42,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g2h.add_argument("--overwrite", action="store_true")
     g2h.set_defaults(func=gguf_to_hf)
 
+    h2g = sub.add_parser("hf-to-gguf", help="llama-family HF folder (or drprune checkpoint) -> GGUF file with tokenizer")
+    h2g.add_argument("hf_dir", help="HF model folder, or a compacted drprune checkpoint (.pt)")
+    h2g.add_argument("out", help="output .gguf file")
+    h2g.add_argument("--dtype", default="f16", help="f32, f16 (default) or q8_0 for the matrices; norms stay f32")
+    h2g.add_argument("--tokenizer", help="folder with the tokenizer (default: HF_DIR; required for a checkpoint)")
+    h2g.add_argument("--overwrite", action="store_true")
+    h2g.set_defaults(func=hf_to_gguf)
+
+
+def hf_to_gguf(args: argparse.Namespace) -> None:
+    from drprune.convert.gguf_export import hf_to_gguf as convert
+
+    check_output(args.out, args.overwrite)
+    convert(args.hf_dir, args.out, dtype=args.dtype, tokenizer_dir=args.tokenizer, overwrite=args.overwrite)
+
 
 def gguf_to_hf(args: argparse.Namespace) -> None:
     from drprune.convert.gguf import gguf_to_hf as convert
 
+    check_output(args.out_dir, args.overwrite, folder=True)
     convert(args.gguf_file, args.out_dir, overwrite=args.overwrite)
 
 
@@ -47,7 +69,8 @@ def hf_to_composer(args: argparse.Namespace) -> None:
     from drprune.convert.checkpoint import load_hf, save_checkpoint
     from drprune.models.decoder import PrunableDecoder
 
-    cfg, tensors, hf_dir = load_hf(args.hf_dir)
+    check_output(args.out, args.overwrite)
+    cfg, tensors, hf_dir = load_hf(args.hf_dir, args.trust_pickle)
     log.info("read %s: family=%s d_model=%d layers=%d heads=%d/%d", hf_dir, cfg.family, cfg.d_model,
              cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)
     state = {f"model.{k}": v for k, v in tensors.items()}
@@ -69,27 +92,13 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def composer_to_hf(args: argparse.Namespace) -> None:
-    from drprune.compact.export import export_hf, hf_config
-    from drprune.convert.checkpoint import config_of_state, decoder_state, load_model_state, mapped_releaser
-    from drprune.convert.hf import hf_config_dict, stock_class_fits
+    from drprune.compact.export import export_checkpoint
 
-    state = load_model_state(args.ckpt)
-    if any(k.startswith("mask_generator.") for k in state):
-        raise UserError(
-            f"{args.ckpt} is a pruning checkpoint with masks: run `drprune compact {args.ckpt}` first "
-            "and convert its output"
-        )
-    cfg = config_of_state(state)
+    if not args.max_shard_size > 0:
+        raise UserError(f"--max-shard-size={args.max_shard_size} must be > 0 (GiB per safetensors file, e.g. 2)")
+    check_output(args.out_dir, args.overwrite, folder=True)
     overrides = parse_overrides(args.overrides)
     overrides.pop("model_class", None)  # the seed's flag; the class follows from the checkpoint
-    derived = hf_config_dict(cfg) if stock_class_fits(cfg) else hf_config(cfg)
-    conflicts = {k: (v, derived[k]) for k, v in overrides.items() if k in derived and derived[k] != v}
-    if conflicts:
-        raise UserError(
-            "overrides contradict the checkpoint's shape (drop them; the shape is read from the "
-            f"checkpoint): {', '.join(f'{k}={v!r} but checkpoint has {d!r}' for k, (v, d) in conflicts.items())}"
-        )
-    export_hf(
-        cfg, decoder_state(state), args.out_dir, tokenizer_dir=args.tokenizer, config_overrides=overrides,
-        max_shard_bytes=int(args.max_shard_size * 1024**3), overwrite=args.overwrite, release=mapped_releaser(state),
-    )
+    export_checkpoint(args.ckpt, args.out_dir, tokenizer_dir=args.tokenizer, config_overrides=overrides,
+                      max_shard_bytes=int(args.max_shard_size * 1024**3), overwrite=args.overwrite,
+                      base_model=args.base_model, trust_pickle=args.trust_pickle)

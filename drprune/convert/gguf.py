@@ -10,8 +10,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from drprune.convert.checkpoint import atomic_output
-from drprune.convert.hf import HF_MODEL_TYPES
+from drprune.atomic import atomic_output, mark_complete
+from drprune.convert.hf import HF_MODEL_TYPES, config_from_hf
+from drprune.convert.integrity import file_digest, write_folder_checksums
+from drprune.convert.model_card import ModelCard, write_card
 from drprune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,8 @@ def _fix_special_tokens(tokenizer: Any, header: dict[str, Any]) -> None:
 def gguf_to_hf(gguf_file: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """De-quantize a llama-family GGUF into an fp32 HF folder with its tokenizer."""
     path = Path(gguf_file)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a GGUF file: give the .gguf file itself")
     if not path.is_file():
         raise UserError(f"GGUF file {path} does not exist")
     if Path(out_dir).exists() and not overwrite:
@@ -83,10 +87,15 @@ def gguf_to_hf(gguf_file: str | Path, out_dir: str | Path, overwrite: bool = Fal
     # The weights are now plain fp32; a leftover quantization config would make loaders re-quantize.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_output(out_dir, overwrite) as tmp:
+    with atomic_output(out_dir, overwrite, folder=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _drop_gguf_copy(tmp)
+        card = ModelCard(source=path.name, license=header.get("general.license"),
+                         notes=[f"De-quantized to fp32 from the GGUF file `{path.name}` (architecture `{arch}`)."])
+        write_card(card, config_from_hf(model.config.to_dict()), tmp, remote_code=False)
+        write_folder_checksums(tmp, {p.name: file_digest(p) for p in tmp.glob("*.safetensors")})
+        mark_complete(tmp)
     log.info("wrote HF folder %s (%s, %.1fM parameters)", out_dir, type(model).__name__,
              model.num_parameters() / 1e6)
     return Path(out_dir)

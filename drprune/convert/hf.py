@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from drprune.errors import UserError
+from drprune.errors import ConfigError, UserError
 from drprune.models.config import ModelConfig
 
 HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt_neox": "pythia"}
@@ -52,7 +52,17 @@ def config_from_hf(hf: Any) -> ModelConfig:
         raise UserError(
             f"HF model_type {model_type!r} is not supported; supported: {sorted(HF_MODEL_TYPES)}"
         )
-    family = HF_MODEL_TYPES[model_type]
+    try:
+        return _config_from_stock(c, HF_MODEL_TYPES[model_type])
+    except KeyError as err:
+        raise UserError(f"the HF config (config.json) has no {err.args[0]!r}: is it a complete {model_type} "
+                        "config? Copy the model's own config.json") from err
+    except (TypeError, ZeroDivisionError, ConfigError) as err:
+        raise UserError(f"the HF config (config.json) holds a value of the wrong type or zero ({err}); copy the "
+                        "model's own config.json") from err
+
+
+def _config_from_stock(c: dict[str, Any], family: str) -> ModelConfig:
     common = dict(
         family=family,
         vocab_size=c["vocab_size"],

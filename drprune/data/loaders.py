@@ -2,7 +2,8 @@
 
 Keys: data_local, max_seq_len, seed, train_loader.{num_workers, prefetch_factor, pin_memory,
 drop_last, dataset.{split, shuffle}}, eval_loader.{num_workers, dataset.split},
-callbacks.data_loading.{dynamic, set_names, proportion}, data_verify_hashes (default true).
+callbacks.data_loading.{dynamic, set_names, proportion}, data_verify_hashes (default true), tokenizer
+(optional: the model's tokenizer, compared with the one data_local was prepared with).
 dynamic=true: a MixtureDataset over data_local/train/<set_name> (train_loader.dataset.split is
 ignored); otherwise a shuffled map-style dataset over data_local/<split>. Eval reads
 data_local/eval/<split> (or data_local/<split>) in order; `set` ids follow set_names.
@@ -22,6 +23,7 @@ import numpy as np
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from drprune.atomic import visible
 from drprune.data.collate import collate
 from drprune.data.mixture import MixtureDataset, check_proportion
 from drprune.data.shards import ShardReader, verify_split
@@ -90,7 +92,7 @@ def _data_local(cfg: DictConfig) -> Path:
 
 
 def _domain_folders(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if (p / "index.json").is_file()) if folder.is_dir() else []
+    return [p.name for p in visible(folder) if (p / "index.json").is_file()] if folder.is_dir() else []
 
 
 def eval_only_domains(root: Path) -> list[str]:
@@ -189,20 +191,61 @@ def validate_data_config(cfg: DictConfig) -> None:
     """Every data problem as a ConfigError/UserError naming the key or file, before any model is built."""
     seq_len = _seq_len(cfg)
     set_names = set_names_of(cfg)
-    folders = _train_folders(cfg, set_names)
+    folders = _data_folders(cfg)
     if is_dynamic(cfg):
+        from drprune.callbacks.data_loading import check_data_loading
+
         proportion_of(cfg, set_names)
+        check_data_loading(_data_loading(cfg), set_names)
         duration = str(cfg.get("max_duration", ""))
         if duration.endswith("ep"):
             raise ConfigError(f"max_duration={duration}: a dynamic mixture has no epochs; use batches (e.g. 3200ba)")
-    if cfg.get("eval_loader") is not None:
-        folders += _eval_folders(cfg)
     hashes = bool(cfg.get("data_verify_hashes", True))
     for folder in folders:
         verify_split(folder, hashes=hashes)
         have = ShardReader(folder).seq_len()
         if have < seq_len:
             raise ConfigError(f"max_seq_len={seq_len} but {folder} holds {have}-token sequences")
+    if cfg.get("eval_loader") is not None:
+        _check_eval_domains(_eval_folders(cfg), set_names)
+
+
+def _check_eval_domains(folders: list[Path], set_names: list[str]) -> None:
+    """Every domain in the eval data must be in set_names: its per-domain loss has nowhere to go otherwise."""
+    for folder in folders:
+        reader = ShardReader(folder)
+        found = {reader[i]["set"] for i in range(len(reader))}
+        if missing := sorted(found - set(set_names)):
+            raise ConfigError(
+                f"{folder} holds eval data of domain(s) {missing}, which callbacks.data_loading.set_names "
+                f"{set_names} does not list: add them to set_names (and to proportion), or point "
+                "eval_loader.dataset.split at data of the listed domains only")
+
+
+def _data_folders(cfg: DictConfig) -> list[Path]:
+    """Every MDS folder the run reads: the train folders, then the eval ones."""
+    folders = _train_folders(cfg, set_names_of(cfg))
+    if cfg.get("eval_loader") is not None:
+        folders += _eval_folders(cfg)
+    return folders
+
+
+def check_data_vocab(cfg: DictConfig, vocab_size: int) -> None:
+    """Refuse data made with another tokenizer than the run's `tokenizer` (when set), or whose ids do not
+    fit the model's vocab_size, before the model is built. Data that records no tokenizer is scanned."""
+    from drprune.data.identity import check_data_tokenizer, check_token_ids, max_token_id
+
+    root = _data_local(cfg)
+    tokenizer = cfg.get("tokenizer")
+    if tokenizer is not None and not Path(str(tokenizer)).exists():
+        raise ConfigError(f"tokenizer={tokenizer} does not exist: give the model's HF tokenizer folder or "
+                          "SentencePiece .model (or drop the key)")
+    if check_data_tokenizer(root, tokenizer=None if tokenizer is None else str(tokenizer), vocab_size=vocab_size):
+        return
+    log.info("%s records no tokenizer (older data or another tool): scanning its token ids%s", root,
+             f"; tokenizer={tokenizer} cannot be compared" if tokenizer is not None else "")
+    for folder in _data_folders(cfg):
+        check_token_ids(max_token_id(folder), vocab_size, folder)
 
 
 def _workers(node) -> tuple[int, int | None]:

@@ -2,13 +2,14 @@
 
 Output: OUT/train/<domain>, OUT/eval/<domain>, OUT/eval/eval_merge; columns `tokens` (uint16 when the
 vocabulary fits, else uint32) and `set` (the domain name). Everything is written under a temporary
-folder renamed to OUT at the end, so a failure leaves nothing behind.
+folder renamed to OUT at the end (drprune.atomic), so a failure or a kill leaves nothing behind.
 
 Eval-only ("held-out") domains (`eval_only=` / `--eval-only-domain`) are tokenized whole into
 OUT/eval/<name> only: no OUT/train/<name>, and they are not in eval/eval_merge, which is the
 training-time evaluator of the training domains. OUT/domains.json ({"train": [...], "eval_only":
 [...]}, read back with `read_domains`) tells the two kinds apart for users, the loaders (which
-refuse an eval-only domain in set_names) and `drprune eval`.
+refuse an eval-only domain in set_names) and `drprune eval`; its "tokenizer" entry records which
+tokenizer made the ids (drprune.data.identity), so training and eval refuse a model with another one.
 """
 from __future__ import annotations
 
@@ -22,14 +23,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from drprune.data.shards import Packer, ShardReader, atomic_dir, open_writer, token_dtype
+from drprune.atomic import atomic_output, check_output
+from drprune.data.shards import Packer, ShardReader, finish, open_writer, token_dtype
+from drprune.data.identity import DOMAINS_FILE, IDENTITY_KEY, tokenizer_identity
 from drprune.data.sources import Tokenizer, check_source, iter_documents
 from drprune.errors import UserError
 
 log = logging.getLogger(__name__)
 
 EVAL_MERGE = "eval_merge"
-DOMAINS_FILE = "domains.json"
 BATCH_DOCS = 256
 
 
@@ -99,6 +101,10 @@ def prepare(domains: dict[str, Path], tokenizer: str, max_seq_len: int, out: Pat
         raise UserError("--eval-fraction 0 needs an --eval-domain for every domain (eval/ needs data)")
     if max_seq_len < 2:
         raise UserError(f"--max-seq-len must be >= 2, got {max_seq_len}")
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"--max-tokens (the train-token budget per domain) must be >= 1, got {max_tokens}; "
+                        "leave it out to use all the text")
+    check_output(out, overwrite, folder=True)
     for path in [*domains.values(), *eval_sources.values(), *held_out.values()]:
         check_source(path)
     tok = Tokenizer(tokenizer)
@@ -108,7 +114,7 @@ def prepare(domains: dict[str, Path], tokenizer: str, max_seq_len: int, out: Pat
 
     stats: list[SplitStats] = []
     start = time.perf_counter()
-    with atomic_dir(Path(out), overwrite) as tmp:
+    with atomic_output(Path(out), overwrite, folder=True) as tmp:
         for name, path in domains.items():
             stats += _prepare_domain(name, path, eval_sources.get(name), tok, dtype, max_seq_len, tmp,
                                      eval_fraction, max_tokens, seed, text_field)
@@ -116,7 +122,8 @@ def prepare(domains: dict[str, Path], tokenizer: str, max_seq_len: int, out: Pat
             stats.append(_prepare_eval_only(name, path, tok, dtype, max_seq_len, tmp, text_field))
         merged = merge(tmp / "eval", tmp / "eval", EVAL_MERGE, list(domains))  # training domains only
         stats.append(SplitStats("(all)", f"eval/{EVAL_MERGE}", 0, merged * max_seq_len, merged, 0))
-        (tmp / DOMAINS_FILE).write_text(json.dumps({"train": list(domains), "eval_only": list(held_out)},
+        (tmp / DOMAINS_FILE).write_text(json.dumps({"train": list(domains), "eval_only": list(held_out),
+                                                    IDENTITY_KEY: tokenizer_identity(tok, tokenizer)},
                                                    indent=2) + "\n")
     seconds = time.perf_counter() - start
     total = sum(s.tokens for s in stats if s.domain != "(all)")
@@ -197,6 +204,10 @@ def merge(input_dir: Path, output_dir: Path, output_split: str, split_names: lis
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not split_names:
         raise UserError("--split-names is empty")
+    if not output_split or "/" in output_split or output_split.startswith("."):
+        raise UserError(f"--output-split {output_split!r} must be a plain folder name (no '/', no leading '.'), "
+                        f"e.g. {EVAL_MERGE}")
+    check_output(output_dir / output_split, overwrite, folder=True)
     readers = [ShardReader(input_dir / name) for name in split_names]
     encodings = {r.folder: dict(zip(r.shards[0].column_names, r.shards[0].column_encodings)) for r in readers}
     first = next(iter(encodings.values()))
@@ -205,13 +216,13 @@ def merge(input_dir: Path, output_dir: Path, output_split: str, split_names: lis
             raise UserError(f"{folder} has columns {enc}, expected {first} like the other splits")
     dtype = np.dtype(first["tokens"].split(":")[1])
     total = 0
-    with atomic_dir(output_dir / output_split, overwrite) as tmp:
+    with atomic_output(output_dir / output_split, overwrite, folder=True) as tmp:
         writer = open_writer(tmp, dtype)
         for reader in readers:
             for i in tqdm(range(len(reader)), desc=f"merge {reader.folder.name}", leave=False):
                 writer.write(reader[i])
             total += len(reader)
-        writer.finish()
+        finish(writer)
     log.info("merged %s into %s (%d samples)", split_names, output_dir / output_split, total)
     return total
 

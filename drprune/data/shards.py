@@ -1,23 +1,22 @@
 """MDS shard I/O shared by `prepare`, `merge`, the synthetic writer and the loaders.
 
-Writing goes through streaming's `MDSWriter` into a temporary folder that is renamed only when
-complete, so a failed run never leaves a half-written dataset. Reading goes through streaming's own
+Writing goes through streaming's `MDSWriter` inside an `atomic_output` folder that is renamed only
+when complete, so a failed or killed run never leaves a half-written dataset; every finished split
+gets a completion marker (`finish`), which the readers check. Reading goes through streaming's own
 shard readers (`reader_from_json`), which gives cheap random access without StreamingDataset's
 shared-memory machinery; `verify_split` catches truncated or corrupted shards by size and hash.
 """
 from __future__ import annotations
 
 import bisect
-import contextlib
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
+from drprune.atomic import check_complete, kill_point, mark_complete
 from drprune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -44,30 +43,6 @@ def columns(dtype: np.dtype) -> dict[str, str]:
     return {"tokens": f"ndarray:{dtype.name}", "set": "str"}
 
 
-@contextlib.contextmanager
-def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `out`; rename it to `out` on success, delete it on any error."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(trash)
-        tmp.rename(out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
 def open_writer(folder: Path, dtype: np.dtype):
     from streaming import MDSWriter
 
@@ -75,10 +50,31 @@ def open_writer(folder: Path, dtype: np.dtype):
                      progress_bar=False)
 
 
-def verify_split(folder: Path, hashes: bool = True) -> int:
-    """Check an MDS folder's shards against index.json (size, and hash when recorded); return #samples."""
+def finish(writer) -> None:
+    """Close an MDS writer and mark its split complete (the marker is the split's last file)."""
+    writer.finish()
+    mark_complete(Path(writer.local))
+
+
+def _check_shard(folder: Path, info: dict[str, Any], hashes: bool) -> None:
+    """One shard against its index.json entry: present, of the recorded size, and (`hashes`) of the recorded hash."""
     from streaming.base.hashing import get_hash
 
+    raw = info["raw_data"]
+    path = Path(folder) / raw["basename"]
+    if not path.is_file():
+        raise UserError(f"shard {path} listed in {Path(folder) / 'index.json'} is missing")
+    if path.stat().st_size != raw["bytes"]:
+        raise UserError(f"shard {path} is truncated or corrupted: {path.stat().st_size} bytes, "
+                        f"index.json says {raw['bytes']}")
+    if hashes:
+        for algo, expected in (raw.get("hashes") or {}).items():
+            if get_hash(algo, path.read_bytes()) != expected:
+                raise UserError(f"shard {path} is corrupted: its {algo} hash does not match index.json")
+
+
+def verify_split(folder: Path, hashes: bool = True) -> int:
+    """Check an MDS folder's shards against index.json (size, and hash when recorded); return #samples."""
     index = Path(folder) / "index.json"
     if not index.is_file():
         raise UserError(f"{folder} is not an MDS folder: {index} is missing (run `drprune data prepare`)")
@@ -88,32 +84,30 @@ def verify_split(folder: Path, hashes: bool = True) -> int:
         raise UserError(f"{index} is corrupted: {err}") from err
     total = 0
     for info in shards:
-        raw = info["raw_data"]
-        path = Path(folder) / raw["basename"]
-        if not path.is_file():
-            raise UserError(f"shard {path} listed in {index} is missing")
-        if path.stat().st_size != raw["bytes"]:
-            raise UserError(f"shard {path} is truncated or corrupted: {path.stat().st_size} bytes, "
-                            f"index.json says {raw['bytes']}")
-        if hashes:
-            for algo, expected in (raw.get("hashes") or {}).items():
-                if get_hash(algo, path.read_bytes()) != expected:
-                    raise UserError(f"shard {path} is corrupted: its {algo} hash does not match index.json")
+        _check_shard(Path(folder), info, hashes)
         total += int(info["samples"])
+    check_complete(folder, "MDS folder")  # after the shard checks, whose messages name the shard
     return total
 
 
 class ShardReader:
-    """Random access to the samples of one MDS folder, via streaming's shard readers."""
+    """Random access to the samples of one MDS folder, via streaming's shard readers.
 
-    def __init__(self, folder: Path):
+    `verify=True` checks each shard's size and hash the first time one of its samples is read, for
+    readers that take a few rows (eval, calibration) without a `verify_split` of the whole folder.
+    """
+
+    def __init__(self, folder: Path, verify: bool = False):
         from streaming.base.format import reader_from_json
 
         self.folder = Path(folder)
+        check_complete(self.folder, "MDS folder")
         index = self.folder / "index.json"
         if not index.is_file():
             raise UserError(f"{self.folder} is not an MDS folder: {index} is missing")
         obj = json.loads(index.read_text())
+        self.infos = obj["shards"]
+        self.unverified = set(range(len(self.infos))) if verify else set()
         self.shards = [reader_from_json(str(self.folder), None, info) for info in obj["shards"]]
         for shard in self.shards:
             shard.validate(allow_unsafe_types=False)
@@ -128,6 +122,9 @@ class ShardReader:
     def __getitem__(self, idx: int) -> dict[str, Any]:
         k = bisect.bisect_right(self.starts, idx) - 1
         shard = self.shards[k]
+        if k in self.unverified:
+            _check_shard(self.folder, self.infos[k], hashes=True)
+            self.unverified.discard(k)
         try:
             return shard.decode_sample(shard.get_sample_data(idx - self.starts[k]))
         except (IndexError, ValueError, OSError) as err:
@@ -165,9 +162,10 @@ class Packer:
         n = len(self.buffer) // self.seq_len
         for row in self.buffer[: n * self.seq_len].reshape(n, self.seq_len):
             self.writer.write({"tokens": row, "set": self.domain})
+            kill_point("mds.row")
         self.sequences += n
         self.buffer = self.buffer[n * self.seq_len:]
 
     def close(self) -> None:
         self.dropped = len(self.buffer)
-        self.writer.finish()
+        finish(self.writer)

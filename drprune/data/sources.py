@@ -105,8 +105,14 @@ def _hf_documents(path: Path, text_field: str) -> Iterator[str]:
         yield row[text_field]
 
 
+# Any of these marks a folder that transformers can load a tokenizer from.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
 class Tokenizer:
-    """Batch encoder plus eos id and vocab size for an HF tokenizer folder or a SentencePiece .model."""
+    """Batch encoder plus eos id, vocab size and vocabulary ({token: id}) for an HF tokenizer folder or a
+    SentencePiece .model."""
 
     def __init__(self, spec: str):
         path = Path(spec)
@@ -114,21 +120,28 @@ class Tokenizer:
             raise UserError(f"tokenizer {spec} does not exist (a HF tokenizer folder or a SentencePiece .model)")
         self.encode: Callable[[list[str]], list[list[int]]]
         self.decode: Callable[[list[int]], str]
+        self.vocab: Callable[[], dict[str, int]]
         if path.suffix == ".model":
             import sentencepiece as spm
 
             sp = spm.SentencePieceProcessor(model_file=str(path))
             self.encode, self.decode = sp.encode, sp.decode
+            self.vocab = lambda: {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
             self.vocab_size, self.eos_id = sp.get_piece_size(), sp.eos_id()
         else:
             from transformers import AutoTokenizer
 
+            if path.is_file() or not any((path / name).is_file() for name in TOKENIZER_FILES):
+                what = "a file" if path.is_file() else "a folder without tokenizer files"
+                raise UserError(f"tokenizer {spec} is {what}: give a HF tokenizer folder (tokenizer.json, ...) "
+                                "or a SentencePiece .model")
             try:
                 tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
-            except (OSError, ValueError) as err:
-                raise UserError(f"cannot load a tokenizer from {path}: {err}") from err
+            except Exception as err:  # noqa: BLE001 - transformers fails in many ways on a folder without one
+                raise UserError(f"cannot load a tokenizer from {path} ({type(err).__name__}: {err}): give a HF "
+                                "tokenizer folder (tokenizer.json, ...) or a SentencePiece .model") from err
             self.encode = lambda texts: tok(texts, add_special_tokens=False)["input_ids"]
-            self.decode = tok.decode
+            self.decode, self.vocab = tok.decode, tok.get_vocab
             self.vocab_size, self.eos_id = len(tok), tok.eos_token_id
         if self.eos_id is None or self.eos_id < 0:
             raise UserError(f"tokenizer {spec} has no EOS token, needed between packed documents")

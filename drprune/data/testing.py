@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from drprune.data.prepare import EVAL_MERGE, merge
-from drprune.data.shards import Packer, atomic_dir, open_writer, token_dtype
+from drprune.atomic import atomic_output
+from drprune.data.shards import Packer, open_writer, token_dtype
 
 KINDS = ("random", "repetitive")
 
@@ -32,7 +33,7 @@ def write_synthetic_mds(root, domains: dict[str, str], *, seq_len: int, vocab_si
     if root.is_dir() and not any(root.iterdir()):
         root.rmdir()  # an empty folder (e.g. pytest's tmp_path) is fine to write into
     dtype = token_dtype(vocab_size)
-    with atomic_dir(root, overwrite=False) as tmp:
+    with atomic_output(root, overwrite=False, folder=True) as tmp:
         for name, kind in domains.items():
             for split, n in (("train", n_train), ("eval", n_eval)):
                 packer = Packer(open_writer(tmp / split / name, dtype), name, seq_len, dtype)

@@ -48,6 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="eval sequences per domain (all of them when fewer)")
     p.add_argument("--copy-rows", type=int, default=d.copy_rows, help="rows of the in-context copying probe")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--tasks", help="also score every model on these lm-eval tasks, comma-separated (as `drprune eval "
+                                   "--tasks`: drprune_copy, drprune_cloze, or standard tasks on a connected machine)")
     p.set_defaults(func=run)
 
 
@@ -55,13 +57,15 @@ def run(args: argparse.Namespace) -> None:
     from drprune.demo.options import DemoOptions
     from drprune.demo.pipeline import run_demo
     from drprune.demo.report import comparison_table
+    from drprune.eval.harness import parse_tasks
 
     if not args.corpus.is_file():
         raise UserError(f"corpus config {args.corpus} does not exist (pass --corpus FILE)")
     opts = DemoOptions(out=args.out, steps=args.steps, prune_steps=args.prune_steps, kd=args.kd,
                        target=args.target, source_layers=args.source_layers, gguf=args.gguf, corpus=args.corpus,
                        seq_len=args.seq_len, batch_size=args.batch_size, eval_rows=args.eval_rows,
-                       copy_rows=args.copy_rows, seed=args.seed)
+                       copy_rows=args.copy_rows, seed=args.seed,
+                       tasks=tuple(parse_tasks(args.tasks)) if args.tasks is not None else ())
     s = run_demo(opts)
     print("\n" + comparison_table(s))
     params = s["parameters"]

@@ -33,6 +33,7 @@ from typing import Any, Iterator
 
 import yaml
 
+from drprune.atomic import write_text
 from drprune.errors import UserError
 
 FORMATS = ("text", "conversations", "python_strings")
@@ -71,7 +72,10 @@ def load_spec(path: str | Path) -> CorpusSpec:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"corpus config {path} does not exist")
-    raw: Any = yaml.safe_load(path.read_text())
+    try:
+        raw: Any = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"corpus config {path} is not valid YAML: {' '.join(str(err).split())}; fix the file") from err
     if not isinstance(raw, dict) or not isinstance(raw.get("domains"), dict) or not raw["domains"]:
         raise UserError(f"{path}: needs a non-empty `domains:` mapping of name -> {{files: [...]}}")
     domains = []
@@ -208,9 +212,6 @@ def build_corpus(spec: CorpusSpec, out_dir: str | Path) -> dict[str, dict[str, i
                 break
         if not chunks:
             raise UserError(f"domain {domain.name!r}: its files hold no text")
-        target = out_dir / f"{domain.name}.jsonl"
-        tmp = target.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps({"text": c}) + "\n" for c in chunks), encoding="utf-8")
-        tmp.replace(target)
+        write_text(out_dir / f"{domain.name}.jsonl", "".join(json.dumps({"text": c}) + "\n" for c in chunks))
         stats[domain.name] = {"files": len(files), "chunks": len(chunks), "chars": chars}
     return stats

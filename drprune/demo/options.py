@@ -23,6 +23,7 @@ class DemoOptions:
     copy_rows: int = 64                  # rows of the in-context copying probe
     eval_fraction: float = 0.08
     seed: int = 0
+    tasks: tuple[str, ...] = ()          # lm-eval tasks also scored on every model (`drprune eval --tasks`)
 
     @property
     def learned_prune_steps(self) -> int:

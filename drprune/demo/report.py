@@ -14,16 +14,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from drprune.atomic import write_json, write_text  # noqa: E402
 from drprune.callbacks import plots as run_plots  # noqa: E402
 from drprune.demo.compare import fmt, head_to_head, target_checks  # noqa: E402
 
 MODELS = (("source", "source"), ("pruned", "learned (L0 + DRO)"), ("baseline", "one-shot baseline, same shape"))
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def plot_weights(mixture: dict[str, Any], domains: list[str], path: Path) -> None:
@@ -64,6 +59,29 @@ def plot_sparsity(mixture: dict[str, Any], path: Path) -> None:
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def task_rows(tasks: dict[str, dict[str, dict[str, float]]], models: list[str]) -> list[list[str]]:
+    """Rows [task, metric, one cell per model] of lm-eval scores {model: {task: {metric: value}}}; a cell is
+    "value ± stderr" (the harness's bootstrap standard error) when the harness gave one."""
+    def cell(got: dict[str, float], metric: str) -> str:
+        if metric not in got:
+            return "n/a"
+        err = got.get(f"{metric}_stderr")
+        return f"{got[metric]:.3f}" + ("" if err is None else f" ± {err:.3f}")
+
+    return [[task, metric, *(cell(tasks[m].get(task, {}), metric) for m in models)]
+            for task, metrics in tasks[models[0]].items() for metric in metrics if not metric.endswith("_stderr")]
+
+
+def _tasks_section(s: dict[str, Any]) -> list[str]:
+    if not s.get("tasks"):
+        return []
+    keys, labels = zip(*[(k, label) for k, label in MODELS if k in s["tasks"]])
+    return ["## lm-eval tasks", "",
+            "Scores from lm-evaluation-harness (`--tasks`, as `drprune eval --tasks`), ± the harness's bootstrap "
+            "standard error. The local tasks (drprune_copy, drprune_cloze) are built from the demo's eval rows.", "",
+            _table(["task", "metric", *labels], task_rows(s["tasks"], list(keys))), ""]
 
 
 def _present(s: dict[str, Any]) -> list[tuple[str, str]]:
@@ -164,6 +182,7 @@ def render_markdown(s: dict[str, Any]) -> str:
         f"Baseline: width by {method['width']}, layers by {method['layers']} choice. The L0 masks start from "
         "the same selection and refine it while the weights train under the masks (DRO data mixture).",
         "",
+        *_tasks_section(s),
         "## Parameters",
         "",
         _table(["model", "total", "non-embedding", "of source", "shape"], param_rows),
@@ -206,5 +225,5 @@ def write_report(summary: dict[str, Any], out: Path) -> None:
            for m, e in summary["eval"].items()}
     plot_domain_loss(ppl, list(next(iter(ppl.values()))), plots / "domain_loss.png")
     plot_sparsity(summary["mixture"], plots / "expected_sparsity.png")
-    _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    _write_text(out / "report.md", render_markdown(summary))
+    write_json(out / "summary.json", summary)
+    write_text(out / "report.md", render_markdown(summary))

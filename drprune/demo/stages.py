@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from drprune.convert.checkpoint import atomic_output
+from drprune.atomic import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,7 @@ class Stage:
             return self.dir
         if self.dir.exists():
             log.info("stage %s: %s is from other inputs (or incomplete); rebuilding", self.name, self.dir)
-        with atomic_output(self.dir, overwrite=True) as tmp:
-            tmp.mkdir()
+        with atomic_output(self.dir, overwrite=True, folder=True) as tmp:
             build(tmp)
             (tmp / STAGE_FILE).write_text(json.dumps(
                 {"fingerprint": self.fingerprint, "inputs": self.inputs}, indent=2, default=str) + "\n")

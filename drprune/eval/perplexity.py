@@ -23,17 +23,16 @@ MIN_RANK_ROWS = 64
 
 
 def read_token_rows(folder: str | Path, max_rows: int | None = None) -> np.ndarray:
-    """Token rows [N, T] of one MDS folder, in order (plain streaming reader, no shuffling)."""
-    from streaming import LocalDataset
+    """Token rows [N, T] of one MDS folder, in order; every shard read is checked against its recorded
+    size and hash first, so a corrupted shard is an error naming it, never silently wrong tokens."""
+    from drprune.data.shards import ShardReader
 
     folder = Path(folder)
     if not (folder / "index.json").is_file():
         raise UserError(f"{folder} is not an MDS folder (no index.json): run `drprune data prepare` first")
-    dataset = LocalDataset(local=str(folder))
-    n = len(dataset) if max_rows is None else min(len(dataset), max_rows)
-    if n == 0:
-        raise UserError(f"MDS folder {folder} holds no samples")
-    return np.stack([np.asarray(dataset[i]["tokens"], dtype=np.int64) for i in range(n)])
+    reader = ShardReader(folder, verify=True)
+    n = len(reader) if max_rows is None else min(len(reader), max_rows)
+    return np.stack([np.asarray(reader[i]["tokens"], dtype=np.int64) for i in range(n)])
 
 
 @torch.no_grad()

@@ -8,7 +8,9 @@ the compact model) and on a compact config (its real size).
 from __future__ import annotations
 
 import abc
+import json
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -33,13 +35,94 @@ MASK_DIMS: dict[str, tuple[str, ...]] = {
 RESIDUAL_SELECTIONS = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 
 
+def _legacy_name(name: str) -> str:
+    """Sheared-LLaMA's zs files name masks `head_z`, `intermediate_z`, ...: drop the suffix."""
+    return name[:-2] if name.endswith("_z") and name[:-2] in MASK_DIMS else name
+
+
 def mask_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
     sizes = {"L": cfg.n_layers, "H_kv": cfg.n_kv_heads, "I": cfg.intermediate_size, "d": cfg.d_model}
     return tuple(sizes[d] for d in MASK_DIMS[name])
 
 
+MASKS_FORMAT = "drprune-masks/1"
+
+
 class MaskSet(dict):
-    """Named mask tensors; a missing entry means that structure is not pruned."""
+    """Named mask tensors; a missing entry means that structure is not pruned.
+
+    On disk (`save`/`load`, the one owner of mask files): safetensors holding one float32 tensor per
+    mask, with a JSON header naming the format, every mask's shape and, when known, the source config
+    the masks apply to. `load` also reads the legacy `torch.save` dicts (`zs_s*.pt`), without
+    unpickling code.
+    """
+
+    def save(self, path: str | Path, *, source: ModelConfig | None = None, overwrite: bool = True) -> Path:
+        """Write the masks atomically (a kill leaves the previous file or the new one)."""
+        from safetensors.torch import save_file
+
+        from drprune.atomic import atomic_output
+
+        header = {"format": MASKS_FORMAT, "shapes": json.dumps({k: list(v.shape) for k, v in self.items()})}
+        if source is not None:
+            header["source_config"] = json.dumps(source.to_dict())
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.items()}
+        with atomic_output(path, overwrite=overwrite) as tmp:
+            save_file(tensors, str(tmp), metadata=header)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path, cfg: ModelConfig | None = None) -> "MaskSet":
+        """Read a mask file (validated against `cfg` when given); bad files are a UserError naming them."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"mask file {path} does not exist: give a file written by drprune (masks.safetensors, "
+                            "zs_s*.safetensors) or a legacy torch.save dict of masks (zs_s*.pt)")
+        if path.suffix == ".safetensors":
+            masks = cls._read_safetensors(path)
+        else:
+            from drprune.convert.integrity import torch_load
+
+            data = torch_load(path, mmap=False)
+            if not isinstance(data, Mapping) or not all(torch.is_tensor(v) for v in data.values()):
+                raise UserError(f"{path} is not a mask file: expected a mapping of mask names to tensors")
+            masks = cls({_legacy_name(str(k)): v for k, v in data.items()})
+        if cfg is not None:
+            try:
+                masks.validate(cfg)
+            except ConfigError as err:
+                raise UserError(f"{path}: {err}") from err
+        return masks
+
+    @classmethod
+    def _read_safetensors(cls, path: Path) -> "MaskSet":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                masks = cls({k: f.get_tensor(k) for k in f.keys()})
+        except (SafetensorError, OSError, ValueError) as err:
+            raise UserError(f"cannot read mask file {path}: {err} (truncated or not a safetensors file?)") from err
+        if meta.get("format") != MASKS_FORMAT:
+            raise UserError(f"{path} is a safetensors file but not a drprune mask file (format "
+                            f"{meta.get('format')!r}, expected {MASKS_FORMAT!r})")
+        shapes = json.loads(meta.get("shapes", "{}"))
+        if {k: list(v.shape) for k, v in masks.items()} != shapes:
+            raise UserError(f"{path}: the masks do not match the shapes in its header ({shapes}); the file is corrupt")
+        return masks
+
+    @staticmethod
+    def source_config(path: str | Path) -> ModelConfig | None:
+        """The source config recorded in a mask file's header (None for legacy files or when absent)."""
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get("source_config")
+        return ModelConfig.from_dict(json.loads(text)) if text else None
 
     def validate(self, cfg: ModelConfig) -> "MaskSet":
         if not cfg.is_uniform:

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from drprune.errors import ConfigError
+from drprune.errors import ConfigError, UserError
 from drprune.masks.base import MaskGenerator, MaskSet, expected_params
 from drprune.models.config import ModelConfig
 
@@ -176,15 +176,10 @@ class L0MaskGenerator(MaskGenerator):
         The target then holds from step 0: a warm-up ramp from zero sparsity would first pull the
         Lagrangian toward re-enabling every dropped unit. Not stored in the generator's extra state:
         checkpoints carry the trained logits themselves."""
-        from pathlib import Path
-
-        if not Path(path).is_file():
-            raise ConfigError(f"{key}={path} does not exist: give a file of hard masks (torch.save of a MaskSet)")
-        masks = MaskSet(torch.load(path, map_location="cpu", weights_only=True))
         try:
-            masks.validate(self.cfg)
-        except ConfigError as err:
-            raise ConfigError(f"{key}={path}: {err}") from err
+            masks = MaskSet.load(path, self.cfg)
+        except UserError as err:
+            raise ConfigError(f"{key}: {err}") from err
         with torch.no_grad():
             for name, gate in self.gates.items():
                 if name in masks:

@@ -5,7 +5,6 @@ Written at `fit_end` by the pruning callback into the save folder (`mask_report.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -15,6 +14,8 @@ import matplotlib
 import torch
 from torch import Tensor
 
+from drprune.atomic import write_json
+from drprune.callbacks.plots import save_figure
 from drprune.masks.base import MaskGenerator, compact_config, config_params, expected_params
 from drprune.models.config import ModelConfig
 
@@ -70,10 +71,7 @@ def plot_widths(cfg: ModelConfig, report: Mapping[str, Any], path: Path) -> None
            xticks=range(len(layers)))
     ax.legend(fontsize=7, ncol=3)
     ax.grid(axis="y", alpha=0.3)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -115,7 +113,7 @@ def write_report(state: Any, generator: MaskGenerator, folder: Path) -> dict[str
     report["perplexity"] = eval_perplexity(state)
     if dist.get_global_rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "mask_report.json").write_text(json.dumps(report, indent=1))
+        write_json(folder / "mask_report.json", report, indent=1)
         plot_widths(cfg, report, folder / "layer_widths.png")
         log.info("kept %d of %d non-embedding parameters (%.2f%%, target %s), hard-masked perplexity %s; "
                  "report in %s", report["kept_params"], report["source_params"], 100 * report["kept_ratio"],

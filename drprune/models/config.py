@@ -71,6 +71,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "max_seq_len"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"model.{key}={value!r} is invalid: set it to a positive integer "
+                                  f"(the model's {key.replace('_', ' ')})")
         if self.head_dim is None:
             if self.n_heads == 0 or self.d_model % self.n_heads:
                 raise ConfigError(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from drprune.atomic import visible
 from drprune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ def mds_folders(data: Path, split: str = "train") -> list[Path]:
         return [data]
     split_dir = data / split
     if split_dir.is_dir():
-        found = sorted(p for p in split_dir.iterdir() if (p / "index.json").is_file() and p.name != EVAL_MERGE)
+        found = [p for p in visible(split_dir) if (p / "index.json").is_file() and p.name != EVAL_MERGE]
         if found:
             return found
     return []
@@ -33,12 +34,9 @@ def mds_folders(data: Path, split: str = "train") -> list[Path]:
 
 def resolve_tokenizer(model: str | Path, tokenizer: str | Path | None) -> str | None:
     """The tokenizer to read text with: the flag, else MODEL when it is a HF folder holding one."""
-    if tokenizer is not None:
-        return str(tokenizer)
-    path = Path(model)
-    if path.is_dir() and any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        return str(path)
-    return None
+    from drprune.data.identity import model_tokenizer
+
+    return str(tokenizer) if tokenizer is not None else model_tokenizer(model)
 
 
 def load_rows(data: str | Path, *, tokenizer: str | None, seq_len: int, max_rows: int) -> np.ndarray:
@@ -85,13 +83,12 @@ def balanced_quota(sizes: list[int], max_rows: int) -> list[int]:
 
 
 def _mds_rows(folders: list[Path], max_rows: int | None) -> np.ndarray:
-    from streaming import LocalDataset
-
+    from drprune.data.shards import ShardReader
     from drprune.eval.perplexity import read_token_rows
 
     if max_rows is None:
         return np.concatenate([read_token_rows(f) for f in folders])
-    quota = balanced_quota([len(LocalDataset(local=str(f))) for f in folders], max_rows)
+    quota = balanced_quota([len(ShardReader(f)) for f in folders], max_rows)
     log.info("calibration rows per domain: %s", ", ".join(f"{f.name} {q}" for f, q in zip(folders, quota)))
     return np.concatenate([read_token_rows(f, q) for f, q in zip(folders, quota) if q])
 

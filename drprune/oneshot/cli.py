@@ -15,17 +15,22 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from drprune.cli import add_trust_pickle
 from drprune.errors import UserError
 
 log = logging.getLogger(__name__)
 
 COMMON_DEFAULTS: dict[str, Any] = {"seq_len": 256, "max_rows": 32, "batch_size": 4, "eval_max_rows": None,
-                                   "overwrite": False, "tokenizer": None, "eval_data": None, "calib": None}
+                                   "overwrite": False, "tokenizer": None, "eval_data": None, "calib": None,
+                                   "trust_pickle": False}
 DEFAULTS: dict[str, dict[str, Any]] = {
     "layers": {"pruning_method": "angular", "pruning_token": "all", "skip_blocks": []},
-    "width": {"importance": "taylor", "taylor": "element", "seed": 0},
+    "width": {"importance": "taylor", "taylor": "element", "seed": 0, "max_rows": 64},
     "vocab": {},
 }
+# integer options and their smallest valid value (checked before the model is read)
+POSITIVE = {"seq_len": 2, "max_rows": 1, "batch_size": 1, "eval_max_rows": 1, "keep": 1, "hidden_size": 1,
+            "num_attention_heads": 1, "num_key_value_heads": 1, "intermediate_size": 1}
 KEY_ALIASES = {"model_name": "model", "save_directory": "out", "hidden_size_remain": "hidden_size",
                "num_attention_heads_remain": "num_attention_heads", "ffn_hidden_size_remain": "intermediate_size",
                "intermediate_size_remain": "intermediate_size", "pruner_type": "importance"}
@@ -43,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     width = _common(sub.add_parser("width", help="prune heads / channels / hidden dims to a shape or a ratio"))
     width.add_argument("--importance", help="taylor | l1 | l2 | activation | random")
-    width.add_argument("--taylor", help="element (sum |w g|) | vector (|sum w g|)")
+    width.add_argument("--taylor", help="element (sum |w g|) | vector (sum over rows of |sum_row w g|)")
     width.add_argument("--seed", type=int, help="seed of the random importance")
     for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"):
         width.add_argument("--" + key.replace("_", "-"), type=int, help="target shape")
@@ -58,17 +63,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("model", nargs="?", help="HF model folder or drprune/Composer checkpoint")
+    p.add_argument("model", nargs="?", help="HF model folder (or hub:NAME) or drprune/Composer checkpoint")
     p.add_argument("--config", help="YAML/JSON file with the same keys as the flags")
     p.add_argument("--calib", help="calibration data: an MDS folder (or prepared root) or text files")
     p.add_argument("--tokenizer", help="tokenizer for text data and the output (default: MODEL's)")
     p.add_argument("--seq-len", type=int, help="tokens per calibration row for text data")
-    p.add_argument("--max-rows", type=int, help="calibration rows used for scoring")
+    p.add_argument("--max-rows", type=int, help="calibration rows used for scoring (width: 64, else 32)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--eval-data", help="MDS data folder with eval/<domain>/: perplexity before and after")
     p.add_argument("--eval-max-rows", type=int, help="eval rows per domain")
     p.add_argument("--out", help="output folder (model.pt, hf/, removed.json)")
     p.add_argument("--overwrite", action="store_true", default=None)
+    add_trust_pickle(p, default=None)
     p.set_defaults(func=run)
     return p
 
@@ -92,6 +98,10 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
         if not opts.get(key):
             raise UserError(f"`oneshot {command}` needs {key.upper() if key == 'model' else '--out'} "
                             "(on the command line or in --config)")
+    for key, low in POSITIVE.items():
+        value = opts.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise UserError(f"--{key.replace('_', '-')}={value!r} must be an integer >= {low}")
     return opts
 
 
@@ -103,17 +113,19 @@ def read_config(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
     except (ValueError, yaml.YAMLError) as err:
-        raise UserError(f"cannot parse {path}: {err}") from err
+        raise UserError(f"cannot parse {path}: {' '.join(str(err).split())}; fix the file") from err
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of option names to values")
     return data
 
 
 def run(args: argparse.Namespace) -> None:
+    from drprune.atomic import check_output
+    from drprune.convert.checkpoint import HUB_PREFIX, resolve_hf_dir
     from drprune.oneshot import runner
 
     opts = resolve_options(args)
-    out = Path(opts["out"])
-    if out.exists() and not opts["overwrite"]:
-        raise UserError(f"output {out} already exists: remove it, choose another --out or pass --overwrite")
+    check_output(opts["out"], opts["overwrite"], folder=True)
+    if str(opts["model"]).startswith(HUB_PREFIX):  # downloaded once; everything after reads the folder
+        opts["model"] = str(resolve_hf_dir(str(opts["model"])))
     getattr(runner, f"run_{args.oneshot}")(opts)

@@ -38,12 +38,12 @@ class LayerSelection:
     method: str
 
 
-def normalize_skip(skip_blocks: Sequence[int], n_layers: int) -> set[int]:
+def normalize_skip(skip_blocks: Sequence[int], n_layers: int, key: str = "skip_blocks") -> set[int]:
     """Skip indices as non-negative block ids; negative ones count from the end like Python's."""
     out = set()
     for b in skip_blocks:
         if not -n_layers <= b < n_layers:
-            raise UserError(f"skip_blocks entry {b} is outside the model's {n_layers} blocks "
+            raise UserError(f"{key} entry {b} is outside the model's {n_layers} blocks "
                             f"(valid: {-n_layers}..{n_layers - 1})")
         out.add(b % n_layers)
     return out

@@ -10,46 +10,71 @@ import json
 import logging
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from drprune.atomic import visible
+from drprune.convert.model_card import EvalTable, ModelCard
 from drprune.errors import UserError
 from drprune.masks.base import MaskSet
 from drprune.models.decoder import PrunableDecoder
 from drprune.oneshot import calib
 
 log = logging.getLogger(__name__)
+# `oneshot width` target keys (HF names) -> ModelConfig keys, for the card's target shape
+_HF_TO_OURS = {"hidden_size": "d_model", "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads",
+               "intermediate_size": "intermediate_size"}
 
 
-def load_model(model: str) -> tuple[PrunableDecoder, dict[str, Any]]:
-    """The decoder and the source config.json (empty for a checkpoint), for its special token ids."""
+def load_model(opts: dict[str, Any]) -> tuple[PrunableDecoder, dict[str, Any]]:
+    """The decoder and the source config.json (empty for a checkpoint), for its special token ids; then
+    --calib and --eval-data are checked against the model's tokenizer and vocabulary."""
     from drprune.convert.checkpoint import load_any_decoder
 
+    model = opts["model"]
     path = Path(model)
     if not path.exists():
-        raise UserError(f"MODEL {model} does not exist (a HF model folder or a Composer checkpoint)")
-    decoder = load_any_decoder(model).eval()
+        raise UserError(f"MODEL {model} does not exist (a HF model folder or a Composer checkpoint; "
+                        "hub:NAME downloads NAME from the Hugging Face Hub)")
+    decoder = load_any_decoder(model, bool(opts["trust_pickle"])).eval()
     hf_config = json.loads((path / "config.json").read_text()) if path.is_dir() else {}
+    check_data(opts, decoder.cfg.vocab_size)
     return decoder, hf_config
 
 
-def calibration_rows(opts: dict[str, Any], required: bool) -> np.ndarray | None:
+def check_data(opts: dict[str, Any], vocab_size: int) -> None:
+    """Refuse --calib / --eval-data prepared with another tokenizer than MODEL's (or --tokenizer's)."""
+    from drprune.data.identity import check_data_tokenizer
+
+    tokenizer = calib.resolve_tokenizer(opts["model"], opts["tokenizer"])
+    for data in (opts["calib"], opts["eval_data"]):
+        if data is not None and Path(data).exists():
+            check_data_tokenizer(data, tokenizer=tokenizer, vocab_size=vocab_size)
+
+
+def calibration_rows(opts: dict[str, Any], required: bool, vocab_size: int) -> np.ndarray | None:
+    """Calibration rows, every id checked against the model's vocabulary before any scoring."""
+    from drprune.data.identity import check_token_ids
+
     if opts["calib"] is None:
         if required:
             raise UserError("this pruner scores on calibration data: pass --calib (an MDS folder or text files)")
         return None
     tokenizer = calib.resolve_tokenizer(opts["model"], opts["tokenizer"])
-    return calib.load_rows(opts["calib"], tokenizer=tokenizer, seq_len=opts["seq_len"], max_rows=opts["max_rows"])
+    rows = calib.load_rows(opts["calib"], tokenizer=tokenizer, seq_len=opts["seq_len"], max_rows=opts["max_rows"])
+    check_token_ids(int(rows.max()), vocab_size, opts["calib"])
+    return rows
 
 
 def eval_domains(data: str) -> list[str]:
     split_dir = Path(data) / "eval"
     if not split_dir.is_dir():
         raise UserError(f"{split_dir} does not exist: --eval-data must be a folder from `drprune data prepare`")
-    domains = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name != calib.EVAL_MERGE)
+    domains = [p.name for p in visible(split_dir) if p.is_dir() and p.name != calib.EVAL_MERGE]
     if not domains:
         raise UserError(f"no domain folders under {split_dir}")
     return domains
@@ -82,29 +107,57 @@ def compact(decoder: PrunableDecoder, masks: MaskSet) -> PrunableDecoder:
 
 def write_outputs(decoder: PrunableDecoder, opts: dict[str, Any], removed: dict[str, Any],
                   evals: dict[str, Any] | None, hf_config: dict[str, Any], tokenizer_dir: Path | None,
-                  token_ids: dict[str, Any] | None = None) -> Path:
-    """OUT/model.pt, OUT/hf/, OUT/removed.json (+ OUT/eval.json), renamed into place at the end."""
-    from drprune.convert.checkpoint import atomic_output, decoder_checkpoint_state, save_checkpoint
+                  card: ModelCard, token_ids: dict[str, Any] | None = None, masks: MaskSet | None = None,
+                  source: PrunableDecoder | None = None) -> Path:
+    """OUT/model.pt, OUT/hf/ (its README.md from `card` and `evals`), OUT/removed.json (+ OUT/eval.json,
+    + OUT/masks.safetensors: the selection on the source model, which `init_masks` can warm-start L0 from),
+    renamed into place at the end."""
+    from drprune.atomic import atomic_output
+    from drprune.convert.checkpoint import decoder_checkpoint_state, save_checkpoint
 
     if token_ids is None:  # same vocabulary: the source's special token ids carry over unchanged
         token_ids = {k: v for k, v in hf_config.items() if k.endswith("_token_id") and v is not None}
-    with atomic_output(opts["out"], overwrite=bool(opts["overwrite"])) as tmp:
-        tmp.mkdir()
+    with atomic_output(opts["out"], overwrite=bool(opts["overwrite"]), folder=True) as tmp:
         save_checkpoint(decoder_checkpoint_state(decoder), tmp / "model.pt")
-        export_hf(decoder, tmp / "hf", tokenizer_dir, token_ids)
+        export_hf(decoder, tmp / "hf", tokenizer_dir, token_ids, replace(card, evaluation=eval_tables(evals)))
         (tmp / "removed.json").write_text(json.dumps(removed, indent=2) + "\n")
+        if masks is not None:
+            masks.save(tmp / "masks.safetensors", source=source.cfg if source is not None else None)
         if evals is not None:
             (tmp / "eval.json").write_text(json.dumps(evals, indent=2) + "\n")
-    print(f"wrote {opts['out']}: model.pt, hf/, removed.json{', eval.json' if evals else ''}")
+    extra = (", masks.safetensors" if masks is not None else "") + (", eval.json" if evals else "")
+    print(f"wrote {opts['out']}: model.pt, hf/, removed.json{extra}")
     return Path(opts["out"])
 
 
-def export_hf(decoder: PrunableDecoder, out_dir: Path, tokenizer_dir: Path | None, token_ids: dict[str, Any]) -> None:
+def export_hf(decoder: PrunableDecoder, out_dir: Path, tokenizer_dir: Path | None, token_ids: dict[str, Any],
+              card: ModelCard) -> None:
     """Stock HF classes where one fits, the remote-code folder for per-layer shapes (drprune.compact)."""
     from drprune.compact.export import export_hf as export_compact
 
     tensors = {k: v for k, v in decoder.state_dict().items() if not k.endswith("_extra_state")}
-    export_compact(decoder.cfg, tensors, out_dir, tokenizer_dir=tokenizer_dir, config_overrides=token_ids)
+    export_compact(decoder.cfg, tensors, out_dir, tokenizer_dir=tokenizer_dir, config_overrides=token_ids, card=card)
+
+
+def source_card(opts: dict[str, Any], source: PrunableDecoder, method: str, options: dict[str, Any],
+                target: dict[str, Any] | None = None) -> ModelCard:
+    """What the HF folder's README says about the pruning: MODEL (its license), the method and its options."""
+    return ModelCard(source=str(opts["model"]), method=method, options=options, target=target or {},
+                     source_config=source.cfg.to_dict()).with_source_facts(opts["model"])
+
+
+def eval_tables(evals: dict[str, Any] | None) -> list[EvalTable]:
+    """The before/after perplexities of `--eval-data` as the card's table (none without --eval-data)."""
+    if not evals:
+        return []
+    domains = list(evals["before"])
+    caption = "Perplexity per domain of the `--eval-data` eval split (lower is better)."
+    if "rows_used" in evals:
+        domains = list(evals["rows_used"])
+        caption += " Only rows made of kept tokens are scored: rows used " + ", ".join(
+            f"{d} {u}" for d, u in evals["rows_used"].items()) + "."
+    return [EvalTable(caption, ["source", "pruned"],
+                      {d: [evals["before"].get(d), evals["after"].get(d)] for d in domains})]
 
 
 def tokenizer_folder(opts: dict[str, Any], staging: Path) -> Path | None:
@@ -137,29 +190,36 @@ def sizes(before: PrunableDecoder, after: PrunableDecoder) -> dict[str, Any]:
 def run_layers(opts: dict[str, Any]) -> None:
     from drprune.oneshot.layers import check_request, layer_masks, score_table, select_blocks
 
-    decoder, hf_config = load_model(opts["model"])
+    decoder, hf_config = load_model(opts)
     n = opts["num_blocks_to_prune"]
     if n is None:
         raise UserError("`oneshot layers` needs --num-blocks-to-prune")
     check_request(decoder.cfg.n_layers, n, opts["pruning_method"], opts["pruning_token"], opts["skip_blocks"])
-    rows = calibration_rows(opts, required=True)
+    rows = calibration_rows(opts, required=True, vocab_size=decoder.cfg.vocab_size)
     before = evaluate(decoder, opts)
     sel = select_blocks(decoder, rows, num_blocks=n, method=opts["pruning_method"], token=opts["pruning_token"],
                         skip_blocks=opts["skip_blocks"], batch_size=opts["batch_size"])
     print(score_table(sel, n))
-    small = compact(decoder, layer_masks(decoder.cfg.n_layers, sel.blocks))
+    masks = layer_masks(decoder.cfg.n_layers, sel.blocks)
+    small = compact(decoder, masks)
     removed = {"method": sel.method, "pruning_token": opts["pruning_token"], "removed_blocks": sel.blocks,
                "scores": sel.scores, "skip_blocks": list(opts["skip_blocks"]), **sizes(decoder, small)}
-    _finish(small, opts, removed, before, hf_config)
+    card = source_card(opts, decoder, f"{sel.method} layer removal",
+                       {"removed_blocks": sel.blocks, "pruning_token": opts["pruning_token"],
+                        "skip_blocks": list(opts["skip_blocks"])}, {"n_layers": decoder.cfg.n_layers - n})
+    _finish(small, opts, removed, before, hf_config, card, masks, decoder)
 
 
 def run_width(opts: dict[str, Any]) -> None:
-    from drprune.oneshot.width import TARGET_KEYS, plan_target, removed_structures, width_prune
+    from drprune.oneshot.width import TARGET_KEYS, plan_target, removed_structures, taylor_ratio_defaults, width_prune
 
-    decoder, hf_config = load_model(opts["model"])
+    decoder, hf_config = load_model(opts)
     target = {k: opts[k] for k in TARGET_KEYS if opts.get(k) not in (None, [])}
+    if opts["importance"] == "taylor":
+        target = taylor_ratio_defaults(decoder.cfg, target)
     plan_target(decoder.cfg, target)
-    rows = calibration_rows(opts, required=opts["importance"] in ("taylor", "activation"))
+    rows = calibration_rows(opts, required=opts["importance"] in ("taylor", "activation"),
+                            vocab_size=decoder.cfg.vocab_size)
     before = evaluate(decoder, opts)
     masks = width_prune(decoder, rows, importance=opts["importance"], target=target, seed=opts["seed"],
                         taylor_mode=opts["taylor"], batch_size=opts["batch_size"])
@@ -169,16 +229,21 @@ def run_width(opts: dict[str, Any]) -> None:
     if opts["importance"] == "taylor":
         removed["taylor"] = opts["taylor"]
     print(f"params {decoder.num_params():,} -> {small.num_params():,}")
-    _finish(small, opts, removed, before, hf_config)
+    options = {**target, **({"taylor": opts["taylor"]} if opts["importance"] == "taylor" else {})}
+    card = source_card(opts, decoder, f"{opts['importance']} width pruning", options,
+                       {_HF_TO_OURS[k]: v for k, v in target.items() if k in _HF_TO_OURS})
+    _finish(small, opts, removed, before, hf_config, card, masks, decoder)
 
 
 def _finish(small: PrunableDecoder, opts: dict[str, Any], removed: dict[str, Any],
-            before: dict[str, float] | None, hf_config: dict[str, Any]) -> None:
+            before: dict[str, float] | None, hf_config: dict[str, Any], card: ModelCard, masks: MaskSet,
+            source: PrunableDecoder) -> None:
     after = evaluate(small, opts)
     print_eval(before, after)
     evals = None if before is None else {"before": before, "after": after}
     with tempfile.TemporaryDirectory() as staging:
-        write_outputs(small, opts, removed, evals, hf_config, tokenizer_folder(opts, Path(staging)))
+        write_outputs(small, opts, removed, evals, hf_config, tokenizer_folder(opts, Path(staging)), card,
+                      masks=masks, source=source)
 
 
 def run_vocab(opts: dict[str, Any]) -> None:
@@ -194,7 +259,7 @@ def run_vocab(opts: dict[str, Any]) -> None:
     if tokenizer is None:
         raise UserError("`oneshot vocab` prunes a tokenizer: pass --tokenizer or a MODEL folder that holds one")
     files = load_vocab_files(tokenizer)
-    decoder, hf_config = load_model(opts["model"])
+    decoder, hf_config = load_model(opts)
     counts = calib.token_counts(opts["calib"], tokenizer=tokenizer, vocab_size=decoder.cfg.vocab_size)
     keep, stats = choose_tokens(counts, opts["keep"], files)
     small = slice_vocab(decoder, keep)
@@ -211,7 +276,8 @@ def run_vocab(opts: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as staging:
         tok_dir = Path(staging)
         prune_tokenizer_folder(tokenizer, files, keep, tok_dir)
-        write_outputs(small, opts, removed, evals, hf_config, tok_dir, remap_token_ids(hf_config, new_id))
+        card = source_card(opts, decoder, "vocabulary pruning", {"keep": opts["keep"]}, {"vocab_size": len(keep)})
+        write_outputs(small, opts, removed, evals, hf_config, tok_dir, card, remap_token_ids(hf_config, new_id))
 
 
 def vocab_eval(decoder: PrunableDecoder, small: PrunableDecoder, keep: list[int],

@@ -59,7 +59,7 @@ def plan_target(cfg: ModelConfig, target: Mapping[str, Any]) -> WidthPlan:
     ratio = {k: target[k] for k in RATIO_KEYS if k in target}
     if shape and ratio:
         raise UserError(f"give either a target shape {sorted(shape)} or a pruning_ratio {sorted(ratio)}, not both")
-    drop = sorted(normalize_skip([int(b) for b in target.get("drop_layers", [])], cfg.n_layers))
+    drop = sorted(normalize_skip([int(b) for b in target.get("drop_layers", [])], cfg.n_layers, "drop_layers"))
     if len(drop) >= cfg.n_layers:
         raise UserError(f"drop_layers {drop} removes every one of the {cfg.n_layers} layers")
     if ratio:

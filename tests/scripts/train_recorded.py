@@ -1,0 +1,80 @@
+"""Run a training config, appending one JSON line per batch to RECORD (each rank: RECORD-rank{r}), for kill tests.
+
+    python tests/scripts/train_recorded.py RECORD CONFIG key=value ...
+    composer -n 2 tests/scripts/train_recorded.py RECORD CONFIG key=value ...
+
+A line holds the batch number, total loss, sample ids, domain proportions and sha256 digests of the
+mask generator's state (masks, Lagrange multipliers, hypernetwork) and of the whole model, so runs
+can be compared bit for bit. Kill switches (environment, rank 0 only):
+  KILL_AT_BATCH=N       SIGKILL right after batch N is recorded
+  KILL_IN_CHECKPOINT=N  write the batch-N checkpoint half, then SIGKILL (a run killed while saving)
+  DRPRUNE_TEST_KILL_AT  drprune's own kill points (drprune.atomic.kill_point)
+"""
+import hashlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from composer.core import Callback
+from composer.utils import checkpoint as composer_checkpoint
+from composer.utils import dist
+
+from drprune.train import build_trainer, load_config
+
+
+def digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        if torch.is_tensor(tensor):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class Record(Callback):
+    def __init__(self, path: Path, kill_at: int | None) -> None:
+        self.path, self.kill_at = path, kill_at
+
+    def batch_end(self, state, logger) -> None:
+        model = state.model.module if hasattr(state.model, "module") else state.model
+        loss = state.loss["total"] if isinstance(state.loss, dict) else state.loss
+        dataset = state.train_dataloader.dataset
+        row = {"batch": int(state.timestamp.batch), "loss": float(loss), "idx": state.batch["idx"].tolist(),
+               "proportion": list(getattr(dataset, "proportion", [])), "model": digest(model.model),
+               "masks": digest(model.mask_generator) if model.mask_generator is not None else None}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if row["batch"] == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_while_saving(batch: int) -> None:
+    original = composer_checkpoint._write_checkpoint_file
+
+    def write(state_dict, filename: str) -> None:
+        original(state_dict, filename)
+        if f"-ba{batch}-" in os.path.basename(filename):
+            size = os.path.getsize(filename)
+            os.truncate(filename, size // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    composer_checkpoint._write_checkpoint_file = write
+
+
+def main() -> None:
+    record, config, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+    rank0 = dist.get_global_rank() == 0
+    env = {k: int(os.environ[k]) for k in ("KILL_AT_BATCH", "KILL_IN_CHECKPOINT") if os.environ.get(k) and rank0}
+    if "KILL_IN_CHECKPOINT" in env:
+        kill_while_saving(env["KILL_IN_CHECKPOINT"])
+    trainer = build_trainer(load_config(config, overrides))
+    trainer.state.callbacks.append(Record(Path(f"{record}-rank{dist.get_global_rank()}"), env.get("KILL_AT_BATCH")))
+    trainer.fit()
+    trainer.close()
+
+
+if __name__ == "__main__":
+    main()
