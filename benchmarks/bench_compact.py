@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from drprune.convert.checkpoint import decoder_state, load_model_state, write_hf_folder
-from drprune.masks.base import config_params
+from drprune.models.shapes import config_params
 from drprune.masks.l0 import L0MaskGenerator
 from drprune.models.config import ModelConfig
 from drprune.models.decoder import PrunableDecoder

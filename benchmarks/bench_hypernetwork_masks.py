@@ -38,9 +38,10 @@ def overrides(args: argparse.Namespace, save: Path, mode: str) -> tuple[str, lis
                                                        "callbacks.data_loading.set_names=[a,b]", *common]
     domains = sorted(p.name for p in (Path(args.data) / "train").iterdir() if p.is_dir())
     return str(ROOT / "configs/demo/prune.yaml"), [
-        f"model.path={args.model}", f"data_local={args.data}", f"callbacks.data_loading.set_names=[{','.join(domains)}]",
+        f"model.path={args.model}", f"data_local={args.data}",
+        f"callbacks.data_loading.set_names=[{','.join(domains)}]",
         "model.mask_generator.lagrangian_warmup_steps=0ba", "model.mask_generator.target_model={}",
-        "eval_subset_num_batches=8", f"callbacks.data_loading.reference_loss=[{','.join(['0'] * len(domains))}]",
+        "eval_subset_num_batches=4", f"callbacks.data_loading.reference_loss=[{','.join(['0'] * len(domains))}]",
         "callbacks.data_loading.update_type=constant", *common]
 
 
@@ -75,7 +76,8 @@ def main() -> int:
     print("| train_masks | target params | kept params | budget error | ppl (hard masks = export) | seconds |")
     print("|---|---|---|---|---|---|")
     for mode, r in rows.items():
-        print(f"| {mode} | {r['target']:,} | {r['kept']:,.0f} | {r['error']:+.2%} | {r['ppl']:.2f} | {r['seconds']:.0f} |")
+        print(f"| {mode} | {r['target']:,} | {r['kept']:,.0f} | {r['error']:+.2%} | {r['ppl']:.2f} "
+              f"| {r['seconds']:.0f} |")
     return 0
 
 

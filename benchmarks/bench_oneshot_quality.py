@@ -72,26 +72,38 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
     record("source", None, time.perf_counter())
-    for importance in args.importances:
-        t0 = time.perf_counter()
-        name, mode = importance.split("-") if "-" in importance else (importance, "element")
-        masks = width_prune(decoder, calib, importance=name, target=DEMO_TARGET, taylor_mode=mode, batch_size=4)
-        record(f"width {importance}", masks, t0)
     n_layers = decoder.cfg.n_layers
     every_layer = {"block_attention_layer_start": 0, "block_attention_layer_end": n_layers,
                    "block_mlp_layer_start": 0, "block_mlp_layer_end": n_layers}
-    for label, target in (("taylor ratio, layers 4..n-2 (default)", {"pruning_ratio": RATIO}),
-                          ("taylor ratio, every layer", {"pruning_ratio": RATIO, **every_layer})):
-        t0 = time.perf_counter()
-        record(label, width_prune(decoder, calib, importance="taylor", target=target, batch_size=4), t0)
 
-    for n in args.blocks:
+    def layers(n: int) -> None:
         for method in ("angular", "cosine"):
             for token in ("last", "all"):
                 t0 = time.perf_counter()
                 sel = select_blocks(decoder, calib, num_blocks=n, method=method, token=token,
                                     batch_size=args.batch_size)
-                record(f"-{n} layers {method} {token} {sel.blocks}", layer_masks(decoder.cfg.n_layers, sel.blocks), t0)
+                record(f"-{n} layers {method} {token} {sel.blocks}", layer_masks(n_layers, sel.blocks), t0)
+
+    def width(importance: str) -> None:
+        t0 = time.perf_counter()
+        name, mode = importance.split("-") if "-" in importance else (importance, "element")
+        masks = width_prune(decoder, calib, importance=name, target=DEMO_TARGET, taylor_mode=mode, batch_size=4)
+        record(f"width {importance}", masks, t0)
+
+    def ratio(label: str, target: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        record(label, width_prune(decoder, calib, importance="taylor", target=target, batch_size=4), t0)
+
+    # Most informative first: the JSON is rewritten after every model, so a cut-short run still reports.
+    blocks = list(args.blocks)
+    layers(blocks[len(blocks) // 2])
+    width(args.importances[0])
+    ratio("taylor ratio, layers 4..n-2 (default)", {"pruning_ratio": RATIO})
+    ratio("taylor ratio, every layer", {"pruning_ratio": RATIO, **every_layer})
+    for importance in args.importances[1:]:
+        width(importance)
+    for n in blocks[:len(blocks) // 2] + blocks[len(blocks) // 2 + 1:]:
+        layers(n)
     domains = list(eval_rows)
     target = ", ".join(f"{k}={v}" for k, v in DEMO_TARGET.items())
     print(f"\nSource {args.model}; calibration {len(calib)} rows x {calib.shape[1]} tokens (round-robin over "

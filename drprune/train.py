@@ -12,15 +12,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from composer.optim import ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler, LinearWithWarmupScheduler
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from drprune.errors import ConfigError, UserError
+from drprune.paths import packaged_config
+from drprune.registry import SCHEDULERS
 
 log = logging.getLogger("drprune.train")
 
 # Keys of the `model` node that are not ModelConfig fields.
 MODEL_NODE_EXTRAS = ("name", "path", "l0_module", "mask_generator")
+# Composer 0.32 has no scheduler registry: its schedulers under llm-foundry's `scheduler.name`s
+for _name, _cls in (("cosine_with_warmup", CosineAnnealingWithWarmupScheduler),
+                    ("constant_with_warmup", ConstantWithWarmupScheduler),
+                    ("linear_decay_with_warmup", LinearWithWarmupScheduler)):
+    SCHEDULERS.register(_name)(_cls)
 
 
 def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
@@ -28,9 +36,10 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if path in seen:
         raise ConfigError(f"config {path} includes itself through `base:`")
     if path.is_dir():
-        raise UserError(f"config {path} is a folder, not a config file: give a YAML file (e.g. configs/tiny/prune.yaml)")
+        raise UserError(f"config {path} is a folder, not a config file: give a YAML file "
+                        "(e.g. configs/tiny/prune.yaml)")
     if not path.is_file():
-        raise UserError(f"config file {path} does not exist")
+        raise UserError(f"config file {path} does not exist (shipped configs are named like configs/tiny/prune.yaml)")
     try:
         cfg = OmegaConf.load(path)
     except Exception as err:  # noqa: BLE001 - yaml and omegaconf raise many types for a broken file
@@ -50,7 +59,11 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
 
 def load_config(path: str, overrides: list[str]) -> DictConfig:
     """The YAML with dot-list overrides applied; `~a.b` deletes key a.b (e.g. `~model.mask_generator`)."""
-    cfg = _load_yaml(Path(path).resolve())
+    given = Path(path)
+    shipped = None if given.exists() else packaged_config(given)
+    if shipped is not None:
+        log.info("config %s: not a file here, using the one shipped with drprune (%s)", path, shipped)
+    cfg = _load_yaml((shipped or given).resolve())
     deletions = [item[1:] for item in overrides if item.startswith("~")]
     assignments = [item for item in overrides if not item.startswith("~")]
     for item in assignments:
@@ -121,17 +134,9 @@ def build_optimizer(cfg: DictConfig, model) -> Any:
 
 
 def build_scheduler(cfg: DictConfig) -> Any:
-    from composer.optim import (ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler,
-                                LinearWithWarmupScheduler)
-
     node = dict(cfg.get("scheduler", {"name": "constant_with_warmup", "t_warmup": "0ba"}))
     name = node.pop("name", "cosine_with_warmup")
-    table = {"cosine_with_warmup": CosineAnnealingWithWarmupScheduler,
-             "constant_with_warmup": ConstantWithWarmupScheduler,
-             "linear_decay_with_warmup": LinearWithWarmupScheduler}
-    if name not in table:
-        raise ConfigError(f"scheduler.name={name!r} is unknown; valid: {sorted(table)}")
-    return table[name](**node)
+    return SCHEDULERS.get(name, key="scheduler.name")(**node)
 
 
 def _precision(cfg: DictConfig) -> str:

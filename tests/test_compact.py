@@ -6,7 +6,8 @@ import torch
 
 from drprune.compact.fold import compact_decoder
 from drprune.errors import UserError
-from drprune.masks.base import MaskSet, config_params, expected_params, mask_shape
+from drprune.masks.base import MaskSet
+from drprune.models.shapes import config_params, expected_params, mask_shape
 from drprune.models.config import ModelConfig
 from drprune.models.decoder import PrunableDecoder
 

@@ -6,7 +6,7 @@ import torch
 
 from drprune.cli import main
 from drprune.convert.checkpoint import decoder_checkpoint_state, load_decoder, save_checkpoint
-from drprune.masks.base import mask_generator_from_state
+from drprune.masks import mask_generator_from_state
 from drprune.masks.l0 import L0MaskGenerator
 from drprune.models.composer_model import PrunableLM
 from drprune.models.config import ModelConfig

@@ -58,7 +58,8 @@ def test_hard_domain_gains_weight_under_dro_and_sheared(tmp_path, data_dir, upda
 def test_resume_continues_proportions_ema_and_references_exactly(tmp_path, data_dir):
     full, cb_full = fit(args(data_dir, tmp_path / "a", "dro+Dy"))
     full.close()
-    resumed, cb_resumed = fit(args(data_dir, tmp_path / "b", "dro+Dy", f"load_path={tmp_path / 'a' / 'ep0-ba5-rank0.pt'}"))
+    checkpoint = tmp_path / "a" / "ep0-ba5-rank0.pt"
+    resumed, cb_resumed = fit(args(data_dir, tmp_path / "b", "dro+Dy", f"load_path={checkpoint}"))
     resumed.close()
     a, b = cb_full.state_dict(), cb_resumed.state_dict()
     for key in ("p", "p0", "reference_loss", "ema_loss", "tokens_seen", "interval_loss", "interval_tokens",

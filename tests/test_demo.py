@@ -56,7 +56,7 @@ def test_contract_artefacts(demo):
 
 
 def test_summary_numbers_are_finite_and_consistent(demo):
-    from drprune.masks.base import config_params
+    from drprune.models.shapes import config_params
     from drprune.models.config import ModelConfig
 
     _, s = demo

@@ -115,7 +115,7 @@ def test_demo_held_out_domains_are_real_prose(tmp_path):
 
 def test_default_target_is_about_half_of_smollm2():
     from drprune.demo.pipeline import resolve_target
-    from drprune.masks.base import config_params
+    from drprune.models.shapes import config_params
 
     src = ModelConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
                       intermediate_size=1536, tie_word_embeddings=True)

@@ -10,7 +10,8 @@ import transformers
 from drprune.cli import main
 from drprune.compact.fold import compact_decoder
 from drprune.convert.checkpoint import decoder_checkpoint_state, load_decoder, load_model_state, save_checkpoint
-from drprune.masks.base import MaskSet, config_params
+from drprune.masks.base import MaskSet
+from drprune.models.shapes import config_params
 from tests.test_compact import GLOBAL, PER_LAYER, random_masks
 
 IDS = torch.randint(0, 131, (2, 11), generator=torch.Generator().manual_seed(2))

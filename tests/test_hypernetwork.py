@@ -10,7 +10,7 @@ from composer.optim import DecoupledAdamW
 from drprune.compact.fold import compact_decoder
 from drprune.errors import ConfigError
 from drprune.masks import build_mask_generator
-from drprune.masks.base import compact_config, config_params, expected_params
+from drprune.models.shapes import compact_config, config_params, expected_params
 from drprune.masks.hypernetwork import HypernetworkMaskGenerator
 from drprune.models.composer_model import PrunableLM
 from drprune.models.config import ModelConfig
@@ -47,6 +47,18 @@ def test_factory_ignores_l0_keys_and_rejects_unknown_ones(caplog):
     assert gen.target_params == round(0.6 * config_params(CFG, embeddings=False))
     with pytest.raises(ConfigError, match="unknown keys.*tempreature"):
         build_mask_generator(CFG, {"mask_generator": {"name": "hypernetwork", "target_ratio": 0.6, "tempreature": 1}})
+
+
+def test_factory_ignores_every_l0_key_including_init_masks(caplog):
+    """A base L0 config with init_masks, switched to name=hypernetwork, builds (the key list follows L0's)."""
+    node = {"name": "hypernetwork", "target_ratio": 0.6, **L0_KEYS, "init_masks": "oneshot/masks.safetensors",
+            "start_sparsity": 0.1, "droprate_init": 0.05, "seed": 3}
+    with caplog.at_level("INFO"):
+        gen = build_mask_generator(CFG, {"mask_generator": node})
+    assert gen.settings["seed"] == 3  # shared with L0, so used, not ignored
+    ignored = caplog.text.split("ignores L0-only keys")[1].splitlines()[0]
+    assert all(k in ignored for k in ("init_masks", "start_sparsity", "droprate_init", "target_model"))
+    assert "seed" not in ignored and "target_ratio" not in ignored
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -12,7 +12,7 @@ from composer.loggers import InMemoryLogger
 
 from drprune.cli import main
 from drprune.data.testing import write_synthetic_mds
-from drprune.masks.base import config_params, expected_params
+from drprune.models.shapes import config_params, expected_params
 from drprune.masks.hypernetwork import HypernetworkMaskGenerator
 from drprune.train import build_trainer, load_config
 

@@ -98,7 +98,7 @@ def test_lagrangian_pulls_sparsity_to_target():
     torch.manual_seed(0)
     gen = make(lagrangian_warmup_steps=0).train()
     opt = torch.optim.Adam(gen.param_groups(lag_lr=0.1))
-    for step in range(300):
+    for _ in range(300):
         opt.zero_grad()
         loss, stats = gen.regularization(gen())
         loss.backward()

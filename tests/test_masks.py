@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from drprune.errors import ConfigError
-from drprune.masks.base import MaskSet, compact_config, config_params, expected_params, mask_shape
+from drprune.masks.base import MaskSet
+from drprune.models.shapes import compact_config, config_params, expected_params, mask_shape
 from drprune.models.config import ModelConfig
 from drprune.models.decoder import PrunableDecoder
 

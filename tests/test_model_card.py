@@ -11,7 +11,7 @@ from drprune.compact.export import export_hf
 from drprune.compact.fold import compact_decoder
 from drprune.convert.model_card import EvalTable, ModelCard, render_card, source_facts
 from drprune.demo.pipeline import card_eval_tables
-from drprune.masks.base import config_params
+from drprune.models.shapes import config_params
 from drprune.models.config import ModelConfig
 from tests.test_compact import PER_LAYER, random_decoder, random_masks
 from tests.test_compact_cli import CFG, pruning_lm, write

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from drprune.errors import UserError
-from drprune.masks.base import compact_config
+from drprune.models.shapes import compact_config
 from drprune.models.config import ModelConfig
 from drprune.models.decoder import PrunableDecoder
 from drprune.oneshot.importance import activation, importance_scores, magnitude, taylor

@@ -28,9 +28,13 @@ from composer.utils import dist
 from omegaconf import DictConfig
 
 from drprune.atomic import write_json
+from drprune.callbacks.plots import plot_eval_losses, plot_weights
+from drprune.callbacks.pruning import unwrap_model
 from drprune.errors import ConfigError
-from drprune.mixture import (DRO_CLAMP_MODES, UpdateType, constant_update, dro_update, parse_update_type,
-                              sheared_update)
+from drprune.mixture import (DRO_CLAMP_MODES, ReferenceLossFitter, RuleInputs, UpdateType, apply_rule,
+                              parse_update_type)
+from drprune.models.shapes import config_params
+from drprune.registry import CALLBACKS
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +77,6 @@ class DynamicLoadingCallback(Callback):
         self._batch_sums = torch.zeros(2 * k, dtype=torch.float64)
         self.fitter = None
         if update_type.dynamic_reference:
-            from drprune.mixture import ReferenceLossFitter
-
             self.fitter = ReferenceLossFitter(self.set_names)
 
     # ---------------------------------------------------------------- training losses
@@ -141,23 +143,12 @@ class DynamicLoadingCallback(Callback):
         return values
 
     def _apply_rule(self, eval_losses: list[float] | None, elapsed: float) -> list[float]:
-        rule = self.update_type.rule
-        if rule == "constant":
-            return constant_update(self.p)
-        losses = eval_losses if (rule == "sheared" or self.update_type.use_eval) else self.ema_loss
-        if losses is None or any(v is None or not math.isfinite(v) for v in losses):
-            log.warning("no %s loss for every domain yet; proportions unchanged",
-                        "eval" if losses is eval_losses else "training")
-            return list(self.p)
-        if rule == "sheared":
-            return sheared_update(self.p, losses, self.reference_loss)
-        q = dro_update(self.p0, losses, self.reference_loss, self.rho, min_prob=self.min_prob,
-                       clamp_q_to_min=self.clamp_q_to_min, clamp_mode=self.dro_clamp)
-        if self.update_type.dynamic_ratio and elapsed >= DYALL_FROM:
-            from drprune.mixture import dyall_ratio_update
-
-            self.p0 = dyall_ratio_update(self.p0, q, self.p0_init)
-        return q
+        """The registered update rule's next proportions (and p0, which +DyAll moves from DYALL_FROM on)."""
+        new_p, self.p0 = apply_rule(RuleInputs(
+            self.update_type, list(self.p), list(self.p0), self.p0_init, list(self.ema_loss), eval_losses,
+            self.reference_loss, rho=self.rho, min_prob=self.min_prob, clamp_q_to_min=self.clamp_q_to_min,
+            clamp_mode=self.dro_clamp, move_p0=self.update_type.dynamic_ratio and elapsed >= DYALL_FROM))
+        return new_p
 
     def _update_reference(self, state: State, eval_losses: list[float] | None, elapsed: float) -> None:
         if elapsed < DY_OBSERVE_FROM:
@@ -189,8 +180,6 @@ class DynamicLoadingCallback(Callback):
     def _write_outputs(self) -> None:
         if self.save_folder is None or dist.get_global_rank() != 0:
             return
-        from drprune.callbacks.plots import plot_eval_losses, plot_weights
-
         self.save_folder.mkdir(parents=True, exist_ok=True)
         plot_weights(self.weight_history, self.set_names, self.save_folder / "domain_weights.png")
         plot_eval_losses(self.eval_history, self.set_names, self.save_folder / "domain_eval_loss.png")
@@ -231,22 +220,15 @@ def _fmt(p: list[float]) -> str:
 
 def _model_sparsity(state: State) -> float:
     """Fraction of non-embedding parameters the masks currently remove (0 without masks)."""
-    from drprune.callbacks.pruning import unwrap_model
-
     model = unwrap_model(state)
     stats = getattr(model, "last_stats", {}) or {}
     if "expected_params" not in stats:
         return 0.0
-    from drprune.masks.base import config_params
-
     return max(0.0, 1.0 - stats["expected_params"] / config_params(model.model.cfg, embeddings=False))
 
 
 def _target_sparsity(state: State) -> float:
     """The fraction of non-embedding parameters the run prunes to (0 without masks)."""
-    from drprune.callbacks.pruning import unwrap_model
-    from drprune.masks.base import config_params
-
     model = unwrap_model(state)
     target = getattr(getattr(model, "mask_generator", None), "target_params", None)
     if target is None:
@@ -271,7 +253,10 @@ def check_data_loading(params: dict[str, Any], set_names: list[str]) -> tuple[Up
     min_prob, clamp_q_to_min, dro_clamp).
     """
     prefix = "callbacks.data_loading"
-    update_type = parse_update_type(params.get("update_type", "constant"))
+    try:
+        update_type = parse_update_type(params.get("update_type", "constant"))
+    except ConfigError as err:
+        raise ConfigError(f"{prefix}.{err}") from err
     reference = params.get("reference_loss")
     if update_type.rule != "constant":
         if reference is None:
@@ -299,6 +284,7 @@ def check_data_loading(params: dict[str, Any], set_names: list[str]) -> tuple[Up
         clamp_q_to_min=bool(params.get("clamp_q_to_min", True)), dro_clamp=dro_clamp, **values)
 
 
+@CALLBACKS.register("data_loading")
 def build_data_loading_callback(params: dict[str, Any], cfg: DictConfig, model: Any, loader: Any) -> Callback | None:
     """From `callbacks.data_loading`; None when the mixture is not dynamic."""
     if not params.get("dynamic", False):

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from drprune.errors import UserError
-from drprune.masks.base import MaskSet, compact_config
+from drprune.masks.base import MaskSet
+from drprune.models.shapes import compact_config
 from drprune.models.config import ModelConfig
 from drprune.models.decoder import PrunableDecoder
 

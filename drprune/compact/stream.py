@@ -17,7 +17,8 @@ from drprune.convert.checkpoint import (config_of_state, decoder_keys, decoder_s
 from drprune.convert.hf import check_state_keys
 from drprune.convert.model_card import CARD_KEY, ModelCard
 from drprune.errors import UserError
-from drprune.masks.base import config_params, mask_generator_from_state
+from drprune.masks import mask_generator_from_state
+from drprune.models.shapes import config_params
 from drprune.models.config import ModelConfig
 from drprune.models.decoder import PrunableDecoder
 

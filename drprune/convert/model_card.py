@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from drprune import __version__
-from drprune.masks.base import RESIDUAL_SELECTIONS, config_params
+from drprune.models.shapes import RESIDUAL_SELECTIONS, config_params
 from drprune.models.config import LayerSpec, ModelConfig
 
 log = logging.getLogger(__name__)

@@ -146,7 +146,7 @@ def proportion_of(cfg: DictConfig, set_names: list[str]) -> list[float]:
     if p is None:
         log.info("callbacks.data_loading.proportion not set: uniform over %s", set_names)
         return [1.0 / len(set_names)] * len(set_names)
-    return check_proportion(p, set_names).tolist()
+    return check_proportion(p, set_names, key="callbacks.data_loading.proportion").tolist()
 
 
 def _seq_len(cfg: DictConfig) -> int:

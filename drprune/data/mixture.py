@@ -33,6 +33,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from drprune.data.shards import ShardReader
 from drprune.errors import ConfigError
+from drprune.mixture.rules import distribution
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +41,15 @@ HISTORY = 256  # p-schedule entries visible to workers; far more than can fall i
 _PERM_SALT = 0x5EED
 
 
-def check_proportion(p, set_names: list[str], key: str = "callbacks.data_loading.proportion") -> np.ndarray:
-    """Validate a proportion vector against set_names; return it as float64 summing to exactly 1."""
+def check_proportion(p, set_names: list[str], key: str) -> np.ndarray:
+    """Validate a proportion vector (named `key` in errors) against set_names; float64 summing to exactly 1."""
     try:
-        arr = np.asarray(list(p), dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{key}={p!r} is not a list of numbers") from err
+        arr = distribution(p, key)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     if arr.shape != (len(set_names),):
         raise ConfigError(f"{key} has {arr.size} entries but set_names has {len(set_names)} ({set_names})")
-    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-        raise ConfigError(f"{key}={arr.tolist()} must be finite and non-negative")
-    if abs(arr.sum() - 1.0) > 1e-4:
-        raise ConfigError(f"{key}={arr.tolist()} sums to {arr.sum():.6f}; it must sum to 1")
-    return arr / arr.sum()
+    return arr
 
 
 class MixtureDataset(IterableDataset):
@@ -68,7 +65,7 @@ class MixtureDataset(IterableDataset):
         self.seq_len, self.seed, self.batch_size = seq_len, seed, batch_size
         self.rank, self.world_size, self.lag_batches = rank, world_size, lag_batches
         self.global_batch = batch_size * world_size
-        p = check_proportion(proportion, self.set_names)
+        p = check_proportion(proportion, self.set_names, key="proportion")
         # Main-process bookkeeping: counters at _base_pos, schedule from there on, consumed position.
         self._base_pos, self._base_counts = 0, np.zeros(len(self.set_names), dtype=np.int64)
         self._schedule: list[tuple[int, np.ndarray]] = [(0, p)]

@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
+from drprune.paths import config_dir
+
+REPO_CONFIGS = config_dir("demo")
 
 
 @dataclass

@@ -488,7 +488,7 @@ def _summary(opts: DemoOptions, gguf_file: Path, target: dict[str, int], data_in
              timings: dict[str, float], files: dict[str, Path]) -> dict[str, Any]:
     """Everything the report shows, JSON-serialisable (summary.json)."""
     from drprune.convert.checkpoint import config_of_state, load_model_state
-    from drprune.masks.base import config_params
+    from drprune.models.shapes import config_params
 
     shapes = {name: config_of_state(load_model_state(files[name])) for name in ("source", "pruned", "baseline")}
     return {

@@ -28,10 +28,11 @@ from typing import Any, Iterator
 import numpy as np
 
 from drprune.errors import UserError
+from drprune.paths import config_dir
 
 log = logging.getLogger(__name__)
 
-TASK_PACK = Path(__file__).resolve().parents[2] / "configs" / "eval_tasks"
+TASK_PACK = config_dir("eval_tasks")
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow")  # dataset_path values that read data_files
 CONTEXT_WORDS, CHOICE_WORDS, COPY_WORDS = 32, 8, 16  # words per cloze passage / candidate / copied span

@@ -23,16 +23,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from drprune.errors import ConfigError
-from drprune.masks.base import RESIDUAL_SELECTIONS, MaskGenerator, MaskSet, config_params, expected_params, mask_shape
+from drprune.masks.base import MaskGenerator, MaskSet
+from drprune.masks.l0 import L0MaskGenerator
+from drprune.models.shapes import RESIDUAL_SELECTIONS, config_params, expected_params, mask_shape
 from drprune.models.config import ModelConfig
+from drprune.registry import MASK_GENERATORS
 
 log = logging.getLogger(__name__)
 
 EPS = 1e-6
-# Keys the tiny/base configs set for L0; a `name=hypernetwork` override leaves them in the node.
 TRAIN_MASKS = ("soft", "hard_st")  # DISP-LLM's soft Gumbel-sigmoid masks | hard straight-through samples
-L0_ONLY_KEYS = ("pruning_modules", "target_model", "lagrangian_warmup_steps", "eval_target_model",
-                "start_sparsity", "droprate_init")
 
 
 class HypernetworkMaskGenerator(MaskGenerator):
@@ -219,14 +219,22 @@ def _resolve_target(cfg: ModelConfig, kinds: tuple[str, ...], ratio: float | Non
     return count
 
 
+def config_keys(generator: type[MaskGenerator]) -> list[str]:
+    """The config keys a generator class takes: its constructor's parameters but the model config and prefix."""
+    return [k for k in inspect.signature(generator).parameters if k not in ("cfg", "config_prefix")]
+
+
+@MASK_GENERATORS.register("hypernetwork")
 def build_hypernetwork(cfg: ModelConfig, params: Mapping[str, Any], prefix: str) -> HypernetworkMaskGenerator:
-    """From the `model.mask_generator` node; L0-only keys left over from a base config are ignored."""
+    """From the `model.mask_generator` node; L0-only keys left over from a base config (a `name=hypernetwork`
+    override keeps the base's L0 keys in the node) are ignored."""
     params = dict(params)
-    ignored = sorted(k for k in L0_ONLY_KEYS if k in params)
+    valid = config_keys(HypernetworkMaskGenerator)
+    l0_only = set(config_keys(L0MaskGenerator)) - set(valid)
+    ignored = sorted(l0_only & set(params))
     if ignored:
         log.info("%s: hypernetwork ignores L0-only keys %s", prefix, ignored)
-    valid = [k for k in inspect.signature(HypernetworkMaskGenerator).parameters if k not in ("cfg", "config_prefix")]
-    unknown = sorted(set(params) - set(valid) - set(L0_ONLY_KEYS))
+    unknown = sorted(set(params) - set(valid) - l0_only)
     if unknown:
         raise ConfigError(f"{prefix} has unknown keys {unknown} for name=hypernetwork; valid: {valid}")
     kwargs = {k: v for k, v in params.items() if k in valid}

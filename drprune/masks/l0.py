@@ -9,8 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from drprune.errors import ConfigError, UserError
-from drprune.masks.base import MaskGenerator, MaskSet, expected_params
+from drprune.masks.base import MaskGenerator, MaskSet
+from drprune.models.shapes import expected_params
 from drprune.models.config import ModelConfig
+from drprune.registry import MASK_GENERATORS
 
 log = logging.getLogger(__name__)
 
@@ -273,3 +275,26 @@ class L0MaskGenerator(MaskGenerator):
             {"params": list(self.lambda_1.values()) + list(self.lambda_2.values()), "lr": lag_lr,
              "weight_decay": 0.0},
         ]
+
+
+@MASK_GENERATORS.register("l0")
+def build_l0(cfg: ModelConfig, params: Mapping[str, Any], prefix: str) -> L0MaskGenerator:
+    """From the `model.mask_generator` (or Sheared's `model.l0_module`) node."""
+    params = dict(params)
+    params.setdefault("pruning_modules", ["head", "intermediate", "layer", "hidden"])
+    if "target_model" not in params:
+        raise ConfigError(f"{prefix}.target_model is required: the shape to prune to (d_model, n_heads, ...)")
+    params["lagrangian_warmup_steps"] = _batches(params.get("lagrangian_warmup_steps", 0), prefix)
+    try:
+        return L0MaskGenerator(cfg, config_prefix=prefix, **params)
+    except TypeError as err:
+        raise ConfigError(f"{prefix}: {err}") from err
+
+
+def _batches(value: Any, prefix: str) -> int:
+    """'320ba' or 320 -> 320."""
+    text = str(value)
+    digits = text[:-2] if text.endswith("ba") else text
+    if not digits.isdigit():
+        raise ConfigError(f"{prefix}.lagrangian_warmup_steps={value!r} must be a number of batches like 320ba")
+    return int(digits)

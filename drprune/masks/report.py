@@ -16,7 +16,8 @@ from torch import Tensor
 
 from drprune.atomic import write_json
 from drprune.callbacks.plots import save_figure
-from drprune.masks.base import MaskGenerator, compact_config, config_params, expected_params
+from drprune.masks.base import MaskGenerator
+from drprune.models.shapes import compact_config, config_params, expected_params
 from drprune.models.config import ModelConfig
 
 matplotlib.use("Agg")

@@ -2,7 +2,10 @@
 from drprune.mixture.rules import (
     DRO_CLAMP_MODES,
     VALID_UPDATE_TYPES,
+    MixtureRule,
+    RuleInputs,
     UpdateType,
+    apply_rule,
     chi2_divergence,
     constant_update,
     dro_update,
@@ -14,6 +17,8 @@ from drprune.mixture.rules import (
 from drprune.mixture.scaling_law import ReferenceLossFitter, ScalingLawFit, fit_scaling_law
 
 __all__ = [
-    "DRO_CLAMP_MODES", "VALID_UPDATE_TYPES", "ReferenceLossFitter", "ScalingLawFit", "UpdateType", "chi2_divergence", "constant_update",
-    "dro_update", "dyall_ratio_update", "ema_update", "fit_scaling_law", "parse_update_type", "sheared_update",
+    "DRO_CLAMP_MODES", "VALID_UPDATE_TYPES", "MixtureRule", "ReferenceLossFitter", "RuleInputs", "ScalingLawFit",
+    "UpdateType", "apply_rule", "chi2_divergence",
+    "constant_update", "dro_update", "dyall_ratio_update", "ema_update", "fit_scaling_law", "parse_update_type",
+    "sheared_update",
 ]

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from drprune.errors import ConfigError
+from drprune.registry import MIXTURE_RULES
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,10 @@ SHEARED_ETA = 1.0  # step size of the exponentiated update (Sheared-LLaMA)
 SHEARED_SMOOTHING = 1e-4  # mix with uniform so no domain ever reaches 0 (DoReMi)
 DYALL_STEP = 0.1  # +DyAll: p0 <- norm((1 - step) p0 + step q)
 _BISECTION_STEPS = 200
+DISTRIBUTION_TOL = 1e-4  # proportions typed in a YAML file may carry rounding
 
 DRO_CLAMP_MODES = ("reference", "exact")
-VALID_UPDATE_TYPES = (
-    "constant", "sheared", "dro", "dro+Eval", "dro+Dy", "dro+DyAll", "dro+Eval+Dy", "dro+Eval+DyAll",
-)
+DRO_FLAGS = ("", "+Eval", "+Dy", "+DyAll", "+Eval+Dy", "+Eval+DyAll")
 
 
 @dataclass(frozen=True)
@@ -65,19 +65,101 @@ def parse_update_type(text: str) -> UpdateType:
     """Parse 'dro+Eval+Dy' and friends (flags in any order, any case); ConfigError lists the valid ones."""
     parts = [part.strip().lower() for part in str(text).split("+")]
     rule, flags = parts[0], parts[1:]
-    ok = (
-        rule in ("constant", "sheared", "dro")
-        and (rule == "dro" or not flags)
-        and len(set(flags)) == len(flags)
-        and set(flags) <= {"eval", "dy", "dyall"}
-        and not {"dy", "dyall"} <= set(flags)
-    )
+    parsed = UpdateType(rule, use_eval="eval" in flags, dynamic_reference=bool({"dy", "dyall"} & set(flags)),
+                        dynamic_ratio="dyall" in flags)
+    valid = valid_update_types()
+    ok = (len(set(flags)) == len(flags) and set(flags) <= {"eval", "dy", "dyall"}
+          and not {"dy", "dyall"} <= set(flags) and parsed.text in valid)
     if not ok:
-        raise ConfigError(
-            f"callbacks.data_loading.update_type={text!r} is not valid; use one of {', '.join(VALID_UPDATE_TYPES)}"
-        )
-    return UpdateType(rule, use_eval="eval" in flags, dynamic_reference=bool({"dy", "dyall"} & set(flags)),
-                      dynamic_ratio="dyall" in flags)
+        raise ConfigError(f"update_type={text!r} is not valid; use one of {', '.join(valid)}")
+    return parsed
+
+
+def valid_update_types() -> list[str]:
+    """Every spelling of a registered rule with the flags it takes, e.g. 'dro+Eval+DyAll'."""
+    return [name + flag for name in MIXTURE_RULES.names() for flag in MIXTURE_RULES.get(name, key="update_type").flags]
+
+
+@dataclass(frozen=True)
+class RuleInputs:
+    """What the data-loading callback knows at an evaluation; each rule reads what it needs."""
+
+    update_type: UpdateType
+    p: list[float]  # the current proportions
+    p0: list[float]  # the reference ratio (dro)
+    p0_init: list[float]  # p0 at the start (+DyAll's box)
+    train_losses: list[float | None]  # EMA of per-domain training losses
+    eval_losses: list[float] | None
+    reference_loss: list[float] | None
+    rho: float = 0.1
+    min_prob: float = 0.2
+    clamp_q_to_min: bool = True
+    clamp_mode: str = "reference"
+    move_p0: bool = False  # +DyAll and late enough in training
+
+
+class MixtureRule:
+    """An `update_type` rule (registered in MIXTURE_RULES): the next (proportions, p0) from RuleInputs.
+
+    `flags` are the update_type suffixes it accepts; `losses` picks the losses it needs ("eval",
+    "train" or None), and without one for every domain the proportions stay unchanged.
+    """
+
+    flags: tuple[str, ...] = ("",)
+
+    @staticmethod
+    def losses(update_type: UpdateType) -> str | None:
+        return None
+
+    @staticmethod
+    def step(x: RuleInputs, losses: list[float]) -> tuple[list[float], list[float]]:
+        raise NotImplementedError
+
+
+@MIXTURE_RULES.register("constant")
+class ConstantRule(MixtureRule):
+    @staticmethod
+    def step(x: RuleInputs, losses: list[float]) -> tuple[list[float], list[float]]:
+        return constant_update(x.p), x.p0
+
+
+@MIXTURE_RULES.register("sheared")
+class ShearedRule(MixtureRule):
+    @staticmethod
+    def losses(update_type: UpdateType) -> str | None:
+        return "eval"
+
+    @staticmethod
+    def step(x: RuleInputs, losses: list[float]) -> tuple[list[float], list[float]]:
+        return sheared_update(x.p, losses, x.reference_loss), x.p0
+
+
+@MIXTURE_RULES.register("dro")
+class DroRule(MixtureRule):
+    flags = DRO_FLAGS
+
+    @staticmethod
+    def losses(update_type: UpdateType) -> str | None:
+        return "eval" if update_type.use_eval else "train"
+
+    @staticmethod
+    def step(x: RuleInputs, losses: list[float]) -> tuple[list[float], list[float]]:
+        q = dro_update(x.p0, losses, x.reference_loss, x.rho, min_prob=x.min_prob,
+                       clamp_q_to_min=x.clamp_q_to_min, clamp_mode=x.clamp_mode)
+        return q, dyall_ratio_update(x.p0, q, x.p0_init) if x.move_p0 else x.p0
+
+
+def apply_rule(x: RuleInputs) -> tuple[list[float], list[float]]:
+    """The registered rule of `x.update_type` applied to `x`: the next (proportions, p0)."""
+    rule = MIXTURE_RULES.get(x.update_type.rule, key="update_type")
+    kind = rule.losses(x.update_type)
+    if kind is None:
+        return rule.step(x, [])
+    losses = x.eval_losses if kind == "eval" else x.train_losses
+    if losses is None or any(v is None or not math.isfinite(v) for v in losses):
+        log.warning("no %s loss for every domain yet; proportions unchanged", "eval" if kind == "eval" else "training")
+        return list(x.p), x.p0
+    return rule.step(x, losses)
 
 
 # ------------------------------------------------------------------------------------------ rules
@@ -89,7 +171,7 @@ def constant_update(proportion: Sequence[float]) -> list[float]:
 def sheared_update(proportion: Sequence[float], losses: Sequence[float],
                    reference_loss: Sequence[float]) -> list[float]:
     """Sheared-LLaMA: p <- softmax(ln p + η(ℓ − ℓ_ref)), η = 1, then p <- (1 − c)p + c/k, c = 1e-4."""
-    p = _distribution(proportion, "proportion")
+    p = distribution(proportion, "proportion")
     ell, ref = _matching(p, losses, "losses"), _matching(p, reference_loss, "reference_loss")
     with np.errstate(divide="ignore"):
         logits = np.log(p) + SHEARED_ETA * (ell - ref)
@@ -106,7 +188,7 @@ def dro_update(p0: Sequence[float], losses: Sequence[float], reference_loss: Seq
     excess loss is negative the reference is scaled by 0.9, 0.8, ..., 0 until one is positive.
     ``clamp_mode`` is "reference" (DRPruning: clamp after the bisection) or "exact" (q on the ball).
     """
-    ref0 = _distribution(p0, "p0")
+    ref0 = distribution(p0, "p0")
     ell, ref = _matching(ref0, losses, "losses"), _matching(ref0, reference_loss, "reference_loss")
     if not (math.isfinite(rho) and rho >= 0):
         raise ValueError(f"rho={rho} must be a finite number >= 0")
@@ -194,7 +276,7 @@ def dyall_ratio_update(p0: Sequence[float], q: Sequence[float], p0_init: Sequenc
     is a distribution *and* inside the box, where the reference's clamp-then-renormalise can step
     outside it; it equals the plain normalisation whenever no bound binds.
     """
-    init = _distribution(p0_init, "p0_init")
+    init = distribution(p0_init, "p0_init")
     cur, new = _matching(init, p0, "p0"), _matching(init, q, "q")
     mixed = (1 - DYALL_STEP) * cur + DYALL_STEP * new
     if np.any(mixed < 0) or mixed.sum() <= 0:
@@ -242,12 +324,19 @@ def _fill(weights: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarr
     return np.clip((c_lo + (1 - g_lo) / slope) * weights, lower, upper)
 
 
-def _distribution(values: Sequence[float], name: str) -> np.ndarray:
-    arr = np.asarray(list(values), dtype=np.float64)
+def distribution(values: Sequence[float], name: str) -> np.ndarray:
+    """The one check of a mixture: finite, non-negative, summing to 1 within DISTRIBUTION_TOL; renormalised.
+
+    ValueError names `name`; callers that read a config key wrap it with the key's path.
+    """
+    try:
+        arr = np.asarray(list(values), dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name}={values!r} is not a list of numbers") from err
     if arr.ndim != 1 or arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr < 0):
         raise ValueError(f"{name}={list(values)} must be a non-empty list of finite non-negative numbers")
-    if abs(arr.sum() - 1) > 1e-6:
-        raise ValueError(f"{name}={arr.tolist()} sums to {arr.sum():.8f}; it must be a distribution (sum 1)")
+    if abs(arr.sum() - 1) > DISTRIBUTION_TOL:
+        raise ValueError(f"{name}={arr.tolist()} sums to {arr.sum():.6f}; it must sum to 1")
     return arr / arr.sum()
 
 
@@ -258,3 +347,6 @@ def _matching(like: np.ndarray, values: Sequence[float], name: str) -> np.ndarra
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name}={arr.tolist()} must be finite")
     return arr
+
+
+VALID_UPDATE_TYPES = tuple(valid_update_types())  # the built-in rules' spellings

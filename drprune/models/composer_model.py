@@ -1,7 +1,7 @@
 """Composer wrapper: cross-entropy (+ distillation KL) + mask regularisation, overall and per-domain metrics."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -9,10 +9,12 @@ from composer.models import ComposerModel
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from drprune.masks.base import MaskGenerator
 from drprune.models.config import ModelConfig
 from drprune.models.decoder import PrunableDecoder
 from drprune.models.distill import IGNORE_INDEX, DistillConfig, kd_token_losses
+
+if TYPE_CHECKING:  # a type only: masks sit above models in the package graph
+    from drprune.masks.base import MaskGenerator
 
 TEACHER = "teacher"  # attribute (and state-dict prefix) of the distillation teacher
 

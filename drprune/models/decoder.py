@@ -1,6 +1,6 @@
 """One prunable decoder for every family, read top to bottom.
 
-Masks (see `drprune.masks.base.MaskSet`) multiply in at fixed places; the decoder never knows which
+Masks (see `drprune.masks.MaskSet`) multiply in at fixed places; the decoder never knows which
 generator made them. Where a mask multiplies:
   hidden [d]          embedding output, every norm output (norm statistics over kept dims only),
                       every sub-layer output

@@ -15,8 +15,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from drprune.cli import add_trust_pickle
+from drprune.cli import add_registry_option, add_trust_pickle
 from drprune.errors import UserError
+from drprune.registry import IMPORTANCE, LAYER_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     layers = _common(sub.add_parser("layers", help="remove blocks by angular distance or cosine (ShortGPT)"))
     layers.add_argument("--num-blocks-to-prune", type=int)
-    layers.add_argument("--pruning-method", help="angular (a window of consecutive blocks) | cosine (per block)")
+    add_registry_option(layers, "--pruning-method", LAYER_METRICS, "drprune.oneshot.layers",
+                        "block metric (angular removes a window of consecutive blocks, cosine single blocks)")
     layers.add_argument("--pruning-token", choices=("all", "last"), help="tokens the scores average over")
     layers.add_argument("--skip-blocks", type=int, nargs="*", help="blocks never removed (negative = from the end)")
 
     width = _common(sub.add_parser("width", help="prune heads / channels / hidden dims to a shape or a ratio"))
-    width.add_argument("--importance", help="taylor | l1 | l2 | activation | random")
+    add_registry_option(width, "--importance", IMPORTANCE, "drprune.oneshot.importance", "importance scorer")
     width.add_argument("--taylor", help="element (sum |w g|) | vector (sum over rows of |sum_row w g|)")
     width.add_argument("--seed", type=int, help="seed of the random importance")
     for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"):

@@ -13,9 +13,14 @@ Weight criteria reduce a per-element tensor over these groups:
 `activation` is the mean |activation| on calibration data: each head's context (out_proj input),
 each channel's gated activation (down_proj input), and each hidden dim of the normalised sub-layer
 inputs summed over layers. `random` draws seeded uniform scores (Pruning-LLMs' random masks).
+
+Scorers live in the IMPORTANCE registry (`--importance NAME`). A scorer takes the decoder and, by
+parameter name, whichever of `rows` (calibration token rows), `seed`, `taylor_mode` and `batch_size`
+it uses; taking `rows` makes --calib required for it.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -27,8 +32,8 @@ from torch import Tensor, nn
 from drprune.errors import UserError
 from drprune.models.composer_model import token_losses
 from drprune.models.decoder import PrunableDecoder
+from drprune.registry import IMPORTANCE
 
-IMPORTANCES = ("taylor", "l1", "l2", "activation", "random")
 TAYLOR_MODES = ("element", "vector")
 TAYLOR_MIN_ROWS = 64  # fewer calibration rows gave taylor a KV group choice that wrecked SmolLM2
 
@@ -117,6 +122,16 @@ def magnitude(decoder: PrunableDecoder, norm: str) -> Scores:
     return Scores(s.head.sqrt(), s.intermediate.sqrt(), s.hidden.sqrt())
 
 
+@IMPORTANCE.register("l1")
+def l1(decoder: PrunableDecoder) -> Scores:
+    return magnitude(decoder, "l1")
+
+
+@IMPORTANCE.register("l2")
+def l2(decoder: PrunableDecoder) -> Scores:
+    return magnitude(decoder, "l2")
+
+
 def accumulate_gradients(decoder: PrunableDecoder, rows: np.ndarray, batch_size: int) -> None:
     """p.grad = d(sum over batches of the mean next-token loss)/dp, in fp32."""
     decoder.eval()
@@ -128,23 +143,25 @@ def accumulate_gradients(decoder: PrunableDecoder, rows: np.ndarray, batch_size:
         (loss_sum.sum() / tokens.sum()).backward()
 
 
-def taylor(decoder: PrunableDecoder, rows: np.ndarray, mode: str = "element", batch_size: int = 4) -> Scores:
+@IMPORTANCE.register("taylor")
+def taylor(decoder: PrunableDecoder, rows: np.ndarray, taylor_mode: str = "element", batch_size: int = 4) -> Scores:
     """First-order Taylor importance; gradients are freed afterwards."""
-    if mode not in TAYLOR_MODES:
-        raise UserError(f"taylor mode {mode!r} is unknown: use one of {TAYLOR_MODES}")
+    if taylor_mode not in TAYLOR_MODES:
+        raise UserError(f"taylor mode {taylor_mode!r} is unknown: use one of {TAYLOR_MODES}")
     if len(rows) < TAYLOR_MIN_ROWS:
         log.warning("taylor importance from %d calibration rows: below %d its choices are unreliable (one KV "
                     "group can carry the model); raise --max-rows", len(rows), TAYLOR_MIN_ROWS)
     accumulate_gradients(decoder, rows, batch_size)
     try:
         with torch.no_grad():
-            if mode == "element":
+            if taylor_mode == "element":
                 return aggregate(decoder, lambda p: (p.double() * p.grad.double()).abs())
             return aggregate(decoder, lambda p: p.double() * p.grad.double(), per_row=torch.abs)
     finally:
         decoder.zero_grad(set_to_none=True)
 
 
+@IMPORTANCE.register("activation")
 @torch.no_grad()
 def activation(decoder: PrunableDecoder, rows: np.ndarray, batch_size: int = 8) -> Scores:
     """Mean |activation| per head (context), channel (gated activation) and hidden dim (norm outputs)."""
@@ -179,6 +196,7 @@ def activation(decoder: PrunableDecoder, rows: np.ndarray, batch_size: int = 8) 
     return Scores(out.head / (tokens * per_head), out.intermediate / tokens, out.hidden / tokens)
 
 
+@IMPORTANCE.register("random")
 def random_scores(decoder: PrunableDecoder, seed: int) -> Scores:
     cfg = decoder.cfg
     g = torch.Generator().manual_seed(seed)
@@ -187,17 +205,17 @@ def random_scores(decoder: PrunableDecoder, seed: int) -> Scores:
                   torch.rand(cfg.d_model, generator=g, dtype=torch.float64))
 
 
+def needs_calibration(importance: str) -> bool:
+    """Whether the scorer named `importance` reads calibration rows (so --calib is required)."""
+    return "rows" in inspect.signature(IMPORTANCE.get(importance, key="importance")).parameters
+
+
 def importance_scores(decoder: PrunableDecoder, rows: np.ndarray | None, importance: str, *, seed: int = 0,
                       taylor_mode: str = "element", batch_size: int = 4) -> Scores:
-    """Scores by name; `rows` (calibration token rows) are needed by taylor and activation."""
-    if importance not in IMPORTANCES:
-        raise UserError(f"importance {importance!r} is unknown: use one of {IMPORTANCES}")
-    if importance in ("taylor", "activation") and (rows is None or len(rows) == 0):
+    """Scores by registered name; `rows` (calibration token rows) go to the scorers that take them."""
+    scorer = IMPORTANCE.get(importance, key="importance")
+    wanted = inspect.signature(scorer).parameters
+    if "rows" in wanted and (rows is None or len(rows) == 0):
         raise UserError(f"importance {importance!r} needs calibration data (--calib)")
-    if importance == "taylor":
-        return taylor(decoder, rows, taylor_mode, batch_size)
-    if importance == "activation":
-        return activation(decoder, rows, batch_size)
-    if importance == "random":
-        return random_scores(decoder, seed)
-    return magnitude(decoder, importance)
+    offered = {"rows": rows, "seed": seed, "taylor_mode": taylor_mode, "batch_size": batch_size}
+    return scorer(decoder, **{k: v for k, v in offered.items() if k in wanted})

@@ -8,6 +8,7 @@ norm, so every state is a raw residual). Per token t:
             smallest mean BI are removed, consecutive or not.
 Means run over every token ("all") or the last token of each row ("last"). Removal is a `layer`
 mask, so the result goes through the same compaction and export as every other pruner.
+Metrics are LayerMetric classes in the LAYER_METRICS registry (`--pruning-method NAME`).
 """
 from __future__ import annotations
 
@@ -23,10 +24,50 @@ from torch import Tensor
 from drprune.errors import UserError
 from drprune.masks.base import MaskSet
 from drprune.models.decoder import PrunableDecoder
+from drprune.registry import LAYER_METRICS
 
-METHODS = ("angular", "cosine")
 TOKENS = ("all", "last")
 ALIASES = {"angular_distance": "angular", "cosine_similarity": "cosine"}  # PruneGPT's names
+
+
+class LayerMetric:
+    """A per-token score between two residual states; the lowest mean score is removed first.
+
+    `window`: the candidates are windows of n consecutive blocks, scored across the window (h_l vs
+    h_{l+n}); otherwise single blocks scored across themselves (h_i vs h_{i+1}), n lowest removed.
+    """
+
+    window: bool = False
+    title: str = ""  # the score column of the table
+
+    @staticmethod
+    def score(cos: Tensor) -> Tensor:
+        """Per-token score from the cosine similarity of the two states (clamped to [-1, 1])."""
+        raise NotImplementedError
+
+
+@LAYER_METRICS.register("angular")
+class Angular(LayerMetric):
+    window = True
+    title = "angular distance"
+
+    @staticmethod
+    def score(cos: Tensor) -> Tensor:
+        return torch.arccos(cos) / math.pi
+
+
+@LAYER_METRICS.register("cosine")
+class Cosine(LayerMetric):
+    title = "block influence (1 - cos)"
+
+    @staticmethod
+    def score(cos: Tensor) -> Tensor:
+        return 1.0 - cos
+
+
+def metric(method: str) -> type[LayerMetric]:
+    """The registered metric named `method` (PruneGPT's names accepted)."""
+    return LAYER_METRICS.get(ALIASES.get(method, method), key="pruning_method")
 
 
 @dataclass
@@ -52,17 +93,16 @@ def normalize_skip(skip_blocks: Sequence[int], n_layers: int, key: str = "skip_b
 def check_request(n_layers: int, num_blocks: int, method: str, token: str, skip_blocks: Sequence[int]) -> str:
     """Fail before any forward pass when the request cannot be met; returns the canonical method."""
     method = ALIASES.get(method, method)
-    if method not in METHODS:
-        raise UserError(f"pruning_method {method!r} is unknown: use one of {METHODS}")
+    window = metric(method).window
     if token not in TOKENS:
         raise UserError(f"pruning_token {token!r} is unknown: use one of {TOKENS}")
     skip = normalize_skip(skip_blocks, n_layers)
     if not 1 <= num_blocks < n_layers:
         raise UserError(f"num_blocks_to_prune={num_blocks} must be in 1..{n_layers - 1} for a {n_layers}-block model")
-    if method == "angular" and not _windows(n_layers, num_blocks, skip):
+    if window and not _windows(n_layers, num_blocks, skip):
         raise UserError(f"no {num_blocks} consecutive blocks avoid skip_blocks={sorted(skip)} in a "
                         f"{n_layers}-block model: prune fewer blocks or skip fewer")
-    if method == "cosine" and n_layers - len(skip) < num_blocks:
+    if not window and n_layers - len(skip) < num_blocks:
         raise UserError(f"only {n_layers - len(skip)} blocks are not in skip_blocks={sorted(skip)}, fewer than "
                         f"num_blocks_to_prune={num_blocks}: prune fewer blocks or skip fewer")
     return method
@@ -74,14 +114,14 @@ def _windows(n_layers: int, n: int, skip: set[int]) -> list[int]:
 
 def state_scores(states: list[Tensor], method: str, n: int, token: str) -> tuple[Tensor, int]:
     """Summed per-token scores for each candidate and the number of tokens summed, from states [B,T,d]."""
-    span = n if method == "angular" else 1
+    m = metric(method)
+    span = n if m.window else 1
     if token == "last":
         states = [h[:, -1:] for h in states]
     sums = []
     for start in range(len(states) - span):
         cos = F.cosine_similarity(states[start].float(), states[start + span].float(), dim=-1).clamp(-1.0, 1.0)
-        score = torch.arccos(cos) / math.pi if method == "angular" else 1.0 - cos
-        sums.append(score.sum())
+        sums.append(m.score(cos).sum())
     return torch.stack(sums), states[0].shape[0] * states[0].shape[1]
 
 
@@ -103,7 +143,7 @@ def residual_states(decoder: PrunableDecoder, ids: Tensor) -> list[Tensor]:
 @torch.no_grad()
 def score_blocks(decoder: PrunableDecoder, rows: np.ndarray, *, method: str, num_blocks: int,
                  token: str = "all", batch_size: int = 8) -> Tensor:
-    """Mean score per candidate: window starts 0..L-n (angular) or blocks 0..L-1 (cosine)."""
+    """Mean score per candidate: window starts 0..L-n (window metrics) or blocks 0..L-1."""
     decoder.eval()
     device = next(decoder.parameters()).device
     total, count = None, 0
@@ -117,9 +157,9 @@ def score_blocks(decoder: PrunableDecoder, rows: np.ndarray, *, method: str, num
 
 def choose_blocks(scores: Sequence[float], *, method: str, num_blocks: int, n_layers: int,
                   skip_blocks: Sequence[int] = ()) -> list[int]:
-    """The blocks to remove: the best allowed window (angular) or the lowest-BI blocks (cosine)."""
+    """The blocks to remove: the best allowed window (window metrics) or the lowest-scoring blocks."""
     skip = normalize_skip(skip_blocks, n_layers)
-    if method == "angular":
+    if metric(method).window:
         starts = _windows(n_layers, num_blocks, skip)
         best = min(starts, key=lambda s: (scores[s], s))
         return list(range(best, best + num_blocks))
@@ -147,12 +187,11 @@ def layer_masks(n_layers: int, blocks: Sequence[int]) -> MaskSet:
 
 def score_table(selection: LayerSelection, num_blocks: int) -> str:
     """The score of every candidate, the chosen ones marked with *."""
-    head = "window" if selection.method == "angular" else "block"
-    title = "angular distance" if selection.method == "angular" else "block influence (1 - cos)"
-    lines = [f"{head:>9}  {title}"]
+    m = metric(selection.method)
+    lines = [f"{'window' if m.window else 'block':>9}  {m.title}"]
     for i, score in enumerate(selection.scores):
-        name = f"{i}-{i + num_blocks - 1}" if selection.method == "angular" and num_blocks > 1 else str(i)
-        chosen = (i == selection.blocks[0]) if selection.method == "angular" else i in selection.blocks
+        name = f"{i}-{i + num_blocks - 1}" if m.window and num_blocks > 1 else str(i)
+        chosen = (i == selection.blocks[0]) if m.window else i in selection.blocks
         lines.append(f"{name:>9}  {score:.6f}{'  *' if chosen else ''}")
     lines.append(f"removing blocks {selection.blocks}")
     return "\n".join(lines)

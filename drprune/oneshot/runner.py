@@ -188,8 +188,9 @@ def sizes(before: PrunableDecoder, after: PrunableDecoder) -> dict[str, Any]:
 # ------------------------------------------------------------------ commands
 
 def run_layers(opts: dict[str, Any]) -> None:
-    from drprune.oneshot.layers import check_request, layer_masks, score_table, select_blocks
+    from drprune.oneshot.layers import check_request, layer_masks, metric, score_table, select_blocks
 
+    metric(opts["pruning_method"])  # an unknown name fails before the model is read
     decoder, hf_config = load_model(opts)
     n = opts["num_blocks_to_prune"]
     if n is None:
@@ -211,15 +212,16 @@ def run_layers(opts: dict[str, Any]) -> None:
 
 
 def run_width(opts: dict[str, Any]) -> None:
+    from drprune.oneshot.importance import needs_calibration
     from drprune.oneshot.width import TARGET_KEYS, plan_target, removed_structures, taylor_ratio_defaults, width_prune
 
+    calib_required = needs_calibration(opts["importance"])  # an unknown name fails before the model is read
     decoder, hf_config = load_model(opts)
     target = {k: opts[k] for k in TARGET_KEYS if opts.get(k) not in (None, [])}
     if opts["importance"] == "taylor":
         target = taylor_ratio_defaults(decoder.cfg, target)
     plan_target(decoder.cfg, target)
-    rows = calibration_rows(opts, required=opts["importance"] in ("taylor", "activation"),
-                            vocab_size=decoder.cfg.vocab_size)
+    rows = calibration_rows(opts, required=calib_required, vocab_size=decoder.cfg.vocab_size)
     before = evaluate(decoder, opts)
     masks = width_prune(decoder, rows, importance=opts["importance"], target=target, seed=opts["seed"],
                         taylor_mode=opts["taylor"], batch_size=opts["batch_size"])

@@ -170,7 +170,7 @@ def masks_from_scores(cfg: ModelConfig, scores: Scores, plan: WidthPlan) -> Mask
 def width_prune(decoder: PrunableDecoder, calib_rows: np.ndarray | None, *, importance: str,
                 target: Mapping[str, Any], seed: int = 0, taylor_mode: str = "element",
                 batch_size: int = 4) -> MaskSet:
-    """Hard masks pruning `decoder` to `target` by `importance` (taylor|l1|l2|activation|random)."""
+    """Hard masks pruning `decoder` to `target` by `importance` (a name in drprune.registry.IMPORTANCE)."""
     if importance == "taylor":
         target = taylor_ratio_defaults(decoder.cfg, target)
     plan = plan_target(decoder.cfg, target)
