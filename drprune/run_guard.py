@@ -250,9 +250,9 @@ def guard_save_folder(cfg: DictConfig, set_names: list[str]) -> list[Callback]:
         resumed_from = repair_checkpoints(folder) if autoresume else None
         existing = sorted(p.name for p in _checkpoints(folder))
         if existing and not autoresume and not cfg.get("save_overwrite", False):
-            raise UserError(f"save_folder {folder} already holds checkpoints of an earlier run ({', '.join(existing)}): "
-                            "pass autoresume=true to continue it, or choose another save_folder "
-                            "(save_overwrite=true replaces them)")
+            raise UserError(f"save_folder {folder} already holds checkpoints of an earlier run "
+                            f"({', '.join(existing)}): pass autoresume=true to continue it, or choose another "
+                            "save_folder (save_overwrite=true replaces them)")
         load_path = cfg.get("load_path")
         if resumed_from is not None:
             _check_fingerprint(cfg, new, folder / FINGERPRINT_FILE)

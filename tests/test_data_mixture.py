@@ -17,7 +17,8 @@ CHI2_DF2_P001 = 13.816  # chi-square critical value, 2 degrees of freedom, p = 0
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    return write_synthetic_mds(tmp_path_factory.mktemp("mix") / "data", {"a": "random", "b": "repetitive", "c": "random"},
+    return write_synthetic_mds(tmp_path_factory.mktemp("mix") / "data",
+                               {"a": "random", "b": "repetitive", "c": "random"},
                                seq_len=8, vocab_size=300, n_train=60, n_eval=3)
 
 

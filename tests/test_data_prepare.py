@@ -63,7 +63,8 @@ def test_round_trip_every_source_kind(tmp_path, hf_tokenizer):
         assert (row.documents, row.tokens, row.sequences) == (40, len(expected), len(expected) // 16)
         assert row.dropped == len(expected) % 16
     merged = ShardReader(tmp_path / "out" / "eval" / "eval_merge")
-    assert [merged[i]["set"] for i in range(len(merged))] == [n for n in sources for _ in range(len(ShardReader(tmp_path / "out" / "eval" / n)))]
+    expected = [n for n in sources for _ in range(len(ShardReader(tmp_path / "out" / "eval" / n)))]
+    assert [merged[i]["set"] for i in range(len(merged))] == expected
 
 
 def test_hf_dataset_source_holdout_and_plain_streaming_reads_the_shards(tmp_path, hf_tokenizer):

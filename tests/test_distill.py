@@ -65,7 +65,8 @@ def test_teacher_is_frozen_eval_only_and_out_of_state_dicts():
     lm.train()
     assert lm.training and lm.model.training and not lm.teacher.training
     assert not any(p.requires_grad for p in lm.teacher.parameters())
-    assert {id(p) for g in lm.param_groups(1e-3, 0.0, 1.0) for p in g["params"]} == {id(p) for p in lm.model.parameters()}
+    grouped = {id(p) for g in lm.param_groups(1e-3, 0.0, 1.0) for p in g["params"]}
+    assert grouped == {id(p) for p in lm.model.parameters()}
     assert sorted(k for k in lm.get_metrics() if "KL" in k) == ["KLDivergence", "a_KLDivergence"]
     state = lm.state_dict()
     assert state and not [k for k in state if k.startswith("teacher")]

@@ -4,13 +4,15 @@ Each CLI command is killed at its kill points (drprune.atomic's DRPRUNE_TEST_KIL
 writer, before the fsync, before the rename, right after it), first with no output present, then
 with --overwrite over a different previous output. After every kill the output is absent or the
 previous one byte for byte (or, killed after the rename, the new one whole); a re-run of the same
-command then succeeds, leaves no temp entry, and writes byte-identical files to an uninterrupted run.
+command then succeeds, leaves no temp entry, and writes byte-identical files to an uninterrupted run
+(mask files: identical tensors and metadata).
 
 Training runs (L0 + dro+Dy with 2 loader workers, in one process and under `composer -n 2`, and a
 hypernetwork) are killed at batches, while Composer writes a checkpoint (half a file left) and while
-drprune writes masks; each autoresumes. Every batch of every run, killed or resumed, equals the uninterrupted run's batch bit for bit: loss,
-sample ids (data order), domain proportions, mask generator state (masks, Lagrange multipliers,
-hypernetwork) and model weights; the files the runs leave are byte-identical too.
+drprune writes masks; each autoresumes. Every batch of every run, killed or resumed, equals the
+uninterrupted run's batch bit for bit: loss, sample ids (data order), domain proportions, mask
+generator state (masks, Lagrange multipliers, hypernetwork) and model weights; the summaries the runs
+leave are byte-identical too, and their mask files hold identical tensors and metadata.
 """
 from __future__ import annotations
 
@@ -42,13 +44,24 @@ def drprune(args: list[str], kill_at: str | None = None) -> subprocess.Completed
     return run([sys.executable, "-m", "drprune.cli", *args], **({"DRPRUNE_TEST_KILL_AT": kill_at} if kill_at else {}))
 
 
-def snapshot(path: Path) -> dict[str, bytes] | None:
-    """Every file under `path` (or the file itself) -> its bytes; None when nothing is there."""
+def content(path: Path) -> object:
+    """A file's bytes; a mask file (MaskSet.save) as its metadata and tensor bytes, since the safetensors
+    writer it uses orders header metadata differently from one process to the next."""
+    if not (path.suffix == ".safetensors" and path.name.startswith(("zs_s", "masks"))):
+        return path.read_bytes()
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k).numpy().tobytes() for k in sorted(f.keys())}
+
+
+def snapshot(path: Path) -> dict[str, object] | None:
+    """Every file under `path` (or the file itself) -> its content; None when nothing is there."""
     if not os.path.lexists(path):
         return None
     if path.is_file():
-        return {"": path.read_bytes()}
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+        return {"": content(path)}
+    return {str(p.relative_to(path)): content(p) for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def temps(root: Path) -> list[Path]:
@@ -80,20 +93,25 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     return {"root": root}
 
 
-# command(inputs root, output) -> args;  kill points with no output present;  kill points over a previous output
+# command(inputs root, output) -> args;  kill points with no output present;  kill points over a previous output.
+# A count is the n-th pass of that point in the process: nested outputs (oneshot's model.pt, hf/ and
+# masks inside OUT) commit before the outer one, whose points come last.
 COMMANDS = {
-    "data-prepare": (lambda r, out: ["data", "prepare", "--domain", f"a={r / 'a.jsonl'}", "--domain", f"b={r / 'b.jsonl'}",
-                                     "--tokenizer", str(r / "tok"), "--max-seq-len", "16", "--eval-fraction", "0.2",
-                                     "--out", str(out), "--overwrite"],
-                     ["mds.row:40", "atomic.committed:1", "atomic.written:2"], ["atomic.synced:2", "atomic.committed:2"]),
-    "compact": (lambda r, out: ["compact", str(r / "prune.pt"), "--out", str(out), "--overwrite"],
-                ["atomic.begin", "atomic.written"], ["atomic.synced", "atomic.committed"]),
-    "convert-composer-to-hf": (lambda r, out: ["convert", "composer-to-hf", str(r / "model.pt"), str(out), "--overwrite"],
-                               ["safetensors.tensor:4", "atomic.written"], ["atomic.synced", "atomic.committed"]),
-    "oneshot-layers": (lambda r, out: ["oneshot", "layers", str(r / "hf"), "--num-blocks-to-prune", "1",
-                                       "--calib", str(r / "calib"), "--max-rows", "4", "--out", str(out), "--overwrite"],
-                       ["atomic.committed:1", "safetensors.tensor:3", "atomic.written:3"],
-                       ["atomic.synced:3", "atomic.committed:3"]),
+    "data-prepare": (
+        lambda r, out: ["data", "prepare", "--domain", f"a={r / 'a.jsonl'}", "--domain", f"b={r / 'b.jsonl'}",
+                        "--tokenizer", str(r / "tok"), "--max-seq-len", "16", "--eval-fraction", "0.2",
+                        "--out", str(out), "--overwrite"],
+        ["mds.row:40", "atomic.committed:1", "atomic.written:2"], ["atomic.synced:2", "atomic.committed:2"]),
+    "compact": (
+        lambda r, out: ["compact", str(r / "prune.pt"), "--out", str(out), "--overwrite"],
+        ["atomic.begin", "atomic.written"], ["atomic.synced", "atomic.committed"]),
+    "convert-composer-to-hf": (
+        lambda r, out: ["convert", "composer-to-hf", str(r / "model.pt"), str(out), "--overwrite"],
+        ["safetensors.tensor:4", "atomic.written"], ["atomic.synced", "atomic.committed"]),
+    "oneshot-layers": (
+        lambda r, out: ["oneshot", "layers", str(r / "hf"), "--num-blocks-to-prune", "1", "--calib", str(r / "calib"),
+                        "--max-rows", "4", "--out", str(out), "--overwrite"],
+        ["atomic.committed:1", "safetensors.tensor:3", "atomic.written:4"], ["atomic.synced:4", "atomic.committed:4"]),
 }
 
 
@@ -176,21 +194,9 @@ def logs(record: Path) -> str:
 
 
 def outputs(save: Path) -> dict[str, object]:
-    """The files a run writes besides Composer checkpoints (masks, summaries), which must not depend on kills.
-
-    JSON files as bytes; mask files (safetensors) as their metadata and tensor bytes, since the
-    safetensors writer orders header metadata differently from one process to the next.
-    """
-    from safetensors import safe_open
-
-    out: dict[str, object] = {}
-    for p in sorted(save.iterdir()):
-        if p.suffix == ".json" and p.name.startswith(("data_loading", "mask_report")):
-            out[p.name] = p.read_bytes()
-        elif p.suffix == ".safetensors" and p.name.startswith("zs_s"):
-            with safe_open(str(p), framework="pt") as f:
-                out[p.name] = (f.metadata(), {k: f.get_tensor(k).numpy().tobytes() for k in sorted(f.keys())})
-    return out
+    """The files a run writes besides Composer checkpoints (masks, summaries), which must not depend on kills."""
+    return {p.name: content(p) for p in sorted(save.iterdir())
+            if p.name.startswith(("zs_s", "data_loading", "mask_report")) and p.suffix in (".json", ".safetensors")}
 
 
 @pytest.mark.parametrize("name", list(RUNS))

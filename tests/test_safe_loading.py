@@ -173,7 +173,8 @@ def test_hf_folder_checksums_cover_every_shard_and_catch_a_flip(tmp_path, capsys
     one = write_hf_folder(CFG, tensors, tmp_path / "one")
     record = json.loads((one / FOLDER_CHECKSUMS_FILE).read_text())
     assert record == {"algorithm": "sha256",
-                      "files": {"model.safetensors": hashlib.sha256((one / "model.safetensors").read_bytes()).hexdigest()}}
+                      "files": {"model.safetensors":
+                                hashlib.sha256((one / "model.safetensors").read_bytes()).hexdigest()}}
     many = write_hf_folder(CFG, tensors, tmp_path / "many", max_shard_bytes=20_000)
     shards = sorted(p.name for p in many.glob("*.safetensors"))
     assert len(shards) > 3 and sorted(json.loads((many / FOLDER_CHECKSUMS_FILE).read_text())["files"]) == shards

@@ -42,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g2h.add_argument("--overwrite", action="store_true")
     g2h.set_defaults(func=gguf_to_hf)
 
-    h2g = sub.add_parser("hf-to-gguf", help="llama-family HF folder (or drprune checkpoint) -> GGUF file with tokenizer")
+    h2g = sub.add_parser("hf-to-gguf",
+                         help="llama-family HF folder (or drprune checkpoint) -> GGUF file with tokenizer")
     h2g.add_argument("hf_dir", help="HF model folder, or a compacted drprune checkpoint (.pt)")
     h2g.add_argument("out", help="output .gguf file")
     h2g.add_argument("--dtype", default="f16", help="f32, f16 (default) or q8_0 for the matrices; norms stay f32")

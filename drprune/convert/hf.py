@@ -186,7 +186,8 @@ def hf_to_ours(cfg: ModelConfig, hf_tensors: dict[str, Tensor]) -> dict[str, Ten
                     for name, t in (("wq", q), ("wk", k), ("wv", v)):
                         out[f"transformer.blocks.{i}.attn.{name}.{kind}"] = t
     if remaining:
-        raise UserError(f"unexpected keys in the HF checkpoint (not part of a {cfg.family} model): {sorted(remaining)[:10]}")
+        raise UserError(f"unexpected keys in the HF checkpoint (not part of a {cfg.family} model): "
+                        f"{sorted(remaining)[:10]}")
     return out
 
 

@@ -112,7 +112,8 @@ def verify_state(state: dict[str, Any], recorded: Any, source: Path,
             release(state[key])
         if not ok:
             raise UserError(f"checkpoint {source} is corrupted: tensor {key} does not match the {ALGORITHM} "
-                            "recorded when it was written (a bit flip or a partial copy?); write or copy the file again")
+                            "recorded when it was written (a bit flip or a partial copy?); "
+                            "write or copy the file again")
     if _plain_digest(state) != recorded.get("plain"):
         raise UserError(f"checkpoint {source} is corrupted: its config (non-tensor entries) does not match the "
                         f"{ALGORITHM} recorded when it was written; write or copy the file again")

@@ -73,4 +73,5 @@ def run(args: argparse.Namespace) -> None:
           f"(non-embedding {params['source']['non_embedding'] / 1e6:.1f}M -> "
           f"{params['pruned']['non_embedding'] / 1e6:.1f}M)")
     print(f"report: {args.out / 'report.md'}   model: {args.out / 'hf'}")
-    print(f"total {s['total_seconds']:.0f}s wall ({s['cpu_seconds']:.0f}s CPU), peak memory {s['peak_memory_gb']:.2f} GB")
+    print(f"total {s['total_seconds']:.0f}s wall ({s['cpu_seconds']:.0f}s CPU), "
+          f"peak memory {s['peak_memory_gb']:.2f} GB")

@@ -117,7 +117,8 @@ def target_checks(evals: dict[str, dict[str, Any]], learned: str, baseline: str,
     if L.get("copy") and S.get("copy"):
         r = math.log(L["copy"]["ppl"]) / max(math.log(S["copy"]["ppl"]), 1e-9)
         rows.append({"target": f"copying-probe loss <= {t['copy_loss_ratio']}x the source's",
-                     "measured": f"{math.log(L['copy']['ppl']):.3f} vs {math.log(S['copy']['ppl']):.3f} nats ({r:.1f}x)",
+                     "measured": f"{math.log(L['copy']['ppl']):.3f} vs {math.log(S['copy']['ppl']):.3f} nats "
+                                 f"({r:.1f}x)",
                      "met": r <= t["copy_loss_ratio"]})
     if minutes is not None:
         rows.append({"target": f"demo <= {t['demo_minutes']:.0f} minutes", "measured": f"{minutes:.1f} min",

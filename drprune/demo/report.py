@@ -118,7 +118,8 @@ def comparison_table(s: dict[str, Any]) -> str:
     rows = [BUDGET_HEADER, *_budget_rows(s)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(BUDGET_HEADER))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines + [line.lstrip("- ").replace("**", "") for line in head_to_head(s["eval"], "pruned", "baseline")])
+    verdicts = head_to_head(s["eval"], "pruned", "baseline")
+    return "\n".join(lines + [line.lstrip("- ").replace("**", "") for line in verdicts])
 
 
 def render_markdown(s: dict[str, Any]) -> str:
@@ -146,7 +147,8 @@ def render_markdown(s: dict[str, Any]) -> str:
                    f"masks (the weights train under the masks) and the rest on continued pretraining of the "
                    f"compacted model; the baseline spends all of them on continued pretraining. "
                    + (f"Every training run distils from the source (KL weight {opts['kd']}, CE weight "
-                      f"{1 - opts['kd']:.2f}). " if opts["kd"] else "Training uses cross-entropy only (no distillation). ")
+                      f"{1 - opts['kd']:.2f}). " if opts["kd"]
+                      else "Training uses cross-entropy only (no distillation). ")
                    + "Wall and CPU seconds include the one-shot selection both models start from.")
     return "\n".join([
         "# drprune demo report",

@@ -82,7 +82,8 @@ class EvalResult:
         out: dict[str, Any] = {"domains": {d: s.to_dict() for d, s in self.domains.items()},
                                "geomean": self.geomean.to_dict()}
         if self.rows is not None:  # kept so two models scored on the same rows can be compared paired
-            out["rows"] = {d: {"loss_sums": loss.tolist(), "tokens": tok.tolist()} for d, (loss, tok) in self.rows.items()}
+            out["rows"] = {d: {"loss_sums": loss.tolist(), "tokens": tok.tolist()}
+                           for d, (loss, tok) in self.rows.items()}
         return out
 
     @classmethod
