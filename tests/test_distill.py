@@ -176,8 +176,10 @@ def test_continued_pretraining_with_an_explicit_teacher(tmp_path, data_dir, teac
     trainer.close()
 
     # no teacher given: model.path (the student's own starting point) is the teacher, with a warning
+    again = args(data_dir, tmp_path / "run2", f"model.path={student}", "max_duration=3ba", "eval_interval=3ba",
+                 "save_interval=3ba")  # a fresh save_folder: the first one holds that run's checkpoints
     with caplog.at_level(logging.WARNING, logger="drprune.train"):
-        trainer = build_trainer(load_config(CONTINUE, [*common, "distillation.kl_weight=0.5"]))
+        trainer = build_trainer(load_config(CONTINUE, [*again, "distillation.kl_weight=0.5"]))
     assert "the student's own initial weights" in caplog.text
     assert trainer.state.model.teacher is not None
     trainer.close()

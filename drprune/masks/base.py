@@ -24,6 +24,7 @@ def _legacy_name(name: str) -> str:
 
 
 MASKS_FORMAT = "drprune-masks/1"
+HEADER_KEY = "drprune"  # the safetensors metadata key holding the JSON header
 
 
 class MaskSet(dict):
@@ -41,12 +42,11 @@ class MaskSet(dict):
 
         from drprune.atomic import atomic_output
 
-        header = {"format": MASKS_FORMAT, "shapes": json.dumps({k: list(v.shape) for k, v in self.items()})}
-        if source is not None:
-            header["source_config"] = json.dumps(source.to_dict())
+        header = {"format": MASKS_FORMAT, "shapes": {k: list(v.shape) for k, v in self.items()},
+                  "source_config": None if source is None else source.to_dict()}
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.items()}
-        with atomic_output(path, overwrite=overwrite) as tmp:
-            save_file(tensors, str(tmp), metadata=header)
+        with atomic_output(path, overwrite=overwrite) as tmp:  # one sorted key: the same masks give the same bytes
+            save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header, sort_keys=True)})
         return Path(path)
 
     @classmethod
@@ -78,14 +78,14 @@ class MaskSet(dict):
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
+                meta = json.loads((f.metadata() or {}).get(HEADER_KEY, "{}"))
                 masks = cls({k: f.get_tensor(k) for k in f.keys()})
         except (SafetensorError, OSError, ValueError) as err:
             raise UserError(f"cannot read mask file {path}: {err} (truncated or not a safetensors file?)") from err
         if meta.get("format") != MASKS_FORMAT:
             raise UserError(f"{path} is a safetensors file but not a drprune mask file (format "
                             f"{meta.get('format')!r}, expected {MASKS_FORMAT!r})")
-        shapes = json.loads(meta.get("shapes", "{}"))
+        shapes = meta.get("shapes", {})
         if {k: list(v.shape) for k, v in masks.items()} != shapes:
             raise UserError(f"{path}: the masks do not match the shapes in its header ({shapes}); the file is corrupt")
         return masks
@@ -99,8 +99,8 @@ class MaskSet(dict):
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            text = (f.metadata() or {}).get("source_config")
-        return ModelConfig.from_dict(json.loads(text)) if text else None
+            config = json.loads((f.metadata() or {}).get(HEADER_KEY, "{}")).get("source_config")
+        return ModelConfig.from_dict(config) if config else None
 
     def validate(self, cfg: ModelConfig) -> "MaskSet":
         validate_masks(self, cfg)
