@@ -10,7 +10,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /workspace/drprune
-COPY requirements.txt setup.py README.md ./
+COPY requirements.txt setup.py pyproject.toml README.md ./
 COPY drprune/__init__.py drprune/__init__.py
 RUN pip install --upgrade pip wheel packaging && pip install -r requirements.txt
 # flash-attn compiles against the installed torch; MAX_JOBS bounds the build's memory.
