@@ -135,28 +135,3 @@ class MaskGenerator(nn.Module, abc.ABC):
     def param_groups(self, lag_lr: float) -> list[dict[str, Any]]:
         """Optimizer groups for the generator's own parameters."""
         return [{"params": list(self.parameters()), "lr": lag_lr, "weight_decay": 0.0}]
-
-
-def mask_generator_from_state(cfg: ModelConfig, state: Mapping[str, Any]) -> MaskGenerator:
-    """Rebuild a checkpoint's mask generator (in eval mode) from the config it recorded.
-
-    `state` is a model state dict holding `mask_generator.*` entries, as the Composer Trainer saves it.
-    """
-    from drprune.masks import build_mask_generator  # the registry imports this module
-
-    prefix = "mask_generator."
-    own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    if not own:
-        raise UserError("the checkpoint holds no mask generator (no mask_generator.* entries): it is not a "
-                        "pruning checkpoint, so there are no masks to fold")
-    extra = own.get("_extra_state")
-    if not isinstance(extra, dict) or "name" not in extra:
-        raise UserError("the checkpoint's mask generator does not record its config (_extra_state with a name): "
-                        "it was written by an older drprune; re-save it from a current pruning run")
-    generator = build_mask_generator(cfg, {"mask_generator": {"name": extra["name"], **extra.get("params", {})}})
-    assert generator is not None  # a mask_generator node was given
-    try:
-        generator.load_state_dict(own, strict=True)
-    except (RuntimeError, ValueError) as err:
-        raise UserError(f"the checkpoint's mask generator does not match its model: {err}") from err
-    return generator.eval()
