@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from drprune.data.collate import collate
 from drprune.data.loaders import build_train_dataloader
+from drprune.run_config import RunConfig
 from drprune.data.testing import write_synthetic_mds
 
 DOMAINS = {"a": "random", "b": "repetitive", "c": "random", "d": "random"}
@@ -40,11 +40,12 @@ def bench_loaders(root: Path, seq_len: int, batch: int, batches: int) -> None:
                                  batch_size=batch, shuffle_seed=1)
         plain_rate = _rate(DataLoader(plain, batch_size=batch, num_workers=workers,
                                       collate_fn=lambda s: collate([{**x, "set": 0, "idx": 0} for x in s])), batches)
-        cfg = OmegaConf.create({"data_local": str(root), "max_seq_len": seq_len, "seed": 1,
+        cfg = RunConfig.from_cfg({"data_local": str(root), "max_seq_len": seq_len, "seed": 1, "max_duration": "1ba",
+                                  "global_train_batch_size": batch,
                                 "train_loader": {"num_workers": workers},
                                 "callbacks": {"data_loading": {"dynamic": True, "set_names": list(DOMAINS),
                                                                "proportion": [0.4, 0.3, 0.2, 0.1]}}})
-        mix_rate = _rate(build_train_dataloader(cfg, batch), batches)
+        mix_rate = _rate(build_train_dataloader(cfg.data, batch), batches)
         print(f"num_workers={workers}: plain {plain_rate:9.0f} samples/s  mixture {mix_rate:9.0f} samples/s  "
               f"ratio {mix_rate / plain_rate:.2f}")
 

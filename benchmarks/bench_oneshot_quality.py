@@ -53,6 +53,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--resume", help="a --json file of an earlier cut-short run: its models are not scored again")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -60,10 +61,13 @@ def main() -> None:
     calib = load_rows(args.data, tokenizer=None, seq_len=128, max_rows=args.calib_rows)  # MDS: stored length
     eval_rows = {d: read_token_rows(Path(args.data) / "eval" / d, args.eval_rows) for d in eval_domains(args.data)}
     results: list[dict[str, Any]] = []
+    earlier = {r["name"]: r for r in json.loads(Path(args.resume).read_text())} if args.resume else {}
     cache: dict[tuple, dict[str, Any]] = {}
 
     def record(name: str, masks: MaskSet | None, started: float) -> None:
         key = tuple(sorted((k, tuple(v.flatten().tolist())) for k, v in (masks or {}).items()))
+        if name in earlier and key not in cache:
+            cache[key] = {k: earlier[name][k] for k in ("params", "domains", "geomean")}
         if key not in cache:
             cache[key] = score(decoder if masks is None else compact(decoder, masks), eval_rows, args.batch_size)
         results.append({"name": name, **cache[key], "seconds": time.perf_counter() - started})

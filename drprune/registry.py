@@ -12,10 +12,9 @@ users call; what that is (factory, class, scorer) is documented at the instance 
 """
 from __future__ import annotations
 
-import difflib
 from typing import Callable, Generic, TypeVar
 
-from drprune.errors import ConfigError
+from drprune.errors import ConfigError, nearest
 
 T = TypeVar("T")
 
@@ -45,8 +44,8 @@ class Registry(Generic[T]):
         """
         if name in self._entries:
             return self._entries[name]
-        near = difflib.get_close_matches(str(name), self.names(), n=1, cutoff=0.0)
-        given, hint = (f"{key}.{name}", f"{key}.{near[0]}") if nested else (f"{key}={name!r}", repr(near[0]))
+        near = nearest(str(name), self.names(), cutoff=0.0)
+        given, hint = (f"{key}.{name}", f"{key}.{near}") if nested else (f"{key}={name!r}", repr(near))
         raise ConfigError(f"{given} is unknown: did you mean {hint}? valid {self.kind}s: {', '.join(self.names())}")
 
     def names(self) -> list[str]:
@@ -64,7 +63,8 @@ IMPORTANCE: Registry = Registry("importance")
 LAYER_METRICS: Registry = Registry("layer metric")
 # MixtureRule subclass (drprune.mixture.rules)
 MIXTURE_RULES: Registry = Registry("update rule")
-# factory(params: dict, cfg: DictConfig, model, train_loader) -> Callback | None (drprune.callbacks)
+# factory(section, save_folder, model, train_loader) -> Callback | None (drprune.callbacks); section is
+# callbacks.data_loading typed (drprune.run_config.DataLoading) or a Composer callback's options dict
 CALLBACKS: Registry = Registry("callback")
 # a composer.loggers LoggerDestination class (drprune.callbacks)
 LOGGERS: Registry = Registry("logger")

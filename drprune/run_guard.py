@@ -35,10 +35,11 @@ from typing import Any
 
 from composer.core import Callback, State
 from composer.loggers import Logger
-from omegaconf import DictConfig, OmegaConf
+from composer.utils import dist
 
 from drprune.atomic import pid_alive, write_json
-from drprune.errors import ConfigError, UserError
+from drprune.errors import UserError
+from drprune.run_config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -184,19 +185,16 @@ def repair_checkpoints(folder: Path) -> Path | None:
 
 # ---------------------------------------------------------------- fingerprint
 
-def fingerprint(cfg: DictConfig, set_names: list[str]) -> dict[str, Any]:
+def fingerprint(run: RunConfig, set_names: list[str]) -> dict[str, Any]:
     """What must not change when a run is resumed: its data order, batches and pruning target."""
-    node = cfg.model.get("mask_generator") or cfg.model.get("l0_module")
-    gen = None
-    if node is not None:
-        gen = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-               for k, v in node.items() if k in ("name", "target_model", "target_ratio", "pruning_modules")}
-        gen.setdefault("name", "l0")
-    return {"seed": int(cfg.get("seed", 17)), "global_train_batch_size": int(cfg.global_train_batch_size),
-            "max_seq_len": cfg.get("max_seq_len"), "set_names": list(set_names), "mask_generator": gen}
+    node = run.model.mask_generator
+    gen = None if node is None else {k: v for k, v in node.items()
+                                     if k in ("name", "target_model", "target_ratio", "pruning_modules")}
+    return {"seed": run.seed, "global_train_batch_size": run.global_train_batch_size,
+            "max_seq_len": run.max_seq_len, "set_names": list(set_names), "mask_generator": gen}
 
 
-def _check_fingerprint(cfg: DictConfig, new: dict[str, Any], saved_file: Path) -> None:
+def _check_fingerprint(run: RunConfig, new: dict[str, Any], saved_file: Path) -> None:
     if not saved_file.is_file():
         return
     try:
@@ -207,10 +205,7 @@ def _check_fingerprint(cfg: DictConfig, new: dict[str, Any], saved_file: Path) -
     if not changed:
         return
     what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-    allow = cfg.get("allow_config_change", False)
-    if not isinstance(allow, bool):
-        raise ConfigError(f"allow_config_change={allow!r} must be true or false")
-    if allow:
+    if run.allow_config_change:
         log.warning("resuming with a changed config (allow_config_change=true): %s", what)
         return
     raise UserError(f"resuming the run of {saved_file.parent} with a changed config ({what}) would not continue "
@@ -231,11 +226,9 @@ class RunGuardCallback(Callback):
         self.lock.release()
 
 
-def guard_save_folder(cfg: DictConfig, set_names: list[str]) -> list[Callback]:
+def guard_save_folder(run: RunConfig, set_names: list[str]) -> list[Callback]:
     """Lock the save_folder, repair it for autoresume, refuse unsafe re-runs; [] on non-zero ranks."""
-    from composer.utils import dist
-
-    folder = cfg.get("save_folder")
+    folder = run.save_folder
     if folder is None or dist.get_global_rank() != 0:
         return []
     if "{" in str(folder) or "://" in str(folder):
@@ -245,19 +238,19 @@ def guard_save_folder(cfg: DictConfig, set_names: list[str]) -> list[Callback]:
     lock = RunLock(folder)
     lock.acquire()
     try:
-        new = fingerprint(cfg, set_names)
-        autoresume = bool(cfg.get("autoresume", False))
+        new = fingerprint(run, set_names)
+        autoresume = run.autoresume
         resumed_from = repair_checkpoints(folder) if autoresume else None
         existing = sorted(p.name for p in _checkpoints(folder))
-        if existing and not autoresume and not cfg.get("save_overwrite", False):
+        if existing and not autoresume and not run.save_overwrite:
             raise UserError(f"save_folder {folder} already holds checkpoints of an earlier run "
                             f"({', '.join(existing)}): pass autoresume=true to continue it, or choose another "
                             "save_folder (save_overwrite=true replaces them)")
-        load_path = cfg.get("load_path")
+        load_path = run.load_path
         if resumed_from is not None:
-            _check_fingerprint(cfg, new, folder / FINGERPRINT_FILE)
+            _check_fingerprint(run, new, folder / FINGERPRINT_FILE)
         elif load_path and Path(str(load_path)).is_file():
-            _check_fingerprint(cfg, new, Path(str(load_path)).parent / FINGERPRINT_FILE)
+            _check_fingerprint(run, new, Path(str(load_path)).parent / FINGERPRINT_FILE)
     except BaseException:
         lock.release()
         raise

@@ -6,24 +6,39 @@ raised before the model is built or data is read.
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
-from composer.optim import ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler, LinearWithWarmupScheduler
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from composer import Evaluator, Trainer
+from composer.algorithms import GradientClipping
+from composer.optim import (ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler, DecoupledAdamW,
+                            LinearWithWarmupScheduler)
+from composer.utils import dist, reproducibility
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from drprune.callbacks import build_callbacks, build_loggers, check_callbacks
+from drprune.convert.checkpoint import config_of_state, decoder_state, load_decoder_weights, load_model_state
+from drprune.convert.hf import EXTRA_STATE_KEY
+from drprune.data.loaders import build_eval_dataloader, build_train_dataloader, check_data_vocab, validate_data_config
 from drprune.errors import ConfigError, UserError
+from drprune.masks import build_mask_generator
+from drprune.models.composer_model import PrunableLM
+from drprune.models.config import ModelConfig
+from drprune.models.decoder import PrunableDecoder
+from drprune.models.distill import RUNTIME_KEYS, DistillConfig, check_teacher, same_file
 from drprune.paths import packaged_config
 from drprune.registry import SCHEDULERS
+from drprune.run_config import ModelSection, Optimizer, RunConfig, Scheduler
+from drprune.run_guard import guard_save_folder
 
 log = logging.getLogger("drprune.train")
 
-# Keys of the `model` node that are not ModelConfig fields.
-MODEL_NODE_EXTRAS = ("name", "path", "l0_module", "mask_generator")
 # Composer 0.32 has no scheduler registry: its schedulers under llm-foundry's `scheduler.name`s
 for _name, _cls in (("cosine_with_warmup", CosineAnnealingWithWarmupScheduler),
                     ("constant_with_warmup", ConstantWithWarmupScheduler),
@@ -86,13 +101,9 @@ def load_config(path: str, overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def model_config(cfg: DictConfig, init_state: dict | None):
+def model_config(model: ModelSection, init_state: dict | None) -> ModelConfig:
     """Model shape from the YAML, or from the `model.path` checkpoint (YAML shape keys must agree)."""
-    from drprune.convert.checkpoint import config_of_state
-    from drprune.models.config import ModelConfig
-
-    node = OmegaConf.to_container(cfg.model, resolve=True)
-    shape = {k: v for k, v in node.items() if k not in MODEL_NODE_EXTRAS}
+    shape = model.shape
     if init_state is not None:
         from_ckpt = config_of_state(init_state, ModelConfig.from_dict(shape) if shape else None)
         merged = from_ckpt.to_dict()
@@ -110,65 +121,64 @@ def model_config(cfg: DictConfig, init_state: dict | None):
     return ModelConfig.from_dict(shape)
 
 
-def _batch_sizes(cfg: DictConfig) -> tuple[int, int]:
-    from composer.utils import dist
-
+def _batch_sizes(run: RunConfig) -> tuple[int, int]:
     world = dist.get_world_size()
-    global_bs = int(cfg.global_train_batch_size)
+    global_bs = run.global_train_batch_size
     if global_bs % world:
         raise ConfigError(f"global_train_batch_size={global_bs} is not divisible by the world size {world}")
-    return global_bs // world, int(cfg.get("device_eval_batch_size", global_bs // world))
+    return global_bs // world, run.device_eval_batch_size or global_bs // world
 
 
-def build_optimizer(cfg: DictConfig, model) -> Any:
-    from composer.optim import DecoupledAdamW
-
-    opt = cfg.get("optimizer", {})
-    name = opt.get("name", "decoupled_adamw")
-    if name != "decoupled_adamw":
-        raise ConfigError(f"optimizer.name={name!r} is not supported; use decoupled_adamw")
-    lr = float(opt.get("lr", 1e-4))
-    groups = model.param_groups(lr=lr, weight_decay=float(opt.get("weight_decay", 0.0)),
-                                lag_lr=float(opt.get("lag_lr", 1.0)))
-    return DecoupledAdamW(groups, lr=lr, betas=tuple(opt.get("betas", (0.9, 0.95))), eps=float(opt.get("eps", 1e-8)))
+def build_optimizer(opt: Optimizer, model: PrunableLM) -> DecoupledAdamW:
+    groups = model.param_groups(lr=opt.lr, weight_decay=opt.weight_decay, lag_lr=opt.lag_lr)
+    return DecoupledAdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps)
 
 
-def build_scheduler(cfg: DictConfig) -> Any:
-    node = dict(cfg.get("scheduler", {"name": "constant_with_warmup", "t_warmup": "0ba"}))
-    name = node.pop("name", "cosine_with_warmup")
-    return SCHEDULERS.get(name, key="scheduler.name")(**node)
+def build_scheduler(scheduler: Scheduler) -> Any:
+    """The registered Composer scheduler, its options checked against its constructor."""
+    cls = SCHEDULERS.get(scheduler.name, key="scheduler.name")
+    try:
+        inspect.signature(cls).bind(**scheduler.options)
+    except TypeError as err:
+        raise ConfigError(f"scheduler: {err}; see the options of composer.optim.{cls.__name__}") from err
+    return cls(**scheduler.options)
 
 
-def _precision(cfg: DictConfig) -> str:
-    precision = cfg.get("precision", "fp32")
+def _precision(precision: str) -> str:
     if precision != "fp32" and not torch.cuda.is_available():
         log.warning("precision=%s needs a GPU; running in fp32 on CPU", precision)
         return "fp32"
     return precision
 
 
-def _container_or_value(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+def teacher_config(state: Mapping[str, Any], path: str, fallback: ModelConfig | None) -> ModelConfig:
+    """The teacher's decoder config from its checkpoint (`fallback` for config-less Sheared files)."""
+    extra = state.get(EXTRA_STATE_KEY)
+    if isinstance(extra, dict) and "model_config" in extra:
+        return ModelConfig.from_dict(extra["model_config"])
+    if fallback is not None:
+        return fallback
+    raise UserError(f"distillation.teacher: checkpoint {path} carries no model config (an older "
+                    "Sheared-LLaMA/DRPruning file?): convert it with `drprune convert` to a drprune checkpoint first")
 
 
-def _trust_pickle(cfg: DictConfig) -> bool:
-    """`trust_pickle: true` is the only way a run fully unpickles model.path / distillation.teacher."""
-    value = cfg.get("trust_pickle", False)
-    if not isinstance(value, bool):
-        raise ConfigError(f"trust_pickle={value!r} must be true or false")
-    return value
+def build_teacher(state: Mapping[str, Any], teacher_cfg: ModelConfig, student_cfg: ModelConfig,
+                  path: str) -> PrunableDecoder:
+    """A frozen, eval-mode PrunableDecoder with the teacher's weights (runtime knobs from the student)."""
+    cfg = dataclasses.replace(teacher_cfg, **{k: getattr(student_cfg, k) for k in RUNTIME_KEYS})
+    teacher = PrunableDecoder(cfg)
+    load_decoder_weights(teacher, decoder_state(dict(state)), path)
+    teacher.requires_grad_(False)
+    return teacher.eval()
 
 
-def _build_teacher(distill, init_path: str | None, init_state: dict | None, mcfg, mask_generator,
-                   trust_pickle: bool = False):
+def _build_teacher(distill: DistillConfig, init_path: str | None, init_state: dict | None, mcfg: ModelConfig,
+                   mask_generator: Any, trust_pickle: bool = False) -> Any:
     """Check the teacher against the student (before either is built), then load it.
 
     None when the student's own unmasked weights are the teacher: the mask generator freezes the LLM
     (hypernetwork) and the teacher is the model.path checkpoint, so no second copy is needed.
     """
-    from drprune.convert.checkpoint import load_model_state
-    from drprune.models.distill import build_teacher, check_teacher, same_file, teacher_config
-
     same = same_file(distill.teacher, init_path)
     state = init_state if same else load_model_state(distill.teacher, trust_pickle)
     teacher_cfg = teacher_config(state, distill.teacher, mcfg if same else None)
@@ -189,7 +199,7 @@ def _build_teacher(distill, init_path: str | None, init_state: dict | None, mcfg
     return teacher
 
 
-def build_trainer(cfg: DictConfig):
+def build_trainer(cfg: DictConfig | RunConfig) -> Trainer:
     """Validate the whole config, then build model, data, optimizer and the Composer Trainer.
 
     A failure after the save_folder guard releases its lock (and removes the folder when the guard
@@ -197,48 +207,32 @@ def build_trainer(cfg: DictConfig):
     """
     guards: list = []
     try:
-        return _build_trainer(cfg, guards)
+        return _build_trainer(cfg if isinstance(cfg, RunConfig) else RunConfig.from_cfg(cfg), guards)
     except BaseException:
         for guard in guards:
             guard.lock.release()
         raise
 
 
-def _build_trainer(cfg: DictConfig, guards: list):
-    from composer import Evaluator, Trainer
-    from composer.algorithms import GradientClipping
-    from composer.utils import reproducibility
-
-    from drprune.callbacks import build_callbacks, build_loggers
-    from drprune.convert.checkpoint import decoder_state, load_decoder_weights, load_model_state
-    from drprune.data.loaders import (build_eval_dataloader, build_train_dataloader, check_data_vocab,
-                                      validate_data_config)
-    from drprune.masks import build_mask_generator
-    from drprune.models.composer_model import PrunableLM
-    from drprune.models.distill import DistillConfig
-    from drprune.run_config import check_model_fits_data, check_run_values, check_top_level_keys
-    from drprune.run_guard import guard_save_folder
-
-    check_top_level_keys(cfg)
-    for key in ("max_duration", "global_train_batch_size"):
-        if cfg.get(key) is None:
-            raise ConfigError(f"{key} is required")
-    check_run_values(cfg)
-    validate_data_config(cfg)
-    loggers = build_loggers(cfg)  # an unknown logger or a missing package fails here, before the model
-    init_path = cfg.model.get("path")
-    distill = DistillConfig.from_node(_container_or_value(cfg.get("distillation")), init_path)
-    init_state = load_model_state(init_path, _trust_pickle(cfg)) if init_path else None
-    mcfg = model_config(cfg, init_state)
-    check_model_fits_data(cfg, mcfg.max_seq_len)
-    check_data_vocab(cfg, mcfg.vocab_size)  # another tokenizer's data, ids beyond the vocabulary
-    train_bs, eval_bs = _batch_sizes(cfg)
-    reproducibility.seed_all(int(cfg.get("seed", 17)))  # before any generator: fresh runs are bit-identical
-    mask_generator = build_mask_generator(mcfg, cfg.model)  # validates target_model
-    set_names = list(cfg.get("callbacks", {}).get("data_loading", {}).get("set_names", []) or [])
-    guard = guard_save_folder(cfg, set_names)  # lock, half-written checkpoints, resume fingerprint
+def _build_trainer(run: RunConfig, guards: list) -> Trainer:
+    data = run.data
+    validate_data_config(data)
+    check_callbacks(run.callbacks)
+    loggers = build_loggers(run.loggers)  # an unknown logger or a missing package fails here, before the model
+    scheduler = build_scheduler(run.scheduler)  # its options are checked before the model too
+    init_path = run.model.path
+    distill = run.distill()
+    init_state = load_model_state(init_path, run.trust_pickle) if init_path else None
+    mcfg = model_config(run.model, init_state)
+    run.check_model_fits_data(mcfg.max_seq_len)
+    check_data_vocab(data, mcfg.vocab_size)  # another tokenizer's data, ids beyond the vocabulary
+    train_bs, eval_bs = _batch_sizes(run)
+    reproducibility.seed_all(run.seed)  # before any generator: fresh runs are bit-identical
+    mask_generator = build_mask_generator(mcfg, run.model.mask_generator, run.model.mask_prefix)
+    set_names = list(run.callbacks.data_loading.set_names or [])
+    guard = guard_save_folder(run, set_names)  # lock, half-written checkpoints, resume fingerprint
     guards.extend(guard)
-    teacher = (_build_teacher(distill, init_path, init_state, mcfg, mask_generator, _trust_pickle(cfg))
+    teacher = (_build_teacher(distill, init_path, init_state, mcfg, mask_generator, run.trust_pickle)
                if distill else None)
 
     model = PrunableLM(mcfg, mask_generator, set_names, distill=distill, teacher=teacher)
@@ -251,45 +245,45 @@ def _build_trainer(cfg: DictConfig, guards: list):
     log.info("model: %s, %.2fM parameters%s", mcfg.family, model.model.num_params() / 1e6,
              f", mask generator {type(mask_generator).__name__}" if mask_generator else "")
 
-    train_loader = build_train_dataloader(cfg, train_bs)
+    train_loader = build_train_dataloader(data, train_bs)
     evaluators = []
-    if cfg.get("eval_loader") is not None:
-        evaluators.append(Evaluator(label="eval", dataloader=build_eval_dataloader(cfg, eval_bs),
+    if run.eval_loader is not None:
+        evaluators.append(Evaluator(label="eval", dataloader=build_eval_dataloader(data, eval_bs),
                                     metric_names=list(model.eval_metrics)))
     algorithms = []
-    clip = cfg.get("algorithms", {}).get("gradient_clipping")
+    clip = run.algorithms.gradient_clipping
     if clip is not None:
-        algorithms.append(GradientClipping(clip.get("clipping_type", "norm"), float(clip.clipping_threshold)))
-    parallelism = {"fsdp": OmegaConf.to_container(cfg.fsdp_config)} if cfg.get("fsdp_config") else None
+        algorithms.append(GradientClipping(clip.clipping_type, clip.clipping_threshold))
+    parallelism = {"fsdp": run.fsdp_config} if run.fsdp_config else None
 
     return Trainer(
-        run_name=cfg.get("run_name"),
-        seed=int(cfg.get("seed", 17)),
+        run_name=run.run_name,
+        seed=run.seed,
         model=model,
         train_dataloader=train_loader,
         eval_dataloader=evaluators or None,
-        optimizers=build_optimizer(cfg, model),
-        schedulers=build_scheduler(cfg),
-        max_duration=cfg.max_duration,
-        eval_interval=cfg.get("eval_interval", 1),
-        eval_subset_num_batches=int(cfg.get("eval_subset_num_batches", -1)),
+        optimizers=build_optimizer(run.optimizer, model),
+        schedulers=scheduler,
+        max_duration=run.max_duration,
+        eval_interval=run.eval_interval,
+        eval_subset_num_batches=run.eval_subset_num_batches,
         algorithms=algorithms,
-        callbacks=[*build_callbacks(cfg, model, train_loader), *guard],
+        callbacks=[*build_callbacks(run.callbacks, run.save_folder, model, train_loader), *guard],
         loggers=loggers,
-        progress_bar=bool(cfg.get("progress_bar", False)),
-        log_to_console=bool(cfg.get("log_to_console", True)),
-        console_log_interval=cfg.get("console_log_interval", "1ba"),
-        precision=_precision(cfg),
-        device_train_microbatch_size=cfg.get("device_train_microbatch_size", train_bs),
+        progress_bar=run.progress_bar,
+        log_to_console=run.log_to_console,
+        console_log_interval=run.console_log_interval,
+        precision=_precision(run.precision),
+        device_train_microbatch_size=run.device_train_microbatch_size or train_bs,
         parallelism_config=parallelism,
-        save_folder=cfg.get("save_folder"),
-        save_interval=cfg.get("save_interval", "1ep"),
-        save_num_checkpoints_to_keep=int(cfg.get("save_num_checkpoints_to_keep", -1)),
-        save_overwrite=bool(cfg.get("save_overwrite", False)),
-        load_path=cfg.get("load_path"),
-        autoresume=bool(cfg.get("autoresume", False)),
-        python_log_level=cfg.get("python_log_level", None),
-        dist_timeout=float(cfg.get("dist_timeout", 600)),
+        save_folder=run.save_folder,
+        save_interval=run.save_interval,
+        save_num_checkpoints_to_keep=run.save_num_checkpoints_to_keep,
+        save_overwrite=run.save_overwrite,
+        load_path=run.load_path,
+        autoresume=run.autoresume,
+        python_log_level=run.python_log_level,
+        dist_timeout=run.dist_timeout,
     )
 
 

@@ -14,13 +14,14 @@ from omegaconf import OmegaConf
 
 from drprune.data.loaders import build_train_dataloader
 from drprune.data.testing import write_synthetic_mds
+from drprune.run_config import RunConfig
 
 SET_NAMES = ["a", "b", "c"]
 
 
 def _cfg(root: Path, workers: int):
     return OmegaConf.create({
-        "data_local": str(root), "max_seq_len": 8, "seed": 3,
+        "data_local": str(root), "max_seq_len": 8, "seed": 3, "max_duration": "5ba", "global_train_batch_size": 4,
         "train_loader": {"num_workers": workers, "prefetch_factor": 1 if workers else None},
         "callbacks": {"data_loading": {"dynamic": True, "set_names": SET_NAMES, "proportion": [0.6, 0.3, 0.1]}},
     })
@@ -54,7 +55,7 @@ With 2 workers (lag 2 batches) the new p is still pending at the batch-4 checkpo
             if int(state.timestamp.batch) == 3:
                 state.train_dataloader.dataset.update_proportion([0.1, 0.1, 0.8])
 
-    loader = build_train_dataloader(cfg, 4)
+    loader = build_train_dataloader(RunConfig.from_cfg(cfg).data, 4)
     model = Tiny()
     trainer = Trainer(model=model, train_dataloader=loader, max_duration=f"{batches}ba",
                       optimizers=torch.optim.SGD(model.parameters(), lr=0.0),
@@ -87,6 +88,7 @@ RANK_SCRIPT = textwrap.dedent("""
     from composer.utils import dist
     from omegaconf import OmegaConf
     from drprune.data.loaders import build_train_dataloader
+    from drprune.run_config import RunConfig
 
     class Tiny(ComposerModel):
         def __init__(self):
@@ -104,7 +106,8 @@ RANK_SCRIPT = textwrap.dedent("""
 
     cfg = OmegaConf.create(json.loads(sys.argv[1]))
     model = Tiny()
-    trainer = Trainer(model=model, train_dataloader=build_train_dataloader(cfg, 4), max_duration="5ba",
+    loader = build_train_dataloader(RunConfig.from_cfg(cfg).data, 4)
+    trainer = Trainer(model=model, train_dataloader=loader, max_duration="5ba",
                       optimizers=torch.optim.SGD(model.parameters(), lr=0.0), callbacks=[Record()],
                       progress_bar=False, log_to_console=False, seed=3, device="cpu")
     trainer.fit()

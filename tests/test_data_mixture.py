@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from drprune.data.loaders import build_eval_dataloader, build_train_dataloader, validate_data_config
 from drprune.data.testing import write_synthetic_mds
 from drprune.errors import ConfigError
+from drprune.run_config import RunConfig
 
 NAMES = ["a", "b", "c"]
 CHI2_DF2_P001 = 13.816  # chi-square critical value, 2 degrees of freedom, p = 0.001
@@ -25,11 +26,16 @@ def root(tmp_path_factory):
 def cfg_for(root, workers=0, **data_loading):
     node = {"dynamic": True, "set_names": NAMES, "proportion": [0.5, 0.3, 0.2], **data_loading}
     return OmegaConf.create({
-        "data_local": str(root), "max_seq_len": 8, "seed": 5, "max_duration": "10ba",
+        "data_local": str(root), "max_seq_len": 8, "seed": 5, "max_duration": "10ba", "global_train_batch_size": 8,
         "train_loader": {"num_workers": workers, "dataset": {"split": "train"}},
         "eval_loader": {"num_workers": 0, "dataset": {"split": "eval_merge"}},
         "callbacks": {"data_loading": node},
     })
+
+
+def data_of(cfg):
+    """The data section the loaders take, read the way a run reads it."""
+    return RunConfig.from_cfg(cfg).data
 
 
 def chi2(sets: np.ndarray, p: list[float]) -> float:
@@ -40,7 +46,7 @@ def chi2(sets: np.ndarray, p: list[float]) -> float:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_domain_frequencies_follow_p_and_its_updates(root, workers):
-    loader = build_train_dataloader(cfg_for(root, workers), 8)
+    loader = build_train_dataloader(data_of(cfg_for(root, workers)), 8)
     lag = loader.dataset.lag_batches
     assert lag == 2 * workers
     before, after = [], []
@@ -65,13 +71,13 @@ def test_domain_frequencies_follow_p_and_its_updates(root, workers):
 def test_stream_is_the_same_for_any_number_of_workers(root):
     streams = []
     for workers in (0, 2):
-        loader = build_train_dataloader(cfg_for(root, workers), 4)
+        loader = build_train_dataloader(data_of(cfg_for(root, workers)), 4)
         streams.append([b["idx"].tolist() for _, b in zip(range(12), loader)])
     assert streams[0] == streams[1]
 
 
 def test_exhausted_domain_starts_a_reshuffled_pass_without_repeats(root, caplog):
-    loader = build_train_dataloader(cfg_for(root, proportion=[0.0, 0.0, 1.0]), 6)
+    loader = build_train_dataloader(data_of(cfg_for(root, proportion=[0.0, 0.0, 1.0])), 6)
     with caplog.at_level(logging.INFO, logger="drprune.data.mixture"):
         ids = np.concatenate([b["idx"].numpy() for _, b in zip(range(30), loader)])  # 180 draws = 3 passes
     passes = ids.reshape(3, 60)
@@ -84,7 +90,7 @@ def test_exhausted_domain_starts_a_reshuffled_pass_without_repeats(root, caplog)
 @pytest.mark.parametrize("workers", [0, 2])
 def test_state_dict_resumes_the_stream_and_the_pending_p(root, workers):
     cfg = cfg_for(root, workers)
-    loader = build_train_dataloader(cfg, 4)
+    loader = build_train_dataloader(data_of(cfg), 4)
     ids = []
     for i, batch in enumerate(loader):
         ids.append(batch["idx"].tolist())
@@ -95,7 +101,7 @@ def test_state_dict_resumes_the_stream_and_the_pending_p(root, workers):
         if i == 14:
             break
     assert len(str(state)) < 500  # counters and seeds, not id lists
-    resumed = build_train_dataloader(cfg, 4)
+    resumed = build_train_dataloader(data_of(cfg), 4)
     resumed.dataset.load_state_dict(state)
     assert resumed.dataset.proportion == [0.0, 1.0, 0.0]
     again = [b["idx"].tolist() for _, b in zip(range(10), resumed)]
@@ -106,7 +112,7 @@ def test_eval_loader_sets_follow_set_names_order(root):
     cfg = cfg_for(root)
     cfg.callbacks.data_loading.set_names = ["c", "a", "b"]
     cfg.callbacks.data_loading.proportion = [0.2, 0.5, 0.3]
-    sets = np.concatenate([b["set"].numpy() for b in build_eval_dataloader(cfg, 4)])
+    sets = np.concatenate([b["set"].numpy() for b in build_eval_dataloader(data_of(cfg), 4)])
     assert sets.tolist() == [1, 1, 1, 2, 2, 2, 0, 0, 0]  # eval_merge is written a, b, c
 
 
@@ -119,30 +125,30 @@ def test_eval_loader_sets_follow_set_names_order(root):
 ])
 def test_bad_mixture_config_is_a_clear_error(root, change, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        validate_data_config(cfg_for(root, **change))
+        validate_data_config(data_of(cfg_for(root, **change)))
 
 
 def test_bad_paths_and_durations_are_clear_errors(root, tmp_path):
     with pytest.raises(ConfigError, match="data_local=.* is not a folder"):
-        validate_data_config(cfg_for(tmp_path / "nope"))
+        validate_data_config(data_of(cfg_for(tmp_path / "nope")))
     cfg = cfg_for(root)
     cfg.eval_loader.dataset.split = "eval_all"
     with pytest.raises(ConfigError, match="eval_loader.dataset.split='eval_all'"):
-        validate_data_config(cfg)
+        validate_data_config(data_of(cfg))
     cfg = cfg_for(root)
     cfg.max_duration = "1ep"
     with pytest.raises(ConfigError, match="no epochs"):
-        validate_data_config(cfg)
+        validate_data_config(data_of(cfg))
     cfg = cfg_for(root)
     cfg.max_seq_len = 16
     with pytest.raises(ConfigError, match="8-token sequences"):
-        validate_data_config(cfg)
+        validate_data_config(data_of(cfg))
 
 
 def test_non_dynamic_config_reads_the_split(root):
     cfg = cfg_for(root)
     del cfg.callbacks
-    validate_data_config(cfg)
-    loader = build_train_dataloader(cfg, 4)
+    validate_data_config(data_of(cfg))
+    loader = build_train_dataloader(data_of(cfg), 4)
     ids = np.concatenate([b["idx"].numpy() for b in loader])
     assert sorted(ids) == list(range(180)) and ids.tolist() != sorted(ids)

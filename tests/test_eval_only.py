@@ -19,6 +19,7 @@ from drprune.data.prepare import prepare, read_domains, summary_table
 from drprune.data.shards import ShardReader
 from drprune.demo.corpus import build_corpus, load_spec
 from drprune.errors import ConfigError, UserError
+from drprune.run_config import RunConfig
 
 # Word-level vocabulary: training words t0..t99 -> ids 0..99, held-out words h0..h49 -> ids 100..149,
 # EOS 150. Every token of the held-out domain is in [100, 150), so a batch tells where it came from.
@@ -199,22 +200,27 @@ def test_cli_eval_only_domain_flag(tmp_path, word_tokenizer, sources, capsys):
 def _cfg(root: Path, workers: int = 0, dynamic: bool = True, **data_loading):
     node = {"dynamic": dynamic, **data_loading}
     return OmegaConf.create({
-        "data_local": str(root), "max_seq_len": SEQ, "seed": 5, "max_duration": "10ba",
+        "data_local": str(root), "max_seq_len": SEQ, "seed": 5, "max_duration": "10ba", "global_train_batch_size": 4,
         "train_loader": {"num_workers": workers, "dataset": {"split": "train", "shuffle": True}},
         "eval_loader": {"num_workers": 0, "dataset": {"split": "eval_merge"}},
         "callbacks": {"data_loading": node},
     })
 
 
+def data_of(cfg):
+    """The data section the loaders take, read the way a run reads it."""
+    return RunConfig.from_cfg(cfg).data
+
+
 def test_set_names_with_an_eval_only_domain_is_refused(root, tmp_path):
     cfg = _cfg(root, set_names=["a", "held", "b"], proportion=[0.4, 0.2, 0.4])
     with pytest.raises(ConfigError, match=r"set_names lists \['held'\]: eval-only \(held-out\).*Remove \['held'\] "
                                           r"from set_names.*drprune eval MODEL --data .* --domains held"):
-        validate_data_config(cfg)
+        validate_data_config(data_of(cfg))
     with pytest.raises(ConfigError, match="eval-only"):
-        build_train_dataloader(cfg, 4)
+        build_train_dataloader(data_of(cfg), 4)
     with pytest.raises(ConfigError, match="eval-only"):  # the non-dynamic path too
-        validate_data_config(_cfg(root, dynamic=False, set_names=["a", "held", "b"]))
+        validate_data_config(data_of(_cfg(root, dynamic=False, set_names=["a", "held", "b"])))
     # Without domains.json (data written by hand): eval/<name> without train/<name> is still eval-only.
     import shutil
 
@@ -223,14 +229,14 @@ def test_set_names_with_an_eval_only_domain_is_refused(root, tmp_path):
     (copy / "domains.json").unlink()
     assert eval_only_domains(copy) == ["held"]
     with pytest.raises(ConfigError, match=r"set_names lists \['held'\]"):
-        validate_data_config(_cfg(copy, set_names=["a", "held", "b"], proportion=[0.4, 0.2, 0.4]))
+        validate_data_config(data_of(_cfg(copy, set_names=["a", "held", "b"], proportion=[0.4, 0.2, 0.4])))
 
 
 def test_without_set_names_the_train_folders_define_the_domains(root):
     cfg = _cfg(root)
-    assert set_names_of(cfg) == ["a", "b"]
-    validate_data_config(cfg)
-    sets = np.concatenate([b["set"].numpy() for b in build_eval_dataloader(cfg, 4)])
+    assert set_names_of(data_of(cfg)) == ["a", "b"]
+    validate_data_config(data_of(cfg))
+    sets = np.concatenate([b["set"].numpy() for b in build_eval_dataloader(data_of(cfg), 4)])
     assert set(sets.tolist()) == {0, 1}  # eval_merge: the training domains only
 
 
@@ -241,12 +247,12 @@ def test_eval_only_domain_never_in_a_training_batch_over_a_whole_epoch(root, wor
     # Non-dynamic: one shuffled epoch over data_local/train covers every train sample exactly once.
     cfg = _cfg(root, workers, dynamic=False)
     cfg.train_loader.drop_last = False
-    batches = list(build_train_dataloader(cfg, 4))
+    batches = list(build_train_dataloader(data_of(cfg), 4))
     ids = np.concatenate([b["idx"].numpy() for b in batches])
     assert sorted(ids.tolist()) == list(range(total))
     _check_training_batches(batches)
     # Dynamic mixture (set_names from train/): draw until every sample of both domains has come out.
-    loader = build_train_dataloader(_cfg(root, workers, proportion=[0.5, 0.5]), 4)
+    loader = build_train_dataloader(data_of(_cfg(root, workers, proportion=[0.5, 0.5])), 4)
     seen, batches = set(), []
     for batch in loader:
         batches.append(batch)

@@ -10,6 +10,7 @@ from composer.optim import DecoupledAdamW
 from drprune.compact.fold import compact_decoder
 from drprune.errors import ConfigError
 from drprune.masks import build_mask_generator
+from drprune.run_config import ModelSection
 from drprune.models.shapes import compact_config, config_params, expected_params
 from drprune.masks.hypernetwork import HypernetworkMaskGenerator
 from drprune.models.composer_model import PrunableLM
@@ -23,6 +24,12 @@ PYTHIA = ModelConfig(family="pythia", vocab_size=97, d_model=32, n_layers=3, n_h
                      o_bias=True, mlp_bias=True, rotary_pct=0.25)
 L0_KEYS = dict(pruning_modules=["head", "hidden"], target_model={"d_model": 24}, lagrangian_warmup_steps="4ba",
                eval_target_model=True)
+
+
+def generator_from(cfg, model_node):
+    """The mask generator of a `model:` node, read the way a run config reads it."""
+    section = ModelSection.read(model_node)
+    return build_mask_generator(cfg, section.mask_generator, section.mask_prefix)
 
 
 def make(cfg: ModelConfig = CFG, **kw) -> HypernetworkMaskGenerator:
@@ -41,12 +48,12 @@ def scramble(gen: HypernetworkMaskGenerator, scale: float = 3.0) -> None:
 def test_factory_ignores_l0_keys_and_rejects_unknown_ones(caplog):
     node = {"mask_generator": {"name": "hypernetwork", "target_ratio": 0.6, **L0_KEYS}}
     with caplog.at_level("INFO"):
-        gen = build_mask_generator(CFG, node)
+        gen = generator_from(CFG, node)
     assert isinstance(gen, HypernetworkMaskGenerator)
     assert "ignores L0-only keys" in caplog.text and "target_model" in caplog.text
     assert gen.target_params == round(0.6 * config_params(CFG, embeddings=False))
-    with pytest.raises(ConfigError, match="unknown keys.*tempreature"):
-        build_mask_generator(CFG, {"mask_generator": {"name": "hypernetwork", "target_ratio": 0.6, "tempreature": 1}})
+    with pytest.raises(ConfigError, match="mask_generator.tempreature.*did you mean model.mask_generator.temperature"):
+        generator_from(CFG, {"mask_generator": {"name": "hypernetwork", "target_ratio": 0.6, "tempreature": 1}})
 
 
 def test_factory_ignores_every_l0_key_including_init_masks(caplog):
@@ -54,7 +61,7 @@ def test_factory_ignores_every_l0_key_including_init_masks(caplog):
     node = {"name": "hypernetwork", "target_ratio": 0.6, **L0_KEYS, "init_masks": "oneshot/masks.safetensors",
             "start_sparsity": 0.1, "droprate_init": 0.05, "seed": 3}
     with caplog.at_level("INFO"):
-        gen = build_mask_generator(CFG, {"mask_generator": node})
+        gen = generator_from(CFG, {"mask_generator": node})
     assert gen.settings["seed"] == 3  # shared with L0, so used, not ignored
     ignored = caplog.text.split("ignores L0-only keys")[1].splitlines()[0]
     assert all(k in ignored for k in ("init_masks", "start_sparsity", "droprate_init", "target_model"))
@@ -160,7 +167,7 @@ def test_generator_config_rides_in_the_state_dict():
     scramble(gen)
     state = gen.state_dict()
     assert state["_extra_state"] == {"name": "hypernetwork", "params": gen.settings}
-    rebuilt = build_mask_generator(CFG, {"mask_generator": state["_extra_state"]["params"] | {"name": "hypernetwork"}})
+    rebuilt = generator_from(CFG, {"mask_generator": state["_extra_state"]["params"] | {"name": "hypernetwork"}})
     rebuilt.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.hard_masks().values(), gen.hard_masks().values()))
     with pytest.raises(ValueError, match="target_params"):

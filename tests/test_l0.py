@@ -8,6 +8,7 @@ import torch
 
 from drprune.errors import ConfigError
 from drprune.masks import build_mask_generator
+from drprune.run_config import ModelSection
 from drprune.masks.l0 import BETA, LIMIT_L, LIMIT_R, HardConcrete, L0MaskGenerator
 from drprune.models.config import ModelConfig
 
@@ -15,6 +16,12 @@ CFG = ModelConfig(family="llama", vocab_size=97, d_model=32, n_layers=4, n_heads
                   intermediate_size=48)
 TARGET = {"d_model": 24, "n_heads": 2, "n_layers": 3, "intermediate_size": 20}
 MODULES = ["head", "intermediate", "layer", "hidden", "head_layer", "mlp"]
+
+
+def generator_from(cfg, model_node):
+    """The mask generator of a `model:` node, read the way a run config reads it."""
+    section = ModelSection.read(model_node)
+    return build_mask_generator(cfg, section.mask_generator, section.mask_prefix)
 
 
 def make(**kw) -> L0MaskGenerator:
@@ -112,7 +119,7 @@ def test_lagrangian_pulls_sparsity_to_target():
     ({**TARGET, "d_model": 64}, "target_model.d_model=64 is larger"),
     ({**TARGET, "n_heads": 3}, "whole number of GQA groups"),
     ({**TARGET, "n_kv_heads": 2}, "n_kv_heads=2 does not match"),
-    ({**TARGET, "n_layer": 2}, "unknown keys"),
+    ({**TARGET, "n_layer": 2}, "did you mean model.mask_generator.target_model.n_layers"),
     ({k: v for k, v in TARGET.items() if k != "intermediate_size"}, "intermediate_size is required"),
     ({**TARGET, "intermediate_size": 0}, "positive integer"),
 ])
@@ -125,13 +132,13 @@ def test_unknown_module_and_generator_are_rejected():
     with pytest.raises(ConfigError, match="unknown modules"):
         make(pruning_modules=["head", "heads"])
     with pytest.raises(ConfigError, match="model.mask_generator.name='nope'"):
-        build_mask_generator(CFG, {"mask_generator": {"name": "nope"}})
+        generator_from(CFG, {"mask_generator": {"name": "nope"}})
     with pytest.raises(ConfigError, match="model.l0_module.target_model is required"):
-        build_mask_generator(CFG, {"l0_module": {"pruning_modules": ["head"]}})
+        generator_from(CFG, {"l0_module": {"pruning_modules": ["head"]}})
 
 
 def test_sheared_style_l0_module_config():
-    gen = build_mask_generator(CFG, {"l0_module": {
+    gen = generator_from(CFG, {"l0_module": {
         "pruning_modules": ["head", "layer"], "lagrangian_warmup_steps": "320ba",
         "target_model": {"n_heads": 2, "n_layers": 2}}})
     assert gen.warmup == 320 and set(gen.sizes) == {"head", "layer"}

@@ -180,14 +180,14 @@ def test_shipped_configs_resolve(path):
     command = path.name.split("_")[0].split(".")[0]
     args = build_parser().parse_args(["oneshot", command, "model-dir", "--out", "out", "--config", str(path)])
     opts = resolve_options(args)
-    assert opts["model"] == "model-dir" and opts["max_rows"] >= 1
+    assert opts.model == "model-dir" and opts.max_rows >= 1
     if command == "width":
         from drprune.models.config import ModelConfig
         from drprune.oneshot.width import TARGET_KEYS, plan_target
 
         smollm2 = ModelConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
                               intermediate_size=1536)
-        plan_target(smollm2, {k: opts[k] for k in TARGET_KEYS if opts.get(k) not in (None, [])})
+        plan_target(smollm2, {k: getattr(opts, k) for k in TARGET_KEYS if getattr(opts, k) not in (None, [])})
 
 
 def test_calibration_rows_are_balanced_round_robin(tmp_path):

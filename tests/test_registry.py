@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from drprune.cli import main as drprune
 from drprune.errors import ConfigError
@@ -83,14 +82,15 @@ def test_unknown_names_fail_before_the_model_is_read_with_the_nearest_one(tmp_pa
 def test_scheduler_and_mask_generator_names_come_from_their_registries():
     from drprune.masks import build_mask_generator
     from drprune.models.config import ModelConfig
+    from drprune.run_config import Scheduler
     from drprune.train import build_scheduler
 
     with pytest.raises(ConfigError, match="scheduler.name='cosine_warmup' is unknown: did you mean "
                                           "'cosine_with_warmup'"):
-        build_scheduler(OmegaConf.create({"scheduler": {"name": "cosine_warmup", "t_warmup": "0ba"}}))
+        build_scheduler(Scheduler.read({"name": "cosine_warmup", "t_warmup": "0ba"}))
     cfg = ModelConfig(family="llama", vocab_size=97, d_model=32, n_layers=2, n_heads=4, intermediate_size=48)
     with pytest.raises(ConfigError, match="name='hypernet' is unknown: did you mean 'hypernetwork'"):
-        build_mask_generator(cfg, {"mask_generator": {"name": "hypernet"}})
+        build_mask_generator(cfg, {"name": "hypernet"})
 
 
 @pytest.mark.parametrize("command, flag, registry", [("width", "--importance", IMPORTANCE),

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from composer.loggers import InMemoryLogger
-from omegaconf import OmegaConf
 
 from drprune.data.testing import write_synthetic_mds
 from drprune.errors import UserError
+from drprune.run_config import RunConfig
 from drprune.run_guard import FINGERPRINT_FILE, LATEST, LOCK_FILE, RunLock, guard_save_folder, repair_checkpoints
 from drprune.train import build_trainer, load_config, main
 
@@ -23,7 +23,7 @@ TINY = str(ROOT / "configs" / "tiny" / "prune.yaml")
 def cfg(save: Path, **extra):
     base = {"save_folder": str(save), "seed": 17, "global_train_batch_size": 4, "max_seq_len": 64,
             "model": {"mask_generator": {"name": "l0", "target_model": {"d_model": 48, "n_layers": 3}}}}
-    return OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(extra))
+    return RunConfig.from_cfg({**base, "max_duration": "1ba", **extra})
 
 
 def checkpoint(path: Path, truncate: bool = False) -> Path:

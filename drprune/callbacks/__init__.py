@@ -8,19 +8,20 @@ import composer.callbacks as cc
 import composer.loggers as cl
 from composer.core import Callback
 from composer.utils import MissingConditionalImportError
-from omegaconf import DictConfig, OmegaConf
 
 import drprune.callbacks.data_loading  # noqa: F401 - registers "data_loading"
 from drprune.callbacks.pruning import PruningCallback
 from drprune.errors import ConfigError
 from drprune.registry import CALLBACKS, LOGGERS
+from drprune.run_config import Callbacks
 
 
 def _composer_callback(cls: type[Callback]) -> Any:
     """A CALLBACKS factory that builds Composer's `cls` from the node's options."""
-    def factory(params: dict[str, Any], cfg: DictConfig, model: Any, loader: Any) -> Callback:
+    def factory(params: dict[str, Any], save_folder: str | None, model: Any, loader: Any) -> Callback:
         return cls(**params)
 
+    factory.options_of = cls  # check_callbacks binds the options to this signature before anything is built
     return factory
 
 
@@ -36,31 +37,39 @@ for _name, _cls in (("tensorboard", cl.TensorboardLogger), ("wandb", cl.WandBLog
 LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
-def _container(cfg: DictConfig, key: str) -> dict[str, Any]:
-    node = cfg.get(key)
-    return {} if node is None else OmegaConf.to_container(node, resolve=True)
+def check_callbacks(callbacks: Callbacks) -> None:
+    """Every `callbacks.<name>` registered and its options taken by the class it builds, before the model."""
+    for name, params in callbacks.others.items():
+        factory = CALLBACKS.get(name, key="callbacks", nested=True)
+        cls = getattr(factory, "options_of", None)
+        if cls is not None:
+            try:
+                inspect.signature(cls).bind(**params)
+            except TypeError as err:
+                raise ConfigError(f"callbacks.{name}: {err}; see the options of composer.callbacks.{cls.__name__}") \
+                    from err
 
 
-def build_callbacks(cfg: DictConfig, model: Any, train_loader: Any) -> list[Callback]:
+def build_callbacks(callbacks: Callbacks, save_folder: str | None, model: Any, train_loader: Any) -> list[Callback]:
+    """The configured callbacks (data_loading with its typed section), plus pruning's when the model has masks."""
     out: list[Callback] = []
-    node = _container(cfg, "callbacks")
-    for name, params in node.items():
-        cb = CALLBACKS.get(name, key="callbacks", nested=True)(dict(params or {}), cfg, model, train_loader)
+    for name, params in {"data_loading": callbacks.data_loading, **callbacks.others}.items():
+        cb = CALLBACKS.get(name, key="callbacks", nested=True)(params, save_folder, model, train_loader)
         if cb is not None:
             out.append(cb)
     if getattr(model, "mask_generator", None) is not None:
-        out.append(PruningCallback(cfg.get("save_folder")))
+        out.append(PruningCallback(save_folder))
     return out
 
 
-def build_loggers(cfg: DictConfig) -> list[Any]:
+def build_loggers(loggers: dict[str, Any]) -> list[Any]:
     """Composer loggers from the `loggers:` node, each `name: {kwargs}`.
 
     Built before the model (constructing one starts nothing: runs open at the trainer's INIT event),
     so an unknown name, a bad option or a missing package stops the run before any heavy work.
     """
     out = []
-    for name, params in _container(cfg, "loggers").items():
+    for name, params in loggers.items():
         cls = LOGGERS.get(name, key="loggers", nested=True)
         if params is not None and not isinstance(params, dict):
             raise ConfigError(f"loggers.{name} must be a mapping of options (e.g. loggers.{name}={{}}), "

@@ -25,16 +25,15 @@ import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
-from omegaconf import DictConfig
 
 from drprune.atomic import write_json
-from drprune.callbacks.plots import plot_eval_losses, plot_weights
+from drprune.plots import plot_eval_losses, plot_weights
 from drprune.callbacks.pruning import unwrap_model
 from drprune.errors import ConfigError
-from drprune.mixture import (DRO_CLAMP_MODES, ReferenceLossFitter, RuleInputs, UpdateType, apply_rule,
-                              parse_update_type)
+from drprune.mixture import ReferenceLossFitter, RuleInputs, UpdateType, apply_rule
 from drprune.models.shapes import config_params
 from drprune.registry import CALLBACKS
+from drprune.run_config import DataLoading
 
 log = logging.getLogger(__name__)
 
@@ -236,63 +235,18 @@ def _target_sparsity(state: State) -> float:
     return max(0.0, 1.0 - target / config_params(model.model.cfg, embeddings=False))
 
 
-def _number(prefix: str, key: str, value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if not math.isfinite(number):
-        raise ConfigError(f"{prefix}.{key}={value!r} must be a finite number")
-    return number
-
-
-def check_data_loading(params: dict[str, Any], set_names: list[str]) -> tuple[UpdateType, dict[str, Any]]:
-    """Validate `callbacks.data_loading` against the run's set_names, before any model or data is built.
-
-    Returns the parsed update type and the callback's keyword arguments (reference_loss, rho, ema,
-    min_prob, clamp_q_to_min, dro_clamp).
-    """
-    prefix = "callbacks.data_loading"
-    try:
-        update_type = parse_update_type(params.get("update_type", "constant"))
-    except ConfigError as err:
-        raise ConfigError(f"{prefix}.{err}") from err
-    reference = params.get("reference_loss")
-    if update_type.rule != "constant":
-        if reference is None:
-            raise ConfigError(
-                f"{prefix}.reference_loss is required for update_type={update_type.text!r}: one target loss "
-                f"per domain in set_names order ({set_names}), e.g. the source model's eval losses"
-            )
-        if len(reference) != len(set_names):
-            raise ConfigError(f"{prefix}.reference_loss has {len(reference)} values for {len(set_names)} domains "
-                              f"({set_names}): give one target loss per domain, in set_names order")
-    dro_clamp = params.get("dro_clamp", "reference")
-    if dro_clamp not in DRO_CLAMP_MODES:
-        raise ConfigError(f"{prefix}.dro_clamp={dro_clamp!r} must be one of {', '.join(DRO_CLAMP_MODES)} "
-                          "(reference: DRPruning's clamp after the bisection; exact: q on the χ² ball)")
-    values = {key: _number(prefix, key, params.get(key, default))
-              for key, default in (("rho", 0.1), ("ema", 0.1), ("min_prob", 0.2))}
-    ranges = {"rho": (values["rho"] >= 0, ">= 0 (the size of the χ² ball)"),
-              "ema": (0 < values["ema"] <= 1, "in (0, 1] (the weight of the newest loss)"),
-              "min_prob": (0 <= values["min_prob"] < 1, "in [0, 1) (a floor on q / p0)")}
-    for key, (ok, expected) in ranges.items():
-        if not ok:
-            raise ConfigError(f"{prefix}.{key}={params[key]} must be {expected}")
-    return update_type, dict(
-        reference_loss=[_number(prefix, "reference_loss", x) for x in reference] if reference is not None else None,
-        clamp_q_to_min=bool(params.get("clamp_q_to_min", True)), dro_clamp=dro_clamp, **values)
-
-
 @CALLBACKS.register("data_loading")
-def build_data_loading_callback(params: dict[str, Any], cfg: DictConfig, model: Any, loader: Any) -> Callback | None:
+def build_data_loading_callback(section: DataLoading, save_folder: str | None, model: Any,
+                                loader: Any) -> Callback | None:
     """From `callbacks.data_loading`; None when the mixture is not dynamic."""
-    if not params.get("dynamic", False):
+    if not section.dynamic:
         return None
     dataset = getattr(loader, "dataset", None)
     if not hasattr(dataset, "update_proportion"):
         raise ConfigError("callbacks.data_loading.dynamic=true needs the dynamic mixture dataset as the train loader")
     set_names = list(dataset.set_names)
-    update_type, kwargs = check_data_loading(params, set_names)
-    return DynamicLoadingCallback(set_names, list(dataset.proportion), update_type, dataset,
-                                  save_folder=cfg.get("save_folder"), **kwargs)
+    section.check_domains(set_names)
+    return DynamicLoadingCallback(
+        set_names, list(dataset.proportion), section.rule, dataset, reference_loss=section.reference_loss,
+        rho=section.rho, ema=section.ema, min_prob=section.min_prob, clamp_q_to_min=section.clamp_q_to_min,
+        dro_clamp=section.dro_clamp, save_folder=save_folder)

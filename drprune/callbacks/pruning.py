@@ -12,6 +12,8 @@ from typing import Any
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
+from drprune.masks.report import write_report
+from drprune.plots import plot_series
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,6 @@ class PruningCallback(Callback):
     def fit_end(self, state: State, logger: Logger) -> None:
         if self.save_folder is None:
             return
-        from drprune.masks.report import write_report
 
         # every rank: the report's perplexity pass runs the (possibly sharded) model
         report = write_report(state, unwrap_model(state).mask_generator, self.save_folder)
@@ -63,7 +64,6 @@ class PruningCallback(Callback):
 
     def _plot(self) -> None:
         if self.sparsity_history:
-            from drprune.callbacks.plots import plot_series
 
             plot_series(self.sparsity_history, self.save_folder / "expected_sparsity.png",
                         ylabel="expected sparsity", title="Expected sparsity per pruned module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from drprune.cli import add_trust_pickle
+from drprune.cli_options import add_trust_pickle
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -16,11 +16,12 @@ from typing import Any, Callable
 from torch import Tensor
 
 from drprune.atomic import atomic_output, mark_complete
-from drprune.convert.checkpoint import copy_tokenizer, write_hf_folder, write_safetensors_shards
-from drprune.convert.hf import remote_config_dict, stock_class_fits
-from drprune.convert.model_card import ModelCard, write_card
 from drprune.errors import UserError
 from drprune.models.config import ModelConfig
+from drprune.convert.checkpoint import (config_of_state, copy_tokenizer, decoder_state, load_model_state,
+                                        mapped_releaser, write_hf_folder, write_safetensors_shards)
+from drprune.convert.hf import hf_config_dict, remote_config_dict, stock_class_fits
+from drprune.convert.model_card import ModelCard, card_of_state, write_card
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +101,6 @@ def export_checkpoint(
 ) -> Path:
     """A compact Composer checkpoint as a HF folder, its card from the checkpoint (`drprune compact`
     stores one) and from `base_model` (the source's hub id or HF folder: its license)."""
-    from drprune.convert.checkpoint import config_of_state, decoder_state, load_model_state, mapped_releaser
-    from drprune.convert.hf import hf_config_dict
-    from drprune.convert.model_card import card_of_state
 
     state = load_model_state(ckpt, trust_pickle)
     if any(k.startswith("mask_generator.") for k in state):

@@ -25,8 +25,8 @@ from torch import Tensor
 from drprune.atomic import atomic_output, check_complete, kill_point, mark_complete
 from drprune.convert.integrity import (ALGORITHM, STATE_CHECKSUMS_KEY, state_checksums, torch_load, verify_folder,
                                       verify_state, write_folder_checksums)
-from drprune.convert.hf import (REMOTE_MODEL_TYPE, check_state_keys, config_from_hf, hf_config_dict, hf_to_ours,
-                                ours_to_hf, stock_class_fits)
+from drprune.convert.hf import (EXTRA_STATE_KEY, HUB_PREFIX, REMOTE_MODEL_TYPE, check_state_keys, config_from_hf,
+                                hf_config_dict, hf_to_ours, ours_to_hf, stock_class_fits)
 from drprune.convert.model_card import ModelCard, write_card
 from drprune.errors import UserError
 from drprune.models.config import ModelConfig
@@ -34,8 +34,6 @@ from drprune.models.decoder import PrunableDecoder
 
 log = logging.getLogger(__name__)
 
-EXTRA_STATE_KEY = "model._extra_state"
-HUB_PREFIX = "hub:"  # the only way a model argument reaches the Hugging Face Hub
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",

@@ -6,7 +6,7 @@ import json
 import logging
 
 from drprune.atomic import check_output
-from drprune.cli import add_trust_pickle
+from drprune.cli_options import add_trust_pickle
 from drprune.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -14,6 +14,8 @@ from torch import Tensor
 from drprune.errors import ConfigError, UserError
 from drprune.models.config import ModelConfig
 
+EXTRA_STATE_KEY = "model._extra_state"  # where a drprune checkpoint keeps its model config (and card)
+HUB_PREFIX = "hub:"  # the only way a model argument reaches the Hugging Face Hub
 HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt_neox": "pythia"}
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "pythia": "GPTNeoXForCausalLM"}
 # Non-weight tensors some HF checkpoints carry.

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from drprune import __version__
+from drprune.convert.hf import EXTRA_STATE_KEY, HUB_PREFIX
 from drprune.models.shapes import RESIDUAL_SELECTIONS, config_params
 from drprune.models.config import LayerSpec, ModelConfig
 
@@ -77,8 +78,6 @@ class ModelCard:
 
 def card_of_state(state: Mapping[str, Any]) -> ModelCard | None:
     """The card a checkpoint carries in its extra state (`drprune compact` writes one), if any."""
-    from drprune.convert.checkpoint import EXTRA_STATE_KEY
-
     extra = state.get(EXTRA_STATE_KEY)
     data = extra.get(CARD_KEY) if isinstance(extra, dict) else None
     return ModelCard.from_dict(data) if isinstance(data, dict) else None
@@ -91,8 +90,6 @@ def source_facts(name_or_path: str | Path) -> dict[str, str]:
     its README's front matter and its hub id when it is a huggingface_hub cache snapshot
     (`models--org--name/snapshots/...`).
     """
-    from drprune.convert.checkpoint import HUB_PREFIX
-
     path = Path(name_or_path)
     if not path.exists():
         name = str(name_or_path).removeprefix(HUB_PREFIX)

@@ -17,6 +17,7 @@ from typing import Any
 
 from drprune.data.sources import Tokenizer
 from drprune.errors import UserError
+from drprune.data.shards import ShardReader
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,6 @@ def check_data_tokenizer(data: str | Path, *, tokenizer: str | None = None, voca
 
 def max_token_id(folder: Path) -> int:
     """The largest token id in an MDS folder (reads every sample: for data that records no tokenizer)."""
-    from drprune.data.shards import ShardReader
 
     reader = ShardReader(folder)
     return max(int(reader[i]["tokens"].max()) for i in range(len(reader)))

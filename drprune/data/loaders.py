@@ -20,14 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig
+from composer.utils import dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from drprune.atomic import visible
 from drprune.data.collate import collate
+from drprune.data.identity import check_data_tokenizer, check_token_ids, max_token_id
 from drprune.data.mixture import MixtureDataset, check_proportion
 from drprune.data.shards import ShardReader, verify_split
+from drprune.data.prepare import EVAL_MERGE, read_domains
 from drprune.errors import ConfigError, UserError
+from drprune.run_config import DataSection
 
 log = logging.getLogger(__name__)
 
@@ -70,22 +73,10 @@ class MixtureLoader(DataLoader):
 
 
 # ----- config reading -------------------------------------------------------------------------
-def _data_loading(cfg: DictConfig) -> dict[str, Any]:
-    node = (cfg.get("callbacks") or {}).get("data_loading") or {}
-    return dict(node)
-
-
-def is_dynamic(cfg: DictConfig) -> bool:
-    value = _data_loading(cfg).get("dynamic", False)
-    if not isinstance(value, bool):
-        raise ConfigError(f"callbacks.data_loading.dynamic={value!r} must be true or false")
-    return value
-
-
-def _data_local(cfg: DictConfig) -> Path:
-    if cfg.get("data_local") is None:
+def _data_local(data: DataSection) -> Path:
+    if data.data_local is None:
         raise ConfigError("data_local is required: the folder written by `drprune data prepare`")
-    root = Path(str(cfg.data_local))
+    root = Path(data.data_local)
     if not root.is_dir():
         raise ConfigError(f"data_local={root} is not a folder")
     return root
@@ -98,8 +89,6 @@ def _domain_folders(folder: Path) -> list[str]:
 def eval_only_domains(root: Path) -> list[str]:
     """The held-out domains of a prepared folder: domains.json's "eval_only" plus, when train/ holds
     per-domain folders, every eval/<name> without a train/<name> (eval_merge aside)."""
-    from drprune.data.prepare import EVAL_MERGE, read_domains
-
     listed = read_domains(root)
     names = set(listed["eval_only"]) if listed else set()
     train = _domain_folders(root / "train")
@@ -108,11 +97,10 @@ def eval_only_domains(root: Path) -> list[str]:
     return sorted(names)
 
 
-def _refuse_eval_only(cfg: DictConfig, names: list[str]) -> None:
-    root = cfg.get("data_local")
-    if root is None or not Path(str(root)).is_dir():
+def _refuse_eval_only(data: DataSection, names: list[str]) -> None:
+    if data.data_local is None or not Path(data.data_local).is_dir():
         return  # _data_local reports it where the data is needed
-    root = Path(str(root))
+    root = Path(data.data_local)
     if held_out := [n for n in names if n in set(eval_only_domains(root))]:
         raise ConfigError(
             f"callbacks.data_loading.set_names lists {held_out}: eval-only (held-out) domain(s) of {root} "
@@ -122,38 +110,32 @@ def _refuse_eval_only(cfg: DictConfig, names: list[str]) -> None:
             f"`drprune eval MODEL --data {root} --domains {' '.join(held_out)}`")
 
 
-def set_names_of(cfg: DictConfig) -> list[str]:
+def set_names_of(data: DataSection) -> list[str]:
     """callbacks.data_loading.set_names, or the domain folders under data_local/train when absent.
 
     Eval-only domains are refused in set_names and are never among the train/ folders.
     """
-    names = _data_loading(cfg).get("set_names")
+    names = data.data_loading.set_names
     if names is None:
-        root = _data_local(cfg)
+        root = _data_local(data)
         held_out = set(eval_only_domains(root))
         return [n for n in _domain_folders(root / "train") if n not in held_out]
-    names = list(names)
-    if not names or not all(isinstance(n, str) and n for n in names):
-        raise ConfigError(f"callbacks.data_loading.set_names={names!r} must be a non-empty list of domain names")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"callbacks.data_loading.set_names={names} has duplicates")
-    _refuse_eval_only(cfg, names)
-    return names
+    _refuse_eval_only(data, names)
+    return list(names)
 
 
-def proportion_of(cfg: DictConfig, set_names: list[str]) -> list[float]:
-    p = _data_loading(cfg).get("proportion")
+def proportion_of(data: DataSection, set_names: list[str]) -> list[float]:
+    p = data.data_loading.proportion
     if p is None:
         log.info("callbacks.data_loading.proportion not set: uniform over %s", set_names)
         return [1.0 / len(set_names)] * len(set_names)
     return check_proportion(p, set_names, key="callbacks.data_loading.proportion").tolist()
 
 
-def _seq_len(cfg: DictConfig) -> int:
-    value = cfg.get("max_seq_len")
-    if not isinstance(value, int) or value < 1:
-        raise ConfigError(f"max_seq_len={value!r} must be a positive integer")
-    return value
+def _seq_len(data: DataSection) -> int:
+    if data.max_seq_len is None:
+        raise ConfigError("max_seq_len is required: the sequence length of the prepared data (e.g. 4096)")
+    return data.max_seq_len
 
 
 def _split_folders(root: Path, split: str, key: str, parents: tuple[str, ...]) -> list[Path]:
@@ -168,46 +150,40 @@ def _split_folders(root: Path, split: str, key: str, parents: tuple[str, ...]) -
     raise ConfigError(f"{key}={split!r}: no MDS data at {tried}")
 
 
-def _train_folders(cfg: DictConfig, set_names: list[str]) -> list[Path]:
-    root = _data_local(cfg)
-    if is_dynamic(cfg):
+def _train_folders(data: DataSection, set_names: list[str]) -> list[Path]:
+    root = _data_local(data)
+    if data.data_loading.dynamic:
         have = _domain_folders(root / "train")
         if missing := [n for n in set_names if n not in have]:
             raise ConfigError(f"callbacks.data_loading.set_names {missing} have no folder under {root / 'train'} "
                               f"(found: {have})")
         return [root / "train" / n for n in set_names]
-    split = (cfg.get("train_loader") or {}).get("dataset", {}).get("split")
+    split = data.train_loader.dataset.split
     if not split:
         raise ConfigError("train_loader.dataset.split is required when callbacks.data_loading.dynamic is false")
     return _split_folders(root, str(split), "train_loader.dataset.split", ("train",))
 
 
-def _eval_folders(cfg: DictConfig) -> list[Path]:
-    split = cfg.eval_loader.get("dataset", {}).get("split", "eval_merge")
-    return _split_folders(_data_local(cfg), str(split), "eval_loader.dataset.split", ("eval",))
+def _eval_folders(data: DataSection) -> list[Path]:
+    assert data.eval_loader is not None
+    return _split_folders(_data_local(data), data.eval_loader.dataset.split, "eval_loader.dataset.split", ("eval",))
 
 
-def validate_data_config(cfg: DictConfig) -> None:
+def validate_data_config(data: DataSection) -> None:
     """Every data problem as a ConfigError/UserError naming the key or file, before any model is built."""
-    seq_len = _seq_len(cfg)
-    set_names = set_names_of(cfg)
-    folders = _data_folders(cfg)
-    if is_dynamic(cfg):
-        from drprune.callbacks.data_loading import check_data_loading
-
-        proportion_of(cfg, set_names)
-        check_data_loading(_data_loading(cfg), set_names)
-        duration = str(cfg.get("max_duration", ""))
-        if duration.endswith("ep"):
-            raise ConfigError(f"max_duration={duration}: a dynamic mixture has no epochs; use batches (e.g. 3200ba)")
-    hashes = bool(cfg.get("data_verify_hashes", True))
+    seq_len = _seq_len(data)
+    set_names = set_names_of(data)
+    folders = _data_folders(data)
+    if data.data_loading.dynamic:
+        proportion_of(data, set_names)
+        data.data_loading.check_domains(set_names)
     for folder in folders:
-        verify_split(folder, hashes=hashes)
+        verify_split(folder, hashes=data.verify_hashes)
         have = ShardReader(folder).seq_len()
         if have < seq_len:
             raise ConfigError(f"max_seq_len={seq_len} but {folder} holds {have}-token sequences")
-    if cfg.get("eval_loader") is not None:
-        _check_eval_domains(_eval_folders(cfg), set_names)
+    if data.eval_loader is not None:
+        _check_eval_domains(_eval_folders(data), set_names)
 
 
 def _check_eval_domains(folders: list[Path], set_names: list[str]) -> None:
@@ -222,21 +198,19 @@ def _check_eval_domains(folders: list[Path], set_names: list[str]) -> None:
                 "eval_loader.dataset.split at data of the listed domains only")
 
 
-def _data_folders(cfg: DictConfig) -> list[Path]:
+def _data_folders(data: DataSection) -> list[Path]:
     """Every MDS folder the run reads: the train folders, then the eval ones."""
-    folders = _train_folders(cfg, set_names_of(cfg))
-    if cfg.get("eval_loader") is not None:
-        folders += _eval_folders(cfg)
+    folders = _train_folders(data, set_names_of(data))
+    if data.eval_loader is not None:
+        folders += _eval_folders(data)
     return folders
 
 
-def check_data_vocab(cfg: DictConfig, vocab_size: int) -> None:
+def check_data_vocab(data: DataSection, vocab_size: int) -> None:
     """Refuse data made with another tokenizer than the run's `tokenizer` (when set), or whose ids do not
     fit the model's vocab_size, before the model is built. Data that records no tokenizer is scanned."""
-    from drprune.data.identity import check_data_tokenizer, check_token_ids, max_token_id
-
-    root = _data_local(cfg)
-    tokenizer = cfg.get("tokenizer")
+    root = _data_local(data)
+    tokenizer = data.tokenizer
     if tokenizer is not None and not Path(str(tokenizer)).exists():
         raise ConfigError(f"tokenizer={tokenizer} does not exist: give the model's HF tokenizer folder or "
                           "SentencePiece .model (or drop the key)")
@@ -244,53 +218,45 @@ def check_data_vocab(cfg: DictConfig, vocab_size: int) -> None:
         return
     log.info("%s records no tokenizer (older data or another tool): scanning its token ids%s", root,
              f"; tokenizer={tokenizer} cannot be compared" if tokenizer is not None else "")
-    for folder in _data_folders(cfg):
+    for folder in _data_folders(data):
         check_token_ids(max_token_id(folder), vocab_size, folder)
 
 
-def _workers(node) -> tuple[int, int | None]:
-    workers = int(node.get("num_workers", 0))
-    prefetch = node.get("prefetch_factor")
-    return workers, (None if workers == 0 else int(prefetch or 2))
+def _workers(num_workers: int, prefetch_factor: int | None) -> tuple[int, int | None]:
+    return num_workers, (None if num_workers == 0 else prefetch_factor or 2)
 
 
-def build_train_dataloader(cfg: DictConfig, device_batch_size: int) -> DataLoader:
+def build_train_dataloader(data: DataSection, device_batch_size: int) -> DataLoader:
     """The train loader: a dynamic MixtureDataset (exact resume via its state_dict) or a shuffled split."""
-    from composer.utils import dist
-
-    node = cfg.get("train_loader") or {}
-    workers, prefetch = _workers(node)
-    set_names, seq_len, seed = set_names_of(cfg), _seq_len(cfg), int(cfg.get("seed", 17))
-    folders = _train_folders(cfg, set_names)
+    node = data.train_loader
+    workers, prefetch = _workers(node.num_workers, node.prefetch_factor)
+    set_names, seq_len = set_names_of(data), _seq_len(data)
+    folders = _train_folders(data, set_names)
     common = dict(batch_size=device_batch_size, num_workers=workers, prefetch_factor=prefetch,
-                  collate_fn=collate, pin_memory=bool(node.get("pin_memory", False)))
-    if is_dynamic(cfg):
+                  collate_fn=collate, pin_memory=node.pin_memory)
+    if data.data_loading.dynamic:
         lag = workers * (prefetch or 0)
-        dataset = MixtureDataset(folders[0].parent, set_names, proportion_of(cfg, set_names),
-                                 batch_size=device_batch_size, seq_len=seq_len, seed=seed,
+        dataset = MixtureDataset(folders[0].parent, set_names, proportion_of(data, set_names),
+                                 batch_size=device_batch_size, seq_len=seq_len, seed=data.seed,
                                  rank=dist.get_global_rank(), world_size=dist.get_world_size(), lag_batches=lag)
         log.info("dynamic mixture over %s, p=%s; a proportion update takes effect %d batches later",
                  set_names, dataset.proportion, lag)
         return MixtureLoader(dataset, **common)
     dataset = SplitDataset(folders, set_names, seq_len)
-    drop_last = bool(node.get("drop_last", True))
-    sampler = dist.get_sampler(dataset, shuffle=bool(node.get("dataset", {}).get("shuffle", True)),
-                               drop_last=drop_last, seed=seed)
-    return DataLoader(dataset, sampler=sampler, drop_last=drop_last, **common)
+    sampler = dist.get_sampler(dataset, shuffle=node.dataset.shuffle, drop_last=node.drop_last, seed=data.seed)
+    return DataLoader(dataset, sampler=sampler, drop_last=node.drop_last, **common)
 
 
-def build_eval_dataloader(cfg: DictConfig, device_batch_size: int) -> DataLoader:
+def build_eval_dataloader(data: DataSection, device_batch_size: int) -> DataLoader:
     """Loader over eval_loader.dataset.split (normally eval_merge), split across ranks.
 
     With eval_loader.dataset.shuffle the order is one fixed permutation (the same at every eval), so
     an `eval_subset_num_batches` prefix covers every domain instead of the first one in eval_merge.
     """
-    from composer.utils import dist
-
-    workers, prefetch = _workers(cfg.eval_loader)
-    dataset = SplitDataset(_eval_folders(cfg), set_names_of(cfg), _seq_len(cfg))
-    shuffle = bool(cfg.eval_loader.get("dataset", {}).get("shuffle", False))
+    assert data.eval_loader is not None
+    workers, prefetch = _workers(data.eval_loader.num_workers, data.eval_loader.prefetch_factor)
+    dataset = SplitDataset(_eval_folders(data), set_names_of(data), _seq_len(data))
     sampler = FixedOrderSampler(dataset, num_replicas=dist.get_world_size(), rank=dist.get_global_rank(),
-                                shuffle=shuffle, seed=int(cfg.get("seed", 17)), drop_last=False)
+                                shuffle=data.eval_loader.dataset.shuffle, seed=data.seed, drop_last=False)
     return DataLoader(dataset, batch_size=device_batch_size, sampler=sampler, num_workers=workers,
                       prefetch_factor=prefetch, collate_fn=collate)

@@ -14,6 +14,8 @@ import torch
 
 from drprune.masks.base import MaskSet
 from drprune.models.decoder import PrunableDecoder
+from drprune.oneshot.layers import select_blocks
+from drprune.oneshot.width import width_prune
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +48,14 @@ def baseline_masks(decoder: PrunableDecoder, calib_rows: np.ndarray, target: dic
     masks = random_masks(decoder, target, seed)
     method = {"layers": "random", "width": "random"}
     drop = decoder.cfg.n_layers - target["n_layers"]
-    try:
-        from drprune.oneshot.layers import select_blocks
-    except ImportError:
-        log.warning("drprune.oneshot.layers is missing: the baseline drops random layers")
-    else:
-        if drop > 0:
-            blocks = select_blocks(decoder, calib_rows, num_blocks=drop, method=LAYER_METHOD).blocks
-            masks["layer"] = torch.ones(decoder.cfg.n_layers)
-            masks["layer"][list(blocks)] = 0.0
-        method["layers"] = f"{LAYER_METHOD} distance (drprune.oneshot.layers)"
-    try:
-        from drprune.oneshot.width import width_prune
-    except ImportError:
-        log.warning("drprune.oneshot.width is missing: the baseline drops random heads and channels")
-    else:
-        width = width_prune(decoder, calib_rows, importance=WIDTH_IMPORTANCE, seed=seed, target={
-            "num_key_value_heads": target["n_kv_heads"], "intermediate_size": target["intermediate_size"]})
-        for name in ("head", "intermediate"):  # absent = nothing of that kind removed
-            masks[name] = width[name] if name in width else torch.ones_like(masks[name])
-        method["width"] = f"{WIDTH_IMPORTANCE} importance (drprune.oneshot.width)"
+    if drop > 0:
+        blocks = select_blocks(decoder, calib_rows, num_blocks=drop, method=LAYER_METHOD).blocks
+        masks["layer"] = torch.ones(decoder.cfg.n_layers)
+        masks["layer"][list(blocks)] = 0.0
+    method["layers"] = f"{LAYER_METHOD} distance (drprune.oneshot.layers)"
+    width = width_prune(decoder, calib_rows, importance=WIDTH_IMPORTANCE, seed=seed, target={
+        "num_key_value_heads": target["n_kv_heads"], "intermediate_size": target["intermediate_size"]})
+    for name in ("head", "intermediate"):  # absent = nothing of that kind removed
+        masks[name] = width[name] if name in width else torch.ones_like(masks[name])
+    method["width"] = f"{WIDTH_IMPORTANCE} importance (drprune.oneshot.width)"
     return masks.validate(decoder.cfg), method

@@ -34,10 +34,28 @@ import numpy as np
 import torch
 
 from drprune.convert.model_card import EvalTable, ModelCard
-from drprune.demo.baseline import LAYER_METHOD, WIDTH_IMPORTANCE
 from drprune.demo.options import REPO_CONFIGS, DemoOptions
 from drprune.demo.stages import Stage, file_identity, fingerprint
 from drprune.errors import UserError
+from drprune.run_config import RunConfig
+from drprune.compact.fold import compact_decoder
+from drprune.convert.checkpoint import (config_of_state, decoder_checkpoint_state, decoder_state, load_decoder, load_hf,
+                                        load_model_state, save_checkpoint, write_hf_folder)
+from drprune.convert.gguf import gguf_to_hf
+from drprune.convert.gguf_export import PerLayerShapes, hf_to_gguf
+from drprune.data.prepare import prepare
+from drprune.demo.baseline import LAYER_METHOD, WIDTH_IMPORTANCE, baseline_masks
+from drprune.demo.corpus import build_corpus, load_spec, missing_packages
+from drprune.demo.report import write_report
+from drprune.eval.copying import copy_probe, token_pool_of
+from drprune.eval.generate import greedy_samples, load_hf_model
+from drprune.eval.harness import check_tasks, run_tasks, scores
+from drprune.eval.perplexity import evaluate_domains, read_token_rows
+from drprune.eval.speed import throughput
+from drprune.masks.l0 import resolve_targets
+from drprune.models.decoder import PrunableDecoder
+from drprune.models.shapes import config_params
+from drprune.train import build_trainer, load_config
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +81,6 @@ def default_gguf() -> Path:
 
 def preflight(opts: DemoOptions) -> Path:
     """Every missing package, file or bad option is reported here, before anything is built."""
-    from drprune.demo.corpus import load_spec, missing_packages
 
     missing_py = [pip for mod, pip in PYTHON_PACKAGES.items() if importlib.util.find_spec(mod) is None]
     spec = load_spec(opts.corpus)
@@ -99,7 +116,6 @@ def preflight(opts: DemoOptions) -> Path:
     if opts.out.exists() and not opts.out.is_dir():
         raise UserError(f"--out {opts.out} exists and is not a folder")
     if opts.tasks:
-        from drprune.eval.harness import check_tasks
 
         check_tasks(list(opts.tasks), have_data=True)  # local tasks read the demo's held-out data
     return gguf_file
@@ -113,8 +129,6 @@ def default_target(cfg) -> dict[str, int]:
 
 
 def resolve_target(cfg, overrides: dict[str, int]) -> dict[str, int]:
-    from drprune.masks.l0 import resolve_targets
-
     target = {**default_target(cfg), **overrides}
     if "n_kv_heads" in overrides and "n_heads" not in overrides:
         target["n_heads"] = target["n_kv_heads"] * cfg.group_size
@@ -126,9 +140,6 @@ def resolve_target(cfg, overrides: dict[str, int]) -> dict[str, int]:
 
 def build_source(gguf_file: Path, layers: int | None, dst: Path) -> None:
     """dst/hf (the source model as a HF folder) and dst/model.pt (its Composer checkpoint)."""
-    from drprune.convert.checkpoint import load_hf, save_checkpoint, write_hf_folder
-    from drprune.convert.gguf import gguf_to_hf
-    from drprune.models.decoder import PrunableDecoder
 
     raw = gguf_to_hf(gguf_file, dst / "gguf_hf")
     cfg, tensors, _ = load_hf(str(raw))
@@ -148,9 +159,6 @@ def build_source(gguf_file: Path, layers: int | None, dst: Path) -> None:
 
 
 def build_data(opts: DemoOptions, tokenizer_dir: Path, dst: Path) -> dict[str, Any]:
-    from drprune.data.prepare import prepare
-    from drprune.demo.corpus import build_corpus, load_spec
-
     spec = load_spec(opts.corpus)
     corpus = build_corpus(spec, dst / "corpus")
     held_out, train = spec.eval_only_names(), spec.train_names()
@@ -171,17 +179,12 @@ def _device() -> str:
 def copy_token_pool(data_dir: Path, domains: list[str], rows: int) -> np.ndarray:
     """Token ids the copying probe draws from: those of the training domains' eval rows (ids the
     source model has seen in context, not never-trained rows of the embedding)."""
-    from drprune.eval.copying import token_pool_of
-    from drprune.eval.perplexity import read_token_rows
 
     return token_pool_of(np.concatenate([read_token_rows(data_dir / "eval" / d, rows) for d in domains]))
 
 
 def evaluate_model(ckpt: Path, data_dir: Path, data_info: dict[str, Any], opts: DemoOptions) -> dict[str, Any]:
     """{"in_domain", "held_out": EvalResult dicts, "copy": Score dict}, every score with a 95% interval."""
-    from drprune.convert.checkpoint import load_decoder
-    from drprune.eval.copying import copy_probe
-    from drprune.eval.perplexity import evaluate_domains
 
     decoder = load_decoder(ckpt).to(_device())
     out: dict[str, Any] = {"in_domain": evaluate_domains(decoder, data_dir, data_info["domains"],
@@ -196,15 +199,14 @@ def evaluate_model(ckpt: Path, data_dir: Path, data_info: dict[str, Any], opts: 
     return out
 
 
-def run_config(name: str, values: dict[str, Any]):
+def run_config(name: str, values: dict[str, Any]) -> RunConfig:
     """configs/demo/<name>.yaml with the demo's values merged in (paths, steps, target, mixture)."""
     from omegaconf import OmegaConf
 
-    from drprune.train import load_config
 
     cfg = OmegaConf.merge(load_config(str(REPO_CONFIGS / f"{name}.yaml"), []), OmegaConf.create(values))
     OmegaConf.resolve(cfg)
-    return cfg
+    return RunConfig.from_cfg(cfg)
 
 
 def _train_values(opts: DemoOptions, data_dir: Path, domains: list[str], ref_loss: list[float],
@@ -222,7 +224,7 @@ def _train_values(opts: DemoOptions, data_dir: Path, domains: list[str], ref_los
     return values
 
 
-def _fit(cfg) -> dict[str, Any]:
+def _fit(run: RunConfig) -> dict[str, Any]:
     """Build and run a Composer Trainer; return its model (on CPU) and the callbacks' histories.
 
     The trainer (optimizer moments, loaders, loggers) is dropped before returning: the demo runs
@@ -231,9 +233,8 @@ def _fit(cfg) -> dict[str, Any]:
     interpreter exits, and a closed trainer never unregisters it: undo that here."""
     from composer.core.engine import Engine
 
-    from drprune.train import build_trainer
 
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(run)
     trainer.fit()
     trainer.close()
     atexit.unregister(Engine._close)
@@ -276,8 +277,6 @@ def build_pruned(opts: DemoOptions, source: Path, data_dir: Path, domains: list[
                  ref_loss: list[float], target: dict[str, int], init_masks: Path, dst: Path) -> None:
     """L0 + DRO pruning, its logits warm-started from the one-shot selection (`init_masks`): a CPU run
     of a few dozen steps cannot learn a selection from scratch, but it can refine a good one."""
-    from drprune.compact.fold import compact_decoder
-    from drprune.convert.checkpoint import decoder_checkpoint_state, save_checkpoint
 
     values = _train_values(opts, data_dir, domains, ref_loss, source / "model.pt", source / "model.pt",
                            dst / "run", opts.learned_prune_steps)
@@ -299,10 +298,6 @@ def build_pruned(opts: DemoOptions, source: Path, data_dir: Path, domains: list[
 
 def build_baseline(opts: DemoOptions, source: Path, data_dir: Path, domains: list[str],
                    target: dict[str, int], dst: Path) -> None:
-    from drprune.compact.fold import compact_decoder
-    from drprune.convert.checkpoint import decoder_checkpoint_state, load_decoder, save_checkpoint
-    from drprune.demo.baseline import baseline_masks
-    from drprune.eval.perplexity import read_token_rows
 
     decoder = load_decoder(source / "model.pt")
     per_domain = max(1, CALIBRATION_ROWS // len(domains))  # training rows: never score on the eval rows
@@ -315,7 +310,6 @@ def build_baseline(opts: DemoOptions, source: Path, data_dir: Path, domains: lis
 
 def build_continued(opts: DemoOptions, compact: Path, source: Path, data_dir: Path, domains: list[str],
                     ref_loss: list[float], steps: int, dst: Path) -> None:
-    from drprune.convert.checkpoint import decoder_checkpoint_state, save_checkpoint
 
     values = _train_values(opts, data_dir, domains, ref_loss, compact, source / "model.pt", dst / "run", steps)
     run = _fit(run_config("continue", values))
@@ -325,8 +319,6 @@ def build_continued(opts: DemoOptions, compact: Path, source: Path, data_dir: Pa
 
 
 def export_hf(ckpt: Path, tokenizer_dir: Path, out: Path, card: ModelCard) -> None:
-    from drprune.convert.checkpoint import config_of_state, decoder_state, load_model_state, write_hf_folder
-
     state = load_model_state(ckpt)
     write_hf_folder(config_of_state(state), decoder_state(state), out, tokenizer_dir=tokenizer_dir,
                     overwrite=True, card=card)
@@ -334,7 +326,6 @@ def export_hf(ckpt: Path, tokenizer_dir: Path, out: Path, card: ModelCard) -> No
 
 def export_gguf(hf_dir: Path, out: Path) -> None:
     """OUT/pruned.gguf (f16) for llama.cpp-style runtimes; a model whose layers differ in shape has no GGUF form."""
-    from drprune.convert.gguf_export import PerLayerShapes, hf_to_gguf
 
     try:
         hf_to_gguf(hf_dir, out, overwrite=True)
@@ -368,7 +359,6 @@ def card_eval_tables(evals: dict[str, Any], name: str) -> list[EvalTable]:
 
 def demo_card(c: Comparison, opts: DemoOptions, gguf_file: Path, name: str) -> ModelCard:
     """The model card of an exported candidate: its recipe, equal token budget and the demo's scores."""
-    from drprune.convert.checkpoint import config_of_state, load_model_state
 
     budget = c.budgets[name]
     selection = f"{LAYER_METHOD} layer removal + {WIDTH_IMPORTANCE} width pruning"
@@ -392,8 +382,6 @@ def demo_card(c: Comparison, opts: DemoOptions, gguf_file: Path, name: str) -> M
 
 def hf_checks(folders: dict[str, Path], measure_speed: tuple[str, ...]) -> dict[str, Any]:
     """Generation samples of every model and throughput of some, all loaded with plain transformers."""
-    from drprune.eval.generate import greedy_samples, load_hf_model
-    from drprune.eval.speed import throughput
 
     samples, speed = {}, {}
     for name, folder in folders.items():
@@ -409,7 +397,6 @@ def task_scores(models: dict[str, Path], opts: DemoOptions, data_dir: Path,
                 tokenizer: Path | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """{model: {task: {metric: value}}}: lm-eval `opts.tasks` on each HF folder or checkpoint (`tokenizer`
     then names its tokenizer); the local tasks are built from the demo's eval rows."""
-    from drprune.eval.harness import run_tasks, scores
 
     return {name: scores(run_tasks(str(path), list(opts.tasks), data=data_dir,
                                    tokenizer=None if tokenizer is None else str(tokenizer), seed=opts.seed))
@@ -487,8 +474,6 @@ def _summary(opts: DemoOptions, gguf_file: Path, target: dict[str, int], data_in
              evals: dict[str, Any], budgets: dict[str, Budget], checks: dict[str, Any],
              timings: dict[str, float], files: dict[str, Path]) -> dict[str, Any]:
     """Everything the report shows, JSON-serialisable (summary.json)."""
-    from drprune.convert.checkpoint import config_of_state, load_model_state
-    from drprune.models.shapes import config_params
 
     shapes = {name: config_of_state(load_model_state(files[name])) for name in ("source", "pruned", "baseline")}
     return {
@@ -542,7 +527,6 @@ def run_candidates(opts: DemoOptions, gguf_file: Path, work: Path, timings: dict
     the budget of `opts`, and evaluate every model. Stages that do not depend on the recipe (source,
     data, source evaluation, one-shot selection) live in `shared` (default: `work`), so runs of
     several budgets or recipes share them."""
-    from drprune.convert.checkpoint import config_of_state, load_model_state
 
     shared = shared or work
     timed = functools.partial(timed_into, timings)
@@ -606,7 +590,6 @@ def run_candidates(opts: DemoOptions, gguf_file: Path, work: Path, timings: dict
 
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
     """Run (or resume) every stage, evaluate, write OUT/report.md, summary.json, plots/ and hf/."""
-    from drprune.demo.report import write_report
 
     start, cpu_start = time.perf_counter(), cpu_seconds()
     timings: dict[str, float] = {}

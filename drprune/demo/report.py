@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from drprune.atomic import write_json, write_text  # noqa: E402
-from drprune.callbacks import plots as run_plots  # noqa: E402
+from drprune import plots as run_plots  # noqa: E402
 from drprune.demo.compare import fmt, head_to_head, target_checks  # noqa: E402
 
 MODELS = (("source", "source"), ("pruned", "learned (L0 + DRO)"), ("baseline", "one-shot baseline, same shape"))

@@ -29,6 +29,13 @@ import numpy as np
 
 from drprune.errors import UserError
 from drprune.paths import config_dir
+from drprune.atomic import visible, write_json
+from drprune.compact.export import export_checkpoint, runs_only_drprune_code
+from drprune.convert.checkpoint import TOKENIZER_FILES, resolve_hf_dir
+from drprune.convert.hf import REMOTE_MODEL_TYPE
+from drprune.data.identity import check_data_tokenizer, check_token_ids
+from drprune.data.prepare import EVAL_MERGE
+from drprune.eval.perplexity import read_token_rows
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +191,6 @@ def held_out_texts(data: Path, tokenizer_dir: Path, max_rows: int) -> list[str]:
     if eval_dir.is_dir():
         from transformers import AutoTokenizer
 
-        from drprune.atomic import visible
-        from drprune.data.identity import check_data_tokenizer, check_token_ids
-        from drprune.data.prepare import EVAL_MERGE
-        from drprune.eval.perplexity import read_token_rows
 
         domains = [p for p in visible(eval_dir) if p.is_dir() and p.name != EVAL_MERGE]
         if not domains:
@@ -296,16 +299,12 @@ def hub_offline() -> Iterator[None]:
 
 
 def _has_tokenizer(folder: Path) -> bool:
-    from drprune.convert.checkpoint import TOKENIZER_FILES
-
     return any((folder / name).is_file() for name in TOKENIZER_FILES if name != "generation_config.json")
 
 
 def hf_folder(model: str, tokenizer: str | None, tmp: Path, trust_pickle: bool = False) -> tuple[Path, Path]:
     """(HF folder, tokenizer folder) for MODEL: a folder (or `hub:NAME`) as is; a drprune checkpoint is
     exported into `tmp` the way `drprune convert composer-to-hf` does it."""
-    from drprune.compact.export import export_checkpoint
-    from drprune.convert.checkpoint import resolve_hf_dir
 
     tok = Path(tokenizer) if tokenizer is not None else None
     if tok is not None and not _has_tokenizer(tok):
@@ -326,8 +325,6 @@ def hf_folder(model: str, tokenizer: str | None, tmp: Path, trust_pickle: bool =
 def written_by_drprune(folder: Path) -> bool:
     """Remote code is trusted only in folders drprune wrote itself: model_type `drprune` and code that is
     byte for byte this drprune's (`runs_only_drprune_code`); any other remote code is refused."""
-    from drprune.compact.export import runs_only_drprune_code
-    from drprune.convert.hf import REMOTE_MODEL_TYPE
 
     if json.loads((Path(folder) / "config.json").read_text()).get("model_type") != REMOTE_MODEL_TYPE:
         return False
@@ -383,7 +380,6 @@ def write_results(results: dict[str, Any], path: str | Path) -> None:
     """The harness's results JSON, written atomically."""
     from lm_eval.utils import handle_non_serializable
 
-    from drprune.atomic import write_json
 
     write_json(path, results, default=handle_non_serializable, ensure_ascii=False)
 

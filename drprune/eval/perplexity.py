@@ -15,6 +15,7 @@ from drprune.errors import UserError
 from drprune.eval.stats import Score, bootstrap_geomean, bootstrap_ppl
 from drprune.models.composer_model import IGNORE_INDEX, token_losses
 from drprune.models.decoder import PrunableDecoder
+from drprune.data.shards import ShardReader
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,6 @@ MIN_RANK_ROWS = 64
 def read_token_rows(folder: str | Path, max_rows: int | None = None) -> np.ndarray:
     """Token rows [N, T] of one MDS folder, in order; every shard read is checked against its recorded
     size and hash first, so a corrupted shard is an error naming it, never silently wrong tokens."""
-    from drprune.data.shards import ShardReader
 
     folder = Path(folder)
     if not (folder / "index.json").is_file():

@@ -5,24 +5,22 @@ from typing import Any, Mapping
 
 import drprune.masks.hypernetwork  # noqa: F401 - registers "hypernetwork"
 import drprune.masks.l0  # noqa: F401 - registers "l0"
-from drprune.errors import ConfigError, UserError
+from drprune.errors import UserError
 from drprune.masks.base import MaskGenerator, MaskSet
 from drprune.models.config import ModelConfig
 from drprune.registry import MASK_GENERATORS
 
 
-def build_mask_generator(cfg: ModelConfig, model_node: Mapping[str, Any]) -> MaskGenerator | None:
-    """From `model.mask_generator` (name: l0 | hypernetwork | ...) or Sheared's `model.l0_module`."""
-    if model_node.get("mask_generator") is not None and model_node.get("l0_module") is not None:
-        raise ConfigError("set either model.mask_generator or model.l0_module, not both")
-    if model_node.get("l0_module") is not None:
-        return MASK_GENERATORS.get("l0", key="model.l0_module")(cfg, dict(model_node["l0_module"]), "model.l0_module")
-    node = model_node.get("mask_generator")
+def build_mask_generator(cfg: ModelConfig, node: Mapping[str, Any] | None,
+                         prefix: str = "model.mask_generator") -> MaskGenerator | None:
+    """From a mask generator node (`name`: l0 | hypernetwork | ..., default l0, plus the generator's keys),
+    as `drprune.run_config.ModelSection` reads it from `model.mask_generator` or Sheared's `model.l0_module`
+    (whose key `prefix` names in messages). None without a node."""
     if node is None:
         return None
     params = dict(node)
     name = params.pop("name", "l0")
-    return MASK_GENERATORS.get(name, key="model.mask_generator.name")(cfg, params, "model.mask_generator")
+    return MASK_GENERATORS.get(name, key=f"{prefix}.name")(cfg, params, prefix)
 
 
 def mask_generator_from_state(cfg: ModelConfig, state: Mapping[str, Any]) -> MaskGenerator:
@@ -39,7 +37,7 @@ def mask_generator_from_state(cfg: ModelConfig, state: Mapping[str, Any]) -> Mas
     if not isinstance(extra, dict) or "name" not in extra:
         raise UserError("the checkpoint's mask generator does not record its config (_extra_state with a name): "
                         "it was written by an older drprune; re-save it from a current pruning run")
-    generator = build_mask_generator(cfg, {"mask_generator": {"name": extra["name"], **extra.get("params", {})}})
+    generator = build_mask_generator(cfg, {"name": extra["name"], **extra.get("params", {})})
     assert generator is not None  # a mask_generator node was given
     try:
         generator.load_state_dict(own, strict=True)

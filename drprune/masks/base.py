@@ -7,6 +7,7 @@ configs, parameter counts) lives in `drprune.models.shapes`.
 from __future__ import annotations
 
 import abc
+import inspect
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,6 +18,8 @@ from torch import Tensor, nn
 from drprune.errors import ConfigError, UserError
 from drprune.models.config import ModelConfig
 from drprune.models.shapes import MASK_DIMS, validate_masks
+from drprune.atomic import atomic_output
+from drprune.convert.integrity import torch_load
 
 def _legacy_name(name: str) -> str:
     """Sheared-LLaMA's zs files name masks `head_z`, `intermediate_z`, ...: drop the suffix."""
@@ -40,7 +43,6 @@ class MaskSet(dict):
         """Write the masks atomically (a kill leaves the previous file or the new one)."""
         from safetensors.torch import save_file
 
-        from drprune.atomic import atomic_output
 
         header = {"format": MASKS_FORMAT, "shapes": {k: list(v.shape) for k, v in self.items()},
                   "source_config": None if source is None else source.to_dict()}
@@ -59,7 +61,6 @@ class MaskSet(dict):
         if path.suffix == ".safetensors":
             masks = cls._read_safetensors(path)
         else:
-            from drprune.convert.integrity import torch_load
 
             data = torch_load(path, mmap=False)
             if not isinstance(data, Mapping) or not all(torch.is_tensor(v) for v in data.values()):
@@ -135,3 +136,8 @@ class MaskGenerator(nn.Module, abc.ABC):
     def param_groups(self, lag_lr: float) -> list[dict[str, Any]]:
         """Optimizer groups for the generator's own parameters."""
         return [{"params": list(self.parameters()), "lr": lag_lr, "weight_decay": 0.0}]
+
+
+def config_keys(generator: type[MaskGenerator]) -> list[str]:
+    """The config keys a generator class takes: its constructor's parameters but the model config and prefix."""
+    return [k for k in inspect.signature(generator).parameters if k not in ("cfg", "config_prefix")]

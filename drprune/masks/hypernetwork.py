@@ -12,7 +12,6 @@ is relative to the same non-embedding count.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from typing import Any, Mapping
@@ -22,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from drprune.errors import ConfigError
-from drprune.masks.base import MaskGenerator, MaskSet
+from drprune.errors import ConfigError, check_keys
+from drprune.masks.base import MaskGenerator, MaskSet, config_keys
 from drprune.masks.l0 import L0MaskGenerator
 from drprune.models.shapes import RESIDUAL_SELECTIONS, config_params, expected_params, mask_shape
 from drprune.models.config import ModelConfig
@@ -219,11 +218,6 @@ def _resolve_target(cfg: ModelConfig, kinds: tuple[str, ...], ratio: float | Non
     return count
 
 
-def config_keys(generator: type[MaskGenerator]) -> list[str]:
-    """The config keys a generator class takes: its constructor's parameters but the model config and prefix."""
-    return [k for k in inspect.signature(generator).parameters if k not in ("cfg", "config_prefix")]
-
-
 @MASK_GENERATORS.register("hypernetwork")
 def build_hypernetwork(cfg: ModelConfig, params: Mapping[str, Any], prefix: str) -> HypernetworkMaskGenerator:
     """From the `model.mask_generator` node; L0-only keys left over from a base config (a `name=hypernetwork`
@@ -234,8 +228,6 @@ def build_hypernetwork(cfg: ModelConfig, params: Mapping[str, Any], prefix: str)
     ignored = sorted(l0_only & set(params))
     if ignored:
         log.info("%s: hypernetwork ignores L0-only keys %s", prefix, ignored)
-    unknown = sorted(set(params) - set(valid) - l0_only)
-    if unknown:
-        raise ConfigError(f"{prefix} has unknown keys {unknown} for name=hypernetwork; valid: {valid}")
+    check_keys(set(params) - l0_only, valid, prefix)
     kwargs = {k: v for k, v in params.items() if k in valid}
     return HypernetworkMaskGenerator(cfg, config_prefix=prefix, **kwargs)

@@ -8,8 +8,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from drprune.errors import ConfigError, UserError
-from drprune.masks.base import MaskGenerator, MaskSet
+from drprune.errors import ConfigError, UserError, check_keys
+from drprune.masks.base import MaskGenerator, MaskSet, config_keys
 from drprune.models.shapes import expected_params
 from drprune.models.config import ModelConfig
 from drprune.registry import MASK_GENERATORS
@@ -76,9 +76,7 @@ def resolve_targets(cfg: ModelConfig, modules: list[str], target: Mapping[str, A
     unknown = [m for m in modules if m not in L0_MODULES]
     if unknown:
         raise ConfigError(f"{prefix}.pruning_modules has unknown modules {unknown}; valid: {list(L0_MODULES)}")
-    bad_keys = sorted(set(target) - set(TARGET_KEYS))
-    if bad_keys:
-        raise ConfigError(f"{prefix}.target_model has unknown keys {bad_keys}; valid: {list(TARGET_KEYS)}")
+    check_keys(target, TARGET_KEYS, f"{prefix}.target_model")
     source = dict(d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                   n_layers=cfg.n_layers, intermediate_size=cfg.intermediate_size)
     needs = {"head": "n_heads", "intermediate": "intermediate_size", "hidden": "d_model",
@@ -281,14 +279,12 @@ class L0MaskGenerator(MaskGenerator):
 def build_l0(cfg: ModelConfig, params: Mapping[str, Any], prefix: str) -> L0MaskGenerator:
     """From the `model.mask_generator` (or Sheared's `model.l0_module`) node."""
     params = dict(params)
+    check_keys(params, config_keys(L0MaskGenerator), prefix)
     params.setdefault("pruning_modules", ["head", "intermediate", "layer", "hidden"])
     if "target_model" not in params:
         raise ConfigError(f"{prefix}.target_model is required: the shape to prune to (d_model, n_heads, ...)")
     params["lagrangian_warmup_steps"] = _batches(params.get("lagrangian_warmup_steps", 0), prefix)
-    try:
-        return L0MaskGenerator(cfg, config_prefix=prefix, **params)
-    except TypeError as err:
-        raise ConfigError(f"{prefix}: {err}") from err
+    return L0MaskGenerator(cfg, config_prefix=prefix, **params)
 
 
 def _batches(value: Any, prefix: str) -> int:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from drprune.atomic import write_json
-from drprune.callbacks.plots import save_figure
+from drprune.plots import save_figure
 from drprune.masks.base import MaskGenerator
 from drprune.models.shapes import compact_config, config_params, expected_params
 from drprune.models.config import ModelConfig

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from drprune.errors import ConfigError
+from drprune.errors import ConfigError, check_keys
 
 FAMILIES = ("llama", "qwen2", "pythia")
 
@@ -129,10 +129,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config keys {unknown}; valid keys are {sorted(known)}")
+        check_keys(data, [f.name for f in dataclasses.fields(cls)], "model")
         return cls(**data)
 
 

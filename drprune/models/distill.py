@@ -12,7 +12,6 @@ Everything here is checked before any model is built or data is read (`DistillCo
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from drprune.errors import ConfigError, UserError
+from drprune.errors import ConfigError, UserError, check_keys
 from drprune.models.config import ModelConfig
 
 IGNORE_INDEX = -100  # label value excluded from every loss (re-exported by composer_model)
@@ -47,12 +46,7 @@ class DistillConfig:
         if not isinstance(node, Mapping):
             raise ConfigError(f"{NODE} must be a mapping of {_fields()} (or null to turn distillation off), "
                               f"got {node!r}")
-        valid = _fields()
-        for key in node:
-            if key not in valid:
-                near = difflib.get_close_matches(str(key), valid, n=1)
-                hint = f"did you mean {NODE}.{near[0]}? " if near else ""
-                raise ConfigError(f"{NODE}.{key} is not a distillation key: {hint}valid keys are {valid}")
+        check_keys(node, _fields(), NODE)
         values = {k: _number(node, k, default) for k, default in
                   (("kl_weight", cls.kl_weight), ("ce_weight", cls.ce_weight), ("temperature", cls.temperature))}
         for key in ("kl_weight", "ce_weight"):
@@ -101,19 +95,6 @@ def same_file(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:
         return False
 
 
-def teacher_config(state: Mapping[str, Any], path: str, fallback: ModelConfig | None) -> ModelConfig:
-    """The teacher's decoder config from its checkpoint (`fallback` for config-less Sheared files)."""
-    from drprune.convert.checkpoint import EXTRA_STATE_KEY
-
-    extra = state.get(EXTRA_STATE_KEY)
-    if isinstance(extra, dict) and "model_config" in extra:
-        return ModelConfig.from_dict(extra["model_config"])
-    if fallback is not None:
-        return fallback
-    raise UserError(f"{NODE}.teacher: checkpoint {path} carries no model config (an older Sheared-LLaMA/DRPruning "
-                    "file?): convert it with `drprune convert` to a drprune checkpoint first")
-
-
 def check_teacher(teacher_cfg: ModelConfig, student_cfg: ModelConfig, path: str) -> None:
     """The teacher must predict over the student's vocabulary.
 
@@ -125,18 +106,6 @@ def check_teacher(teacher_cfg: ModelConfig, student_cfg: ModelConfig, path: str)
             f"vocab_size={student_cfg.vocab_size}: logit distillation needs the same vocabulary (and tokenizer); "
             "use a teacher trained with the student's tokenizer"
         )
-
-
-def build_teacher(state: Mapping[str, Any], teacher_cfg: ModelConfig, student_cfg: ModelConfig, path: str):
-    """A frozen, eval-mode PrunableDecoder with the teacher's weights (runtime knobs from the student)."""
-    from drprune.convert.checkpoint import decoder_state, load_decoder_weights
-    from drprune.models.decoder import PrunableDecoder
-
-    cfg = dataclasses.replace(teacher_cfg, **{k: getattr(student_cfg, k) for k in RUNTIME_KEYS})
-    teacher = PrunableDecoder(cfg)
-    load_decoder_weights(teacher, decoder_state(dict(state)), path)
-    teacher.requires_grad_(False)
-    return teacher.eval()
 
 
 def kd_token_losses(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,

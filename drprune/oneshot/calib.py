@@ -14,6 +14,10 @@ import numpy as np
 
 from drprune.atomic import visible
 from drprune.errors import UserError
+from drprune.data.identity import model_tokenizer
+from drprune.data.shards import ShardReader
+from drprune.data.sources import Tokenizer, iter_documents
+from drprune.eval.perplexity import read_token_rows
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +38,6 @@ def mds_folders(data: Path, split: str = "train") -> list[Path]:
 
 def resolve_tokenizer(model: str | Path, tokenizer: str | Path | None) -> str | None:
     """The tokenizer to read text with: the flag, else MODEL when it is a HF folder holding one."""
-    from drprune.data.identity import model_tokenizer
 
     return str(tokenizer) if tokenizer is not None else model_tokenizer(model)
 
@@ -83,9 +86,6 @@ def balanced_quota(sizes: list[int], max_rows: int) -> list[int]:
 
 
 def _mds_rows(folders: list[Path], max_rows: int | None) -> np.ndarray:
-    from drprune.data.shards import ShardReader
-    from drprune.eval.perplexity import read_token_rows
-
     if max_rows is None:
         return np.concatenate([read_token_rows(f) for f in folders])
     quota = balanced_quota([len(ShardReader(f)) for f in folders], max_rows)
@@ -94,8 +94,6 @@ def _mds_rows(folders: list[Path], max_rows: int | None) -> np.ndarray:
 
 
 def _text_tokens(path: Path, tokenizer: str | None, max_tokens: int | None) -> np.ndarray:
-    from drprune.data.sources import Tokenizer, iter_documents
-
     if tokenizer is None:
         raise UserError(
             f"{path} is raw text (not an MDS folder), which needs a tokenizer: pass --tokenizer "

@@ -10,13 +10,15 @@ cosine_similarity) and Pruning-LLMs' *_remain keys are accepted too.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from drprune.cli import add_registry_option, add_trust_pickle
-from drprune.errors import UserError
+from drprune.cli_options import add_registry_option, add_trust_pickle
+from drprune.errors import UserError, nearest
+from drprune.oneshot.runner import OneshotOptions
 from drprune.registry import IMPORTANCE, LAYER_METRICS
 
 log = logging.getLogger(__name__)
@@ -81,7 +83,7 @@ def _common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
+def resolve_options(args: argparse.Namespace) -> OneshotOptions:
     """Flags over config-file values over defaults; unknown config keys are an error."""
     command = args.oneshot
     opts = {k: v for k, v in vars(args).items() if k not in ("func", "command", "oneshot", "config", "verbose")}
@@ -89,8 +91,9 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
         for key, value in read_config(Path(args.config)).items():
             key = KEY_ALIASES.get(key, key)
             if key not in opts:
-                raise UserError(f"{args.config}: unknown key {key!r} for `oneshot {command}`; "
-                                f"valid keys are {sorted(opts)}")
+                near = nearest(key, opts)
+                raise UserError(f"{args.config}: unknown key {key!r} for `oneshot {command}`: " +
+                                (f"did you mean {near!r}?" if near else f"valid keys are {sorted(opts)}"))
             if opts[key] is None:
                 opts[key] = value
     for key, value in {**COMMON_DEFAULTS, **DEFAULTS[command]}.items():
@@ -104,7 +107,7 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
         value = opts.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             raise UserError(f"--{key.replace('_', '-')}={value!r} must be an integer >= {low}")
-    return opts
+    return OneshotOptions(command=command, **opts)
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -127,7 +130,8 @@ def run(args: argparse.Namespace) -> None:
     from drprune.oneshot import runner
 
     opts = resolve_options(args)
-    check_output(opts["out"], opts["overwrite"], folder=True)
-    if str(opts["model"]).startswith(HUB_PREFIX):  # downloaded once; everything after reads the folder
-        opts["model"] = str(resolve_hf_dir(str(opts["model"])))
-    getattr(runner, f"run_{args.oneshot}")(opts)
+    check_output(opts.out, opts.overwrite, folder=True)
+    if str(opts.model).startswith(HUB_PREFIX):  # downloaded once; everything after reads the folder
+        opts = dataclasses.replace(opts, model=str(resolve_hf_dir(str(opts.model))))
+    for line in getattr(runner, f"run_{args.oneshot}")(opts):
+        print(line)

@@ -10,63 +10,108 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from drprune.atomic import visible
 from drprune.convert.model_card import EvalTable, ModelCard
 from drprune.errors import UserError
 from drprune.masks.base import MaskSet
 from drprune.models.decoder import PrunableDecoder
 from drprune.oneshot import calib
+from drprune.atomic import atomic_output, visible
+from drprune.compact.export import export_hf as export_compact
+from drprune.compact.fold import compact_decoder
+from drprune.convert.checkpoint import decoder_checkpoint_state, load_any_decoder, save_checkpoint
+from drprune.data.identity import check_data_tokenizer, check_token_ids
+from drprune.eval.perplexity import domain_perplexity, perplexity, read_token_rows
+from drprune.oneshot.importance import needs_calibration
+from drprune.oneshot.layers import check_request, layer_masks, metric, score_table, select_blocks
+from drprune.oneshot.vocab import choose_tokens, load_vocab_files, prune_tokenizer_folder, remap_token_ids, slice_vocab
+from drprune.oneshot.width import TARGET_KEYS, plan_target, removed_structures, taylor_ratio_defaults, width_prune
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OneshotOptions:
+    """One `drprune oneshot` request: flags over --config values over defaults (resolved by the CLI)."""
+
+    command: str  # layers | width | vocab
+    model: str
+    out: str
+    calib: str | None = None
+    tokenizer: str | None = None
+    seq_len: int = 256
+    max_rows: int = 32
+    batch_size: int = 4
+    eval_data: str | None = None
+    eval_max_rows: int | None = None
+    overwrite: bool = False
+    trust_pickle: bool = False
+    # layers
+    num_blocks_to_prune: int | None = None
+    pruning_method: str = "angular"
+    pruning_token: str = "all"
+    skip_blocks: list[int] = field(default_factory=list)
+    # width
+    importance: str = "taylor"
+    taylor: str = "element"
+    seed: int = 0
+    hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    intermediate_size: int | None = None
+    drop_layers: list[int] | None = None
+    pruning_ratio: float | None = None
+    block_attention_layer_start: int | None = None
+    block_attention_layer_end: int | None = None
+    block_mlp_layer_start: int | None = None
+    block_mlp_layer_end: int | None = None
+    # vocab
+    keep: int | None = None
 # `oneshot width` target keys (HF names) -> ModelConfig keys, for the card's target shape
 _HF_TO_OURS = {"hidden_size": "d_model", "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads",
                "intermediate_size": "intermediate_size"}
 
 
-def load_model(opts: dict[str, Any]) -> tuple[PrunableDecoder, dict[str, Any]]:
+def load_model(opts: OneshotOptions) -> tuple[PrunableDecoder, dict[str, Any]]:
     """The decoder and the source config.json (empty for a checkpoint), for its special token ids; then
     --calib and --eval-data are checked against the model's tokenizer and vocabulary."""
-    from drprune.convert.checkpoint import load_any_decoder
 
-    model = opts["model"]
+    model = opts.model
     path = Path(model)
     if not path.exists():
         raise UserError(f"MODEL {model} does not exist (a HF model folder or a Composer checkpoint; "
                         "hub:NAME downloads NAME from the Hugging Face Hub)")
-    decoder = load_any_decoder(model, bool(opts["trust_pickle"])).eval()
+    decoder = load_any_decoder(model, opts.trust_pickle).eval()
     hf_config = json.loads((path / "config.json").read_text()) if path.is_dir() else {}
     check_data(opts, decoder.cfg.vocab_size)
     return decoder, hf_config
 
 
-def check_data(opts: dict[str, Any], vocab_size: int) -> None:
+def check_data(opts: OneshotOptions, vocab_size: int) -> None:
     """Refuse --calib / --eval-data prepared with another tokenizer than MODEL's (or --tokenizer's)."""
-    from drprune.data.identity import check_data_tokenizer
 
-    tokenizer = calib.resolve_tokenizer(opts["model"], opts["tokenizer"])
-    for data in (opts["calib"], opts["eval_data"]):
+    tokenizer = calib.resolve_tokenizer(opts.model, opts.tokenizer)
+    for data in (opts.calib, opts.eval_data):
         if data is not None and Path(data).exists():
             check_data_tokenizer(data, tokenizer=tokenizer, vocab_size=vocab_size)
 
 
-def calibration_rows(opts: dict[str, Any], required: bool, vocab_size: int) -> np.ndarray | None:
+def calibration_rows(opts: OneshotOptions, required: bool, vocab_size: int) -> np.ndarray | None:
     """Calibration rows, every id checked against the model's vocabulary before any scoring."""
-    from drprune.data.identity import check_token_ids
 
-    if opts["calib"] is None:
+    if opts.calib is None:
         if required:
             raise UserError("this pruner scores on calibration data: pass --calib (an MDS folder or text files)")
         return None
-    tokenizer = calib.resolve_tokenizer(opts["model"], opts["tokenizer"])
-    rows = calib.load_rows(opts["calib"], tokenizer=tokenizer, seq_len=opts["seq_len"], max_rows=opts["max_rows"])
-    check_token_ids(int(rows.max()), vocab_size, opts["calib"])
+    tokenizer = calib.resolve_tokenizer(opts.model, opts.tokenizer)
+    rows = calib.load_rows(opts.calib, tokenizer=tokenizer, seq_len=opts.seq_len, max_rows=opts.max_rows)
+    check_token_ids(int(rows.max()), vocab_size, opts.calib)
     return rows
 
 
@@ -80,44 +125,38 @@ def eval_domains(data: str) -> list[str]:
     return domains
 
 
-def evaluate(decoder: PrunableDecoder, opts: dict[str, Any]) -> dict[str, float] | None:
-    from drprune.eval.perplexity import domain_perplexity
-
-    if opts["eval_data"] is None:
+def evaluate(decoder: PrunableDecoder, opts: OneshotOptions) -> dict[str, float] | None:
+    if opts.eval_data is None:
         return None
-    return domain_perplexity(decoder, opts["eval_data"], eval_domains(opts["eval_data"]),
-                             max_rows=opts["eval_max_rows"], batch_size=opts["batch_size"])
+    return domain_perplexity(decoder, opts.eval_data, eval_domains(opts.eval_data),
+                             max_rows=opts.eval_max_rows, batch_size=opts.batch_size)
 
 
-def print_eval(before: dict[str, float] | None, after: dict[str, float] | None) -> None:
+def eval_lines(before: dict[str, float] | None, after: dict[str, float] | None) -> list[str]:
+    """The before/after perplexity table the CLI prints (none without --eval-data)."""
     if before is None or after is None:
-        return
+        return []
     width = max(len(d) for d in before)
-    print(f"{'domain':<{width}}  {'ppl before':>10}  {'ppl after':>10}")
-    for domain in before:
-        print(f"{domain:<{width}}  {before[domain]:10.3f}  {after[domain]:10.3f}")
+    return [f"{'domain':<{width}}  {'ppl before':>10}  {'ppl after':>10}",
+            *(f"{domain:<{width}}  {before[domain]:10.3f}  {after[domain]:10.3f}" for domain in before)]
 
 
 def compact(decoder: PrunableDecoder, masks: MaskSet) -> PrunableDecoder:
-    from drprune.compact.fold import compact_decoder
-
     with torch.no_grad():
         return compact_decoder(decoder, masks).eval()
 
 
-def write_outputs(decoder: PrunableDecoder, opts: dict[str, Any], removed: dict[str, Any],
+def write_outputs(decoder: PrunableDecoder, opts: OneshotOptions, removed: dict[str, Any],
                   evals: dict[str, Any] | None, hf_config: dict[str, Any], tokenizer_dir: Path | None,
                   card: ModelCard, token_ids: dict[str, Any] | None = None, masks: MaskSet | None = None,
-                  source: PrunableDecoder | None = None) -> Path:
+                  source: PrunableDecoder | None = None) -> str:
     """OUT/model.pt, OUT/hf/ (its README.md from `card` and `evals`), OUT/removed.json (+ OUT/eval.json,
     + OUT/masks.safetensors: the selection on the source model, which `init_masks` can warm-start L0 from),
-    renamed into place at the end."""
-    from drprune.atomic import atomic_output
-    from drprune.convert.checkpoint import decoder_checkpoint_state, save_checkpoint
+    renamed into place at the end. Returns the line that says what was written."""
 
     if token_ids is None:  # same vocabulary: the source's special token ids carry over unchanged
         token_ids = {k: v for k, v in hf_config.items() if k.endswith("_token_id") and v is not None}
-    with atomic_output(opts["out"], overwrite=bool(opts["overwrite"]), folder=True) as tmp:
+    with atomic_output(opts.out, overwrite=opts.overwrite, folder=True) as tmp:
         save_checkpoint(decoder_checkpoint_state(decoder), tmp / "model.pt")
         export_hf(decoder, tmp / "hf", tokenizer_dir, token_ids, replace(card, evaluation=eval_tables(evals)))
         (tmp / "removed.json").write_text(json.dumps(removed, indent=2) + "\n")
@@ -126,24 +165,22 @@ def write_outputs(decoder: PrunableDecoder, opts: dict[str, Any], removed: dict[
         if evals is not None:
             (tmp / "eval.json").write_text(json.dumps(evals, indent=2) + "\n")
     extra = (", masks.safetensors" if masks is not None else "") + (", eval.json" if evals else "")
-    print(f"wrote {opts['out']}: model.pt, hf/, removed.json{extra}")
-    return Path(opts["out"])
+    return f"wrote {opts.out}: model.pt, hf/, removed.json{extra}"
 
 
 def export_hf(decoder: PrunableDecoder, out_dir: Path, tokenizer_dir: Path | None, token_ids: dict[str, Any],
               card: ModelCard) -> None:
     """Stock HF classes where one fits, the remote-code folder for per-layer shapes (drprune.compact)."""
-    from drprune.compact.export import export_hf as export_compact
 
     tensors = {k: v for k, v in decoder.state_dict().items() if not k.endswith("_extra_state")}
     export_compact(decoder.cfg, tensors, out_dir, tokenizer_dir=tokenizer_dir, config_overrides=token_ids, card=card)
 
 
-def source_card(opts: dict[str, Any], source: PrunableDecoder, method: str, options: dict[str, Any],
+def source_card(opts: OneshotOptions, source: PrunableDecoder, method: str, options: dict[str, Any],
                 target: dict[str, Any] | None = None) -> ModelCard:
     """What the HF folder's README says about the pruning: MODEL (its license), the method and its options."""
-    return ModelCard(source=str(opts["model"]), method=method, options=options, target=target or {},
-                     source_config=source.cfg.to_dict()).with_source_facts(opts["model"])
+    return ModelCard(source=str(opts.model), method=method, options=options, target=target or {},
+                     source_config=source.cfg.to_dict()).with_source_facts(opts.model)
 
 
 def eval_tables(evals: dict[str, Any] | None) -> list[EvalTable]:
@@ -160,9 +197,9 @@ def eval_tables(evals: dict[str, Any] | None) -> list[EvalTable]:
                       {d: [evals["before"].get(d), evals["after"].get(d)] for d in domains})]
 
 
-def tokenizer_folder(opts: dict[str, Any], staging: Path) -> Path | None:
+def tokenizer_folder(opts: OneshotOptions, staging: Path) -> Path | None:
     """A folder of tokenizer files for the HF output: MODEL's or --tokenizer's (a .model is staged)."""
-    spec = calib.resolve_tokenizer(opts["model"], opts["tokenizer"])
+    spec = calib.resolve_tokenizer(opts.model, opts.tokenizer)
     if spec is None:
         log.warning("no tokenizer found (MODEL is a checkpoint and no --tokenizer): the HF folder has none")
         return None
@@ -187,121 +224,120 @@ def sizes(before: PrunableDecoder, after: PrunableDecoder) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ commands
 
-def run_layers(opts: dict[str, Any]) -> None:
-    from drprune.oneshot.layers import check_request, layer_masks, metric, score_table, select_blocks
+def run_layers(opts: OneshotOptions) -> list[str]:
+    """Remove blocks by a layer metric; returns the lines the CLI prints (scores, perplexities, output)."""
 
-    metric(opts["pruning_method"])  # an unknown name fails before the model is read
+    metric(opts.pruning_method)  # an unknown name fails before the model is read
     decoder, hf_config = load_model(opts)
-    n = opts["num_blocks_to_prune"]
+    n = opts.num_blocks_to_prune
     if n is None:
         raise UserError("`oneshot layers` needs --num-blocks-to-prune")
-    check_request(decoder.cfg.n_layers, n, opts["pruning_method"], opts["pruning_token"], opts["skip_blocks"])
+    check_request(decoder.cfg.n_layers, n, opts.pruning_method, opts.pruning_token, opts.skip_blocks)
     rows = calibration_rows(opts, required=True, vocab_size=decoder.cfg.vocab_size)
     before = evaluate(decoder, opts)
-    sel = select_blocks(decoder, rows, num_blocks=n, method=opts["pruning_method"], token=opts["pruning_token"],
-                        skip_blocks=opts["skip_blocks"], batch_size=opts["batch_size"])
-    print(score_table(sel, n))
+    sel = select_blocks(decoder, rows, num_blocks=n, method=opts.pruning_method, token=opts.pruning_token,
+                        skip_blocks=opts.skip_blocks, batch_size=opts.batch_size)
+    lines = [score_table(sel, n)]
     masks = layer_masks(decoder.cfg.n_layers, sel.blocks)
     small = compact(decoder, masks)
-    removed = {"method": sel.method, "pruning_token": opts["pruning_token"], "removed_blocks": sel.blocks,
-               "scores": sel.scores, "skip_blocks": list(opts["skip_blocks"]), **sizes(decoder, small)}
+    removed = {"method": sel.method, "pruning_token": opts.pruning_token, "removed_blocks": sel.blocks,
+               "scores": sel.scores, "skip_blocks": list(opts.skip_blocks), **sizes(decoder, small)}
     card = source_card(opts, decoder, f"{sel.method} layer removal",
-                       {"removed_blocks": sel.blocks, "pruning_token": opts["pruning_token"],
-                        "skip_blocks": list(opts["skip_blocks"])}, {"n_layers": decoder.cfg.n_layers - n})
-    _finish(small, opts, removed, before, hf_config, card, masks, decoder)
+                       {"removed_blocks": sel.blocks, "pruning_token": opts.pruning_token,
+                        "skip_blocks": list(opts.skip_blocks)}, {"n_layers": decoder.cfg.n_layers - n})
+    return lines + _finish(small, opts, removed, before, hf_config, card, masks, decoder)
 
 
-def run_width(opts: dict[str, Any]) -> None:
-    from drprune.oneshot.importance import needs_calibration
-    from drprune.oneshot.width import TARGET_KEYS, plan_target, removed_structures, taylor_ratio_defaults, width_prune
+def run_width(opts: OneshotOptions) -> list[str]:
+    """Prune heads/channels/hidden dims to a shape or a ratio; returns the lines the CLI prints."""
 
-    calib_required = needs_calibration(opts["importance"])  # an unknown name fails before the model is read
+    calib_required = needs_calibration(opts.importance)  # an unknown name fails before the model is read
     decoder, hf_config = load_model(opts)
-    target = {k: opts[k] for k in TARGET_KEYS if opts.get(k) not in (None, [])}
-    if opts["importance"] == "taylor":
+    target = {k: getattr(opts, k) for k in TARGET_KEYS if getattr(opts, k) not in (None, [])}
+    if opts.importance == "taylor":
         target = taylor_ratio_defaults(decoder.cfg, target)
     plan_target(decoder.cfg, target)
     rows = calibration_rows(opts, required=calib_required, vocab_size=decoder.cfg.vocab_size)
     before = evaluate(decoder, opts)
-    masks = width_prune(decoder, rows, importance=opts["importance"], target=target, seed=opts["seed"],
-                        taylor_mode=opts["taylor"], batch_size=opts["batch_size"])
+    masks = width_prune(decoder, rows, importance=opts.importance, target=target, seed=opts.seed,
+                        taylor_mode=opts.taylor, batch_size=opts.batch_size)
     small = compact(decoder, masks)
-    removed = {"importance": opts["importance"], "target": target, **removed_structures(decoder.cfg, masks),
+    removed = {"importance": opts.importance, "target": target, **removed_structures(decoder.cfg, masks),
                **sizes(decoder, small)}
-    if opts["importance"] == "taylor":
-        removed["taylor"] = opts["taylor"]
-    print(f"params {decoder.num_params():,} -> {small.num_params():,}")
-    options = {**target, **({"taylor": opts["taylor"]} if opts["importance"] == "taylor" else {})}
-    card = source_card(opts, decoder, f"{opts['importance']} width pruning", options,
+    if opts.importance == "taylor":
+        removed["taylor"] = opts.taylor
+    lines = [f"params {decoder.num_params():,} -> {small.num_params():,}"]
+    options = {**target, **({"taylor": opts.taylor} if opts.importance == "taylor" else {})}
+    card = source_card(opts, decoder, f"{opts.importance} width pruning", options,
                        {_HF_TO_OURS[k]: v for k, v in target.items() if k in _HF_TO_OURS})
-    _finish(small, opts, removed, before, hf_config, card, masks, decoder)
+    return lines + _finish(small, opts, removed, before, hf_config, card, masks, decoder)
 
 
-def _finish(small: PrunableDecoder, opts: dict[str, Any], removed: dict[str, Any],
+def _finish(small: PrunableDecoder, opts: OneshotOptions, removed: dict[str, Any],
             before: dict[str, float] | None, hf_config: dict[str, Any], card: ModelCard, masks: MaskSet,
-            source: PrunableDecoder) -> None:
+            source: PrunableDecoder) -> list[str]:
     after = evaluate(small, opts)
-    print_eval(before, after)
     evals = None if before is None else {"before": before, "after": after}
     with tempfile.TemporaryDirectory() as staging:
-        write_outputs(small, opts, removed, evals, hf_config, tokenizer_folder(opts, Path(staging)), card,
-                      masks=masks, source=source)
+        wrote = write_outputs(small, opts, removed, evals, hf_config, tokenizer_folder(opts, Path(staging)), card,
+                              masks=masks, source=source)
+    return [*eval_lines(before, after), wrote]
 
 
-def run_vocab(opts: dict[str, Any]) -> None:
-    from drprune.oneshot.vocab import (
-        choose_tokens, load_vocab_files, prune_tokenizer_folder, remap_token_ids, slice_vocab,
-    )
+def run_vocab(opts: OneshotOptions) -> list[str]:
+    """Keep the most frequent tokens of --calib (plus special/byte ones); returns the lines the CLI prints."""
 
-    if opts["keep"] is None:
+    if opts.keep is None:
         raise UserError("`oneshot vocab` needs --keep N")
-    if opts["calib"] is None:
+    if opts.calib is None:
         raise UserError("`oneshot vocab` counts token frequencies on --calib (an MDS folder or text files)")
-    tokenizer = calib.resolve_tokenizer(opts["model"], opts["tokenizer"])
+    tokenizer = calib.resolve_tokenizer(opts.model, opts.tokenizer)
     if tokenizer is None:
         raise UserError("`oneshot vocab` prunes a tokenizer: pass --tokenizer or a MODEL folder that holds one")
     files = load_vocab_files(tokenizer)
     decoder, hf_config = load_model(opts)
-    counts = calib.token_counts(opts["calib"], tokenizer=tokenizer, vocab_size=decoder.cfg.vocab_size)
-    keep, stats = choose_tokens(counts, opts["keep"], files)
+    counts = calib.token_counts(opts.calib, tokenizer=tokenizer, vocab_size=decoder.cfg.vocab_size)
+    keep, stats = choose_tokens(counts, opts.keep, files)
     small = slice_vocab(decoder, keep)
     new_id = {old: new for new, old in enumerate(keep)}
-    evals = vocab_eval(decoder, small, keep, opts)
+    evals, lines = vocab_eval(decoder, small, keep, opts)
     kept = set(keep)
     removed = {"method": "vocab", "kept_token_ids": keep,
                "removed_token_ids": [i for i in range(decoder.cfg.vocab_size) if i not in kept],
                "counts": stats, "data_tokens_covered": float(counts[keep].sum() / max(1, counts.sum())),
                **sizes(decoder, small)}
-    print(f"vocabulary {decoder.cfg.vocab_size} -> {len(keep)} ({stats['frequent']} frequent, "
-          f"{stats['required']} special/byte, {stats['merge_parts']} merge parts); "
-          f"params {decoder.num_params():,} -> {small.num_params():,}")
+    lines.insert(0, f"vocabulary {decoder.cfg.vocab_size} -> {len(keep)} ({stats['frequent']} frequent, "
+                    f"{stats['required']} special/byte, {stats['merge_parts']} merge parts); "
+                    f"params {decoder.num_params():,} -> {small.num_params():,}")
     with tempfile.TemporaryDirectory() as staging:
         tok_dir = Path(staging)
         prune_tokenizer_folder(tokenizer, files, keep, tok_dir)
-        card = source_card(opts, decoder, "vocabulary pruning", {"keep": opts["keep"]}, {"vocab_size": len(keep)})
-        write_outputs(small, opts, removed, evals, hf_config, tok_dir, card, remap_token_ids(hf_config, new_id))
+        card = source_card(opts, decoder, "vocabulary pruning", {"keep": opts.keep}, {"vocab_size": len(keep)})
+        lines.append(write_outputs(small, opts, removed, evals, hf_config, tok_dir, card,
+                                   remap_token_ids(hf_config, new_id)))
+    return lines
 
 
 def vocab_eval(decoder: PrunableDecoder, small: PrunableDecoder, keep: list[int],
-               opts: dict[str, Any]) -> dict[str, Any] | None:
-    """Perplexity before/after on the eval rows made only of kept tokens (others cannot be scored)."""
-    from drprune.eval.perplexity import perplexity, read_token_rows
+               opts: OneshotOptions) -> tuple[dict[str, Any] | None, list[str]]:
+    """Perplexity before/after on the eval rows made only of kept tokens (others cannot be scored), and its
+    table for the CLI."""
 
-    if opts["eval_data"] is None:
-        return None
+    if opts.eval_data is None:
+        return None, []
     lookup = np.full(decoder.cfg.vocab_size, -1, dtype=np.int64)
     lookup[keep] = np.arange(len(keep))
     out: dict[str, Any] = {"before": {}, "after": {}, "rows_used": {}}
-    for domain in eval_domains(opts["eval_data"]):
-        rows = read_token_rows(Path(opts["eval_data"]) / "eval" / domain, opts["eval_max_rows"])
+    for domain in eval_domains(opts.eval_data):
+        rows = read_token_rows(Path(opts.eval_data) / "eval" / domain, opts.eval_max_rows)
         inside = rows[(lookup[rows] >= 0).all(1)]
         out["rows_used"][domain] = f"{len(inside)}/{len(rows)}"
         if len(inside):
-            out["before"][domain] = perplexity(decoder, inside, opts["batch_size"])
-            out["after"][domain] = perplexity(small, lookup[inside], opts["batch_size"])
+            out["before"][domain] = perplexity(decoder, inside, opts.batch_size)
+            out["after"][domain] = perplexity(small, lookup[inside], opts.batch_size)
     width = max(len(d) for d in out["rows_used"])
-    print(f"{'domain':<{width}}  {'rows':>9}  {'ppl before':>10}  {'ppl after':>10}")
+    lines = [f"{'domain':<{width}}  {'rows':>9}  {'ppl before':>10}  {'ppl after':>10}"]
     for d, used in out["rows_used"].items():
         b, a = out["before"].get(d, float("nan")), out["after"].get(d, float("nan"))
-        print(f"{d:<{width}}  {used:>9}  {b:10.3f}  {a:10.3f}")
-    return out
+        lines.append(f"{d:<{width}}  {used:>9}  {b:10.3f}  {a:10.3f}")
+    return out, lines

@@ -27,6 +27,7 @@ import torch
 
 from drprune.errors import UserError
 from drprune.models.decoder import PrunableDecoder
+from drprune.convert.checkpoint import TOKENIZER_FILES
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 SPACE = "\u2581"  # SentencePiece's whitespace symbol
@@ -268,7 +269,6 @@ def slice_vocab(decoder: PrunableDecoder, keep: list[int]) -> PrunableDecoder:
 
 def prune_tokenizer_folder(tokenizer: str | Path, files: list[VocabFile], keep: list[int], out_dir: Path) -> None:
     """Write the pruned tokenizer files and the id-bearing side files (configs) into `out_dir`."""
-    from drprune.convert.checkpoint import TOKENIZER_FILES
 
     new_id = {old: new for new, old in enumerate(keep)}
     for f in files:
