@@ -10,7 +10,6 @@ Target ratio: <= 1.2.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from typing import Callable
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 from drprune.masks.hypernetwork import HypernetworkMaskGenerator
 from drprune.models.composer_model import PrunableLM
 from drprune.models.config import ModelConfig
+from step_setup import step_setup
 
 CFG = dict(family="llama", vocab_size=32000, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8,
            intermediate_size=1408, max_seq_len=256)
@@ -62,15 +62,7 @@ def hypernetwork_step(model: PrunableLM, batch: dict[str, Tensor]) -> Callable[[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
-    args = parser.parse_args()
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    ids = torch.randint(0, CFG["vocab_size"], (args.batch, args.seq_len), device=args.device)
-    batch = {"input_ids": ids, "labels": ids}
+    args, dtype, batch = step_setup(__doc__, 10, CFG["vocab_size"])
     cfg = ModelConfig(**CFG)
     torch.manual_seed(0)
     plain = PrunableLM(cfg).to(device=args.device, dtype=dtype).train().requires_grad_(False)

@@ -26,7 +26,7 @@ def overrides(args: argparse.Namespace, save: Path, mode: str) -> tuple[str, lis
     common = [f"save_folder={save}", "model.mask_generator.name=hypernetwork",
               f"model.mask_generator.target_ratio={args.target}", f"model.mask_generator.train_masks={mode}",
               f"max_duration={args.steps}ba", f"eval_interval={args.steps}ba", f"save_interval={args.steps}ba",
-              "callbacks.data_loading.dynamic=false"]
+              "callbacks.data_loading.dynamic=false", f"model.mask_generator.lr={args.lr}"]
     if args.setting == "tiny":
         from drprune.data.testing import write_synthetic_mds
 
@@ -34,7 +34,7 @@ def overrides(args: argparse.Namespace, save: Path, mode: str) -> tuple[str, lis
         if not data.exists():
             write_synthetic_mds(data, {"a": "repetitive", "b": "random"}, seq_len=64, vocab_size=49152,
                                 n_train=40 * args.steps, n_eval=16)
-        return str(ROOT / "configs/tiny/prune.yaml"), [f"data_local={data}", "model.mask_generator.lr=1e-2",
+        return str(ROOT / "configs/tiny/prune.yaml"), [f"data_local={data}",
                                                        "callbacks.data_loading.set_names=[a,b]", *common]
     domains = sorted(p.name for p in (Path(args.data) / "train").iterdir() if p.is_dir())
     return str(ROOT / "configs/demo/prune.yaml"), [
@@ -64,6 +64,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("setting", choices=("tiny", "smollm2"))
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--lr", type=float, default=1e-2, help="hypernetwork learning rate (DISP-LLM: 1e-3 over "
+                        "far more steps; 1e-3 did not move SmolLM2's masks in 20 steps)")
     parser.add_argument("--target", type=float, default=0.5, help="kept fraction of non-embedding parameters")
     parser.add_argument("--model", help="smollm2: converted source checkpoint")
     parser.add_argument("--data", help="smollm2: prepared MDS root (train/ and eval/)")

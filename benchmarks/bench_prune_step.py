@@ -7,7 +7,6 @@ the same batch, interleaved so machine noise hits both alike. Target ratio: <= 1
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -17,6 +16,7 @@ from composer.optim import DecoupledAdamW
 from drprune.masks.l0 import L0MaskGenerator
 from drprune.models.composer_model import PrunableLM
 from drprune.models.config import ModelConfig
+from step_setup import step_setup
 
 CFG = dict(family="llama", vocab_size=32000, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8,
            intermediate_size=1408, max_seq_len=256)
@@ -46,15 +46,7 @@ def step(model: PrunableLM, opt: torch.optim.Optimizer, batch: dict, device: str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
-    args = parser.parse_args()
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    ids = torch.randint(0, CFG["vocab_size"], (args.batch, args.seq_len), device=args.device)
-    batch = {"input_ids": ids, "labels": ids}
+    args, dtype, batch = step_setup(__doc__, 8, CFG["vocab_size"])
     runs = {name: make(name == "pruning", args.device, dtype) for name in ("plain", "pruning")}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(args.steps + 2):

@@ -130,7 +130,7 @@ def test_two_ranks_draw_disjoint_samples_of_one_global_stream(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + (tmp_path / "err1.txt").read_text()[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text())["ids"] for r in range(2)]
     # One process with world size 2 and batch 4 defines the global stream: rank r takes half of each step.
-    from drprune.data.mixture import MixtureDataset
+    from drprune.data.mixture_dataset import MixtureDataset
 
     single = MixtureDataset(root / "train", SET_NAMES, [0.6, 0.3, 0.1], batch_size=8, seq_len=8, seed=3)
     stream = iter(single)

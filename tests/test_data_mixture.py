@@ -78,7 +78,7 @@ def test_stream_is_the_same_for_any_number_of_workers(root):
 
 def test_exhausted_domain_starts_a_reshuffled_pass_without_repeats(root, caplog):
     loader = build_train_dataloader(data_of(cfg_for(root, proportion=[0.0, 0.0, 1.0])), 6)
-    with caplog.at_level(logging.INFO, logger="drprune.data.mixture"):
+    with caplog.at_level(logging.INFO, logger="drprune.data.mixture_dataset"):
         ids = np.concatenate([b["idx"].numpy() for _, b in zip(range(30), loader)])  # 180 draws = 3 passes
     passes = ids.reshape(3, 60)
     for one in passes:

@@ -1,4 +1,4 @@
-"""Hypernetwork runs of the tiny config through the real Composer Trainer on CPU (DESIGN.md 4.2)."""
+"""Hypernetwork runs of the tiny config through the real Composer Trainer on CPU."""
 from __future__ import annotations
 
 import json

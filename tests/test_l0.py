@@ -1,4 +1,4 @@
-"""L0 hard-concrete math, target validation and the Lagrangian (DESIGN.md 4.1)."""
+"""L0 hard-concrete math, target validation and the Lagrangian."""
 from __future__ import annotations
 
 import math

@@ -113,3 +113,30 @@ def test_a_mixture_rule_registered_here_parses_applies_and_is_listed():
     with pytest.raises(ConfigError, match="uniform") as err:
         parse_update_type("uniform+Eval")  # the rule takes no flags
     assert "dro+Eval+DyAll" in str(err.value)
+
+
+def test_an_entry_in_its_own_file_registers_itself(tmp_path, monkeypatch):
+    """Discovery imports every module of the registry's package: a new file is all it takes."""
+    package = tmp_path / "plugpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "mine.py").write_text(
+        "from tests.test_registry import PLUGGED\n\n@PLUGGED.register('mine')\ndef mine(decoder):\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert PLUGGED.names() == ["mine"] and PLUGGED.get("mine", key="importance")(None) == 1
+
+
+PLUGGED: Registry = Registry("plugged", ("plugpkg",))
+
+
+def test_builtin_registries_find_their_entries_without_imports():
+    """A fresh interpreter that imports only drprune.registry still lists every built-in entry."""
+    import subprocess
+    import sys
+
+    code = ("from drprune.registry import IMPORTANCE, LAYER_METRICS, MASK_GENERATORS, MIXTURE_RULES, SCHEDULERS; "
+            "print(IMPORTANCE.names(), LAYER_METRICS.names(), MASK_GENERATORS.names(), MIXTURE_RULES.names(), "
+            "SCHEDULERS.names())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "'taylor'" in out and "'angular'" in out and "'hypernetwork'" in out and "'dro'" in out
+    assert "'cosine_with_warmup'" in out

@@ -12,6 +12,7 @@ from typing import Any
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
+
 from drprune.masks.report import write_report
 from drprune.plots import plot_series
 
@@ -55,8 +56,6 @@ class PruningCallback(Callback):
     def fit_end(self, state: State, logger: Logger) -> None:
         if self.save_folder is None:
             return
-
-        # every rank: the report's perplexity pass runs the (possibly sharded) model
         report = write_report(state, unwrap_model(state).mask_generator, self.save_folder)
         logger.log_metrics({f"report/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
         if dist.get_global_rank() == 0:
@@ -64,7 +63,6 @@ class PruningCallback(Callback):
 
     def _plot(self) -> None:
         if self.sparsity_history:
-
             plot_series(self.sparsity_history, self.save_folder / "expected_sparsity.png",
                         ylabel="expected sparsity", title="Expected sparsity per pruned module")
 

@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 from torch import Tensor
 
-from drprune.atomic import atomic_output, mark_complete
 from drprune.errors import UserError
 from drprune.models.config import ModelConfig
-from drprune.convert.checkpoint import (config_of_state, copy_tokenizer, decoder_state, load_model_state,
-                                        mapped_releaser, write_hf_folder, write_safetensors_shards)
+from drprune.convert.checkpoint import (config_of_state, decoder_state, load_model_state,
+                                        mapped_releaser, write_hf_folder)
 from drprune.convert.hf import hf_config_dict, remote_config_dict, stock_class_fits
-from drprune.convert.model_card import ModelCard, card_of_state, write_card
+from drprune.convert.model_card import ModelCard, card_of_state
 
 log = logging.getLogger(__name__)
 
@@ -71,21 +69,12 @@ def export_hf(
 
     `remote_code=True` ships the remote-code model even when a stock class fits (to compare the two).
     """
-    if stock_class_fits(cfg) and not remote_code:
-        return write_hf_folder(cfg, tensors, out_dir, tokenizer_dir=tokenizer_dir, config_overrides=config_overrides,
-                               max_shard_bytes=max_shard_bytes, overwrite=overwrite, release=release, card=card)
-    config = {**hf_config(cfg), **(config_overrides or {})}
-    with atomic_output(out_dir, overwrite, folder=True) as tmp:
-        write_safetensors_shards(iter(tensors.items()), tmp, max_shard_bytes, release)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name in REMOTE_CODE_FILES:
-            shutil.copy2(Path(__file__).with_name(name), tmp / name)
-        copy_tokenizer(tokenizer_dir, tmp)
-        write_card(card, cfg, tmp, remote_code=True)
-        mark_complete(tmp)
-    log.info("wrote HF folder %s with remote code (layers differ in shape): load it with trust_remote_code=True",
-             out_dir)
-    return Path(out_dir)
+    remote = None
+    if remote_code or not stock_class_fits(cfg):
+        remote = (hf_config(cfg), [Path(__file__).with_name(name) for name in REMOTE_CODE_FILES])
+    return write_hf_folder(cfg, tensors, out_dir, tokenizer_dir=tokenizer_dir, config_overrides=config_overrides,
+                           max_shard_bytes=max_shard_bytes, overwrite=overwrite, release=release, card=card,
+                           remote_code=remote)
 
 
 def export_checkpoint(

@@ -1,4 +1,4 @@
-"""Fold hard masks into weights and drop what they zero: the one compaction path (DESIGN.md).
+"""Fold hard masks into weights and drop what they zero: the one compaction path.
 
 Every pruner (L0, hypernetwork, one-shot) ends in `compact_decoder`. The per-tensor rules live in
 `fold_state`, a generator that reads one source tensor at a time through a getter and yields the
@@ -120,11 +120,15 @@ def _warn_dropped_biases(plan: Plan, get: Getter) -> None:
                             "non-zero output bias; the compact model differs from the masked one there", i, key)
 
 
+def _sublayer_axes(m: MaskSet, i: int, hidden: _Axis, kind: str, gates: tuple[str, ...]) -> tuple[_Axis, _Axis]:
+    """The residual dimensions sub-layer `kind` (attn | mlp) of layer i reads and writes."""
+    return _residual_axis(m, f"{kind}_in", i, hidden), _output_axis(m, gates, f"{kind}_out", i, hidden)
+
+
 def _fold_attention(plan: Plan, get: Getter, i: int, j: int, hidden: _Axis) -> Iterator[tuple[str, Tensor]]:
     src, m = plan.source, plan.masks
     old, new = f"transformer.blocks.{i}", f"transformer.blocks.{j}"
-    reads = _residual_axis(m, "attn_in", i, hidden)
-    writes = _output_axis(m, ("head_layer", "layer"), "attn_out", i, hidden)
+    reads, writes = _sublayer_axes(m, i, hidden, "attn", ("head_layer", "layer"))
     kv = _axis(m["head"][i]) if "head" in m else _Axis()
     q_heads = _group_axis(kv, src.group_size)
     yield from _fold_norm(src, get, f"{old}.ln_1", f"{new}.ln_1", reads)
@@ -142,8 +146,7 @@ def _fold_attention(plan: Plan, get: Getter, i: int, j: int, hidden: _Axis) -> I
 def _fold_mlp(plan: Plan, get: Getter, i: int, j: int, hidden: _Axis) -> Iterator[tuple[str, Tensor]]:
     src, m = plan.source, plan.masks
     old, new = f"transformer.blocks.{i}", f"transformer.blocks.{j}"
-    reads = _residual_axis(m, "mlp_in", i, hidden)
-    writes = _output_axis(m, ("mlp", "layer"), "mlp_out", i, hidden)
+    reads, writes = _sublayer_axes(m, i, hidden, "mlp", ("mlp", "layer"))
     channels = _axis(m["intermediate"][i]) if "intermediate" in m else _Axis()
     yield from _fold_norm(src, get, f"{old}.ln_2", f"{new}.ln_2", reads)
     for name in ("gate_proj", "up_proj") if src.mlp == "gated" else ("up_proj",):

@@ -16,7 +16,7 @@ import struct
 import sys
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from safetensors import safe_open
@@ -239,18 +239,29 @@ def write_hf_folder(
     overwrite: bool = False,
     release: Callable[[Tensor], None] | None = None,
     card: ModelCard | None = None,
+    remote_code: tuple[dict[str, Any], Sequence[Path]] | None = None,
 ) -> Path:
-    """Write config.json + sharded safetensors (+ tokenizer files) + README.md for the stock HF class."""
-    if not stock_class_fits(cfg):
+    """The one HF-folder writer: config.json + sharded safetensors (+ tokenizer files) + README.md.
+
+    For the stock HF class by default; `remote_code=(config, files)` writes drprune's own tensor names
+    with that config.json and ships `files` (the modeling code), for shapes no stock class holds
+    (`drprune.compact.export.export_hf` decides which).
+    """
+    if remote_code is None and not stock_class_fits(cfg):
         raise UserError("no stock HF class holds this shape: use drprune.compact.export.export_hf (remote code)")
-    config = {**hf_config_dict(cfg), **(config_overrides or {})}
+    base, files = remote_code if remote_code is not None else (hf_config_dict(cfg), ())
+    config = {**base, **(config_overrides or {})}
+    items = iter(tensors.items()) if remote_code is not None else ours_to_hf(cfg, tensors)
     with atomic_output(out_dir, overwrite, folder=True) as tmp:
-        write_safetensors_shards(ours_to_hf(cfg, tensors), tmp, max_shard_bytes, release)
+        write_safetensors_shards(items, tmp, max_shard_bytes, release)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for path in files:
+            shutil.copy2(path, tmp / path.name)
         copy_tokenizer(tokenizer_dir, tmp)
-        write_card(card, cfg, tmp, remote_code=False)
+        write_card(card, cfg, tmp, remote_code=remote_code is not None)
         mark_complete(tmp)
-    log.info("wrote HF folder %s", out_dir)
+    log.info("wrote HF folder %s%s", out_dir, " with remote code: load it with trust_remote_code=True"
+             if remote_code is not None else "")
     return Path(out_dir)
 
 

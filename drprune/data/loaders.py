@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from drprune.atomic import visible
 from drprune.data.collate import collate
 from drprune.data.identity import check_data_tokenizer, check_token_ids, max_token_id
-from drprune.data.mixture import MixtureDataset, check_proportion
+from drprune.data.mixture_dataset import MixtureDataset, check_proportion
 from drprune.data.shards import ShardReader, verify_split
 from drprune.data.prepare import EVAL_MERGE, read_domains
 from drprune.errors import ConfigError, UserError
@@ -64,7 +64,7 @@ class FixedOrderSampler(DistributedSampler):
 
 
 class MixtureLoader(DataLoader):
-    """DataLoader that tells its MixtureDataset how many batches the trainer has taken (see mixture.py)."""
+    """DataLoader that tells its MixtureDataset how many batches the trainer has taken (see mixture_dataset.py)."""
 
     def __iter__(self):
         for batch in super().__iter__():

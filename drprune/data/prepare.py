@@ -1,4 +1,4 @@
-"""`drprune data prepare` / `merge`: raw text per domain → packed MDS shards (DESIGN 4.4 layout).
+"""`drprune data prepare` / `merge`: raw text per domain → packed MDS shards.
 
 Output: OUT/train/<domain>, OUT/eval/<domain>, OUT/eval/eval_merge; columns `tokens` (uint16 when the
 vocabulary fits, else uint32) and `set` (the domain name). Everything is written under a temporary

@@ -1,5 +1,5 @@
 """Verdicts the demo report and the quality benchmark print: who wins, by how much, and whether
-the 95% intervals let us say so (DESIGN.md section 6: overlapping intervals are a tie).
+the 95% intervals let us say so (overlapping intervals are a tie).
 
 Everything here reads the JSON form of scores (`Score.to_dict()`: ppl, lo, hi, rows, tokens), so a
 report can be rebuilt from summary.json alone.

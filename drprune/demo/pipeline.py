@@ -1,5 +1,5 @@
 """`drprune demo`: the whole chain on a real pretrained model and a real multi-domain corpus, as an
-equal-budget comparison (DESIGN.md section 6).
+equal-budget comparison.
 
 GGUF -> HF -> Composer checkpoint; corpus -> MDS shards (training domains and held-out, eval-only
 ones); a one-shot selection of the target shape; then two candidates that each get the same training

@@ -1,4 +1,4 @@
-"""In-context copying probe: a random token span followed by the same span again (DESIGN.md §6).
+"""In-context copying probe: a random token span followed by the same span again.
 
 Once the first copy has been read, every token of the second copy after its first is exactly
 predictable by looking back (induction heads). Perplexity there is close to 1 for a healthy model and

@@ -19,7 +19,7 @@ from drprune.data.shards import ShardReader
 
 log = logging.getLogger(__name__)
 
-# DESIGN.md §6: fewer eval rows per domain than this cannot rank models.
+# Fewer eval rows per domain than this cannot rank models.
 MIN_RANK_ROWS = 64
 
 

@@ -1,4 +1,4 @@
-"""Bootstrap confidence intervals for perplexity, so that two models can be ranked (DESIGN.md §6).
+"""Bootstrap confidence intervals for perplexity, so that two models can be ranked.
 
 A perplexity is exp(total loss / total tokens) over eval rows. Rows (sequences), not tokens, are the
 resampling unit: tokens inside a row are strongly correlated, so resampling tokens would give intervals

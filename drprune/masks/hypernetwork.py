@@ -1,4 +1,4 @@
-"""Hypernetwork masks for dimension-independent structural pruning (DISP-LLM), DESIGN.md 4.2.
+"""Hypernetwork masks for dimension-independent structural pruning (DISP-LLM).
 
 A small network (fixed random input embeddings, one per mask -> bidirectional GRU -> LayerNorm +
 GeLU -> one linear head per mask) emits a logit for every prunable unit: per layer, its own

@@ -1,4 +1,4 @@
-"""Hard-concrete L0 masks toward a target shape (CoFi / Sheared-LLaMA), DESIGN.md 4.1."""
+"""Hard-concrete L0 masks toward a target shape (CoFi / Sheared-LLaMA)."""
 from __future__ import annotations
 
 import logging

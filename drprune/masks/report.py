@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import matplotlib
-import torch
+from composer.utils import dist
 from torch import Tensor
 
 from drprune.atomic import write_json
@@ -75,43 +75,22 @@ def plot_widths(cfg: ModelConfig, report: Mapping[str, Any], path: Path) -> None
     save_figure(fig, path)
 
 
-@torch.no_grad()
-def eval_perplexity(state: Any) -> float | None:
-    """exp(eval cross-entropy) with the generator's eval masks over the first evaluator's batches.
+def final_eval_perplexity(state: Any) -> float | None:
+    """exp of the eval cross-entropy Composer computed at the end of training, None without an eval loader.
 
-    Runs on every rank (FSDP needs all of them in each forward) and sums over ranks.
+    Composer evaluates once more when training ends, in eval mode, so with the generator's eval masks: this
+    is the hard-masked model's perplexity on the eval batches (eval_subset_num_batches of them), over ranks.
     """
-    from composer.core.precision import get_precision_context
-    from composer.utils import dist
-
-    if not state.evaluators:
-        return None
-    model = state.model.module if hasattr(state.model, "module") else state.model
-    evaluator = state.evaluators[0]
-    limit = evaluator.subset_num_batches if evaluator.subset_num_batches not in (None, -1) else math.inf
-    was_training = model.training
-    model.eval()
-    totals = state.device.tensor_to_device(torch.zeros(2, dtype=torch.float64))
-    for n, batch in enumerate(evaluator.dataloader.dataloader):
-        if n >= limit:
-            break
-        batch = state.device.batch_to_device(batch)
-        with get_precision_context(state.precision):
-            out = model.eval_forward(batch)
-        totals += torch.stack([out["loss_sum"].double().sum(), out["tokens"].double().sum()])
-    model.train(was_training)
-    dist.all_reduce(totals)
-    return math.exp(float(totals[0] / totals[1])) if totals[1] > 0 else None
+    value = state.eval_metric_values.get("LanguageCrossEntropy")
+    return None if value is None else math.exp(float(value))
 
 
 def write_report(state: Any, generator: MaskGenerator, folder: Path) -> dict[str, Any]:
-    """Build the report on every rank; rank 0 writes mask_report.json and layer_widths.png."""
-    from composer.utils import dist
-
+    """Rank 0 writes mask_report.json and layer_widths.png; every rank returns the report."""
     model = state.model.module if hasattr(state.model, "module") else state.model
     cfg = model.model.cfg
     report = mask_report(cfg, generator.hard_masks(), getattr(generator, "target_params", None))
-    report["perplexity"] = eval_perplexity(state)
+    report["perplexity"] = final_eval_perplexity(state)
     if dist.get_global_rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
         write_json(folder / "mask_report.json", report, indent=1)

@@ -1,4 +1,4 @@
-"""Data-mixture update rules (DESIGN 4.3) as pure functions on plain lists of floats.
+"""Data-mixture update rules as pure functions on plain lists of floats.
 
 The Composer callback owns all state (EMA of training losses, reference losses, p0); these
 functions only map their inputs to the next proportions, so they are easy to test and to replay.

@@ -1,4 +1,4 @@
-"""+Dy reference losses from a per-domain scaling law, fitted in-process (DESIGN 4.3).
+"""+Dy reference losses from a per-domain scaling law, fitted in-process.
 
 The law is DRPruning's: L(D, s) = A·D^(−α)·s^(−β) + E with D the tokens seen of the domain and s
 the sparsity (fraction of non-embedding parameters the masks remove). β may be negative (the loss

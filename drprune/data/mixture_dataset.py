@@ -1,4 +1,4 @@
-"""Dynamic multi-domain mixture over per-domain MDS folders (DESIGN 4.3/4.4).
+"""Dynamic multi-domain mixture over per-domain MDS folders.
 
 The sample stream is a pure function of (seed, p-schedule), laid out in global steps of
 G = batch_size * world_size positions:
