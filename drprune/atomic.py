@@ -79,6 +79,7 @@ def temp_path(final: Path) -> Path:
 
 
 def is_temp(path: str | Path) -> bool:
+    """True for a drprune temp name: an unfinished output that readers must never take for a result."""
     return Path(path).name.startswith(TMP_PREFIX)
 
 
@@ -91,6 +92,7 @@ def _owner(name: str) -> tuple[str, int] | None:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs on this host; another user's live process counts, so its temp entries are kept."""
     if pid == os.getpid():
         return True
     try:

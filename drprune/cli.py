@@ -32,6 +32,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `drprune` parser; every module in COMMAND_MODULES adds its sub-commands to it."""
     parser = _Parser(prog="drprune", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the `drprune` command; returns the exit code (2, with one `drprune: error:` line, for a UserError)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

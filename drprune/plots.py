@@ -21,6 +21,7 @@ def save_figure(fig, path: Path) -> None:
 
 def plot_weights(history: Sequence[tuple[int, Sequence[float]]], names: Sequence[str], path: Path,
                  title: str = "Data mixture over training") -> None:
+    """Domain weights over steps, one line per name; `history` holds (step, weights) pairs."""
     fig, ax = plt.subplots(figsize=(7, 4))
     if history:
         steps = [s for s, _ in history]
@@ -34,6 +35,7 @@ def plot_weights(history: Sequence[tuple[int, Sequence[float]]], names: Sequence
 
 def plot_eval_losses(history: Sequence[tuple[int, Sequence[float], Sequence[float] | None]],
                      names: Sequence[str], path: Path) -> None:
+    """Per-domain eval loss over steps, its reference loss dashed where the history has one."""
     fig, ax = plt.subplots(figsize=(7, 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     rows = [(s, losses, ref) for s, losses, ref in history if losses]

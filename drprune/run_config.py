@@ -119,18 +119,24 @@ def read_section(cls: type, node: Any, prefix: str) -> Any:
 
 @dataclass(frozen=True)
 class TrainDataset:
+    """`train_loader.dataset`: the split a non-dynamic run trains on."""
+
     split: str | None = None  # ignored by a dynamic mixture (it reads data_local/train/<set_name>)
     shuffle: bool = True
 
 
 @dataclass(frozen=True)
 class EvalDataset:
+    """`eval_loader.dataset`: the split evaluated (eval_merge holds every training domain)."""
+
     split: str = "eval_merge"
     shuffle: bool = False  # one fixed permutation, so an eval_subset_num_batches prefix spans every domain
 
 
 @dataclass(frozen=True)
 class TrainLoader:
+    """`train_loader`: torch DataLoader options (Sheared-LLaMA's keys)."""
+
     name: str | None = None  # Sheared-LLaMA's loader name (text); informational
     num_workers: int = 0
     prefetch_factor: int | None = None
@@ -144,6 +150,8 @@ class TrainLoader:
 
 @dataclass(frozen=True)
 class EvalLoader:
+    """`eval_loader`: present means the run evaluates; absent means it never does."""
+
     name: str | None = None
     num_workers: int = 0
     prefetch_factor: int | None = None
@@ -224,6 +232,8 @@ class Callbacks:
 
 @dataclass(frozen=True)
 class Optimizer:
+    """`optimizer`: Composer's DecoupledAdamW; mask parameters get `lag_lr` and no weight decay."""
+
     name: Literal["decoupled_adamw"] = "decoupled_adamw"
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -249,12 +259,16 @@ class Scheduler:
 
 @dataclass(frozen=True)
 class GradientClipping:
+    """`algorithms.gradient_clipping`: Composer's GradientClipping algorithm."""
+
     clipping_threshold: float
     clipping_type: Literal["norm", "value", "adaptive"] = "norm"
 
 
 @dataclass(frozen=True)
 class Algorithms:
+    """`algorithms`: the Composer algorithms a run may turn on."""
+
     gradient_clipping: GradientClipping | None = None
 
 

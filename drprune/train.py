@@ -130,6 +130,7 @@ def _batch_sizes(run: RunConfig) -> tuple[int, int]:
 
 
 def build_optimizer(opt: Optimizer, model: PrunableLM) -> DecoupledAdamW:
+    """DecoupledAdamW over the model's parameter groups (weights at lr, masks and multipliers at lag_lr)."""
     groups = model.param_groups(lr=opt.lr, weight_decay=opt.weight_decay, lag_lr=opt.lag_lr)
     return DecoupledAdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps)
 
@@ -288,6 +289,7 @@ def _build_trainer(run: RunConfig, guards: list) -> Trainer:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m drprune.train CONFIG.yaml key=value ...`; a config problem is one error line and exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         print("drprune: error: no run config given; usage: python -m drprune.train CONFIG.yaml [key=value ...]",

@@ -43,6 +43,8 @@ DYALL_FROM = 0.20  # ... before +DyAll moves p0
 
 
 class DynamicLoadingCallback(Callback):
+    """The Composer side of dynamic data loading (module docstring): rule inputs, timing, resume state."""
+
     def __init__(
         self,
         set_names: list[str],

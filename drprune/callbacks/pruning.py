@@ -25,6 +25,8 @@ def unwrap_model(state: State) -> Any:
 
 
 class PruningCallback(Callback):
+    """Steps the mask generator's schedule, logs its stats and writes masks, plots and the final report."""
+
     def __init__(self, save_folder: str | None = None) -> None:
         self.save_folder = Path(save_folder) if save_folder else None
         self.sparsity_history: dict[str, list[tuple[int, float]]] = {}

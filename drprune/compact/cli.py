@@ -8,6 +8,7 @@ from drprune.cli_options import add_trust_pickle
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `drprune compact` to the sub-commands."""
     p = subparsers.add_parser(
         "compact", help="fold a pruning checkpoint's masks into a smaller model (drop pruned structure)",
         description="Rebuild the mask generator stored in the checkpoint, take its deterministic "
@@ -27,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def compact(args: argparse.Namespace) -> None:
+    """`drprune compact`: every flag and output path is checked before the (large) checkpoint is read."""
     from drprune.compact.export import export_checkpoint
     from drprune.atomic import check_output
     from drprune.compact.stream import compact_checkpoint, default_output

@@ -110,6 +110,7 @@ def decoder_keys(cfg: ModelConfig) -> set[str]:
 
 
 def config_of_state(state: dict[str, Any], fallback: ModelConfig | None = None) -> ModelConfig:
+    """The config a checkpoint carries; `fallback` only serves older files without one (else UserError)."""
     extra = state.get(EXTRA_STATE_KEY)
     if isinstance(extra, dict) and "model_config" in extra:
         return ModelConfig.from_dict(extra["model_config"])
@@ -136,12 +137,14 @@ def load_decoder(path: str | Path, fallback: ModelConfig | None = None, trust_pi
 
 
 def load_decoder_weights(decoder: PrunableDecoder, tensors: dict[str, Tensor], source: str) -> None:
+    """Strictly load `tensors` into `decoder`; missing or extra keys are a UserError naming `source`."""
     expected = {k for k in decoder.state_dict() if not k.endswith("_extra_state")}
     check_state_keys(expected, set(tensors), source, "is the checkpoint from a different model config?")
     decoder.load_state_dict({**tensors, "_extra_state": decoder.get_extra_state()}, strict=True)
 
 
 def decoder_checkpoint_state(decoder: PrunableDecoder) -> dict[str, Any]:
+    """A decoder as a checkpoint's model state (`model.` keys, its config in `model._extra_state`)."""
     return {f"model.{k}": v for k, v in decoder.state_dict().items()}
 
 
@@ -194,6 +197,7 @@ def read_hf_tensors(hf_dir: Path, trust_pickle: bool = False) -> dict[str, Tenso
 
 
 def load_hf(name_or_path: str, trust_pickle: bool = False) -> tuple[ModelConfig, dict[str, Tensor], Path]:
+    """(config, tensors under drprune's names, resolved folder) of a HF folder or `hub:NAME`, checked whole."""
     hf_dir = resolve_hf_dir(name_or_path)
     check_complete(hf_dir, "HF model folder")
     config_file = hf_dir / "config.json"
@@ -341,6 +345,7 @@ def _write_safetensors(path: Path, tensors: dict[str, Tensor], release: Callable
 
 
 def copy_tokenizer(tokenizer_dir: str | Path | None, out_dir: Path) -> None:
+    """Copy the tokenizer files of `tokenizer_dir` (None: nothing) into `out_dir`; none there is a UserError."""
     if tokenizer_dir is None:
         return
     src = Path(tokenizer_dir)

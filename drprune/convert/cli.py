@@ -13,6 +13,7 @@ log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `drprune convert` and its four directions to the sub-commands."""
     convert = subparsers.add_parser("convert", help="convert checkpoints between HF and Composer")
     sub = convert.add_subparsers(dest="direction", required=True)
 
@@ -53,6 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def hf_to_gguf(args: argparse.Namespace) -> None:
+    """`convert hf-to-gguf`; OUT is checked before the (slow) model read."""
     from drprune.convert.gguf_export import hf_to_gguf as convert
 
     check_output(args.out, args.overwrite)
@@ -60,6 +62,7 @@ def hf_to_gguf(args: argparse.Namespace) -> None:
 
 
 def gguf_to_hf(args: argparse.Namespace) -> None:
+    """`convert gguf-to-hf`; OUT_DIR is checked before the (slow) model read."""
     from drprune.convert.gguf import gguf_to_hf as convert
 
     check_output(args.out_dir, args.overwrite, folder=True)
@@ -67,6 +70,7 @@ def gguf_to_hf(args: argparse.Namespace) -> None:
 
 
 def hf_to_composer(args: argparse.Namespace) -> None:
+    """`convert hf-to-composer`; the checkpoint carries the config, so later steps need no shape flags."""
     from drprune.convert.checkpoint import load_hf, save_checkpoint
     from drprune.models.decoder import PrunableDecoder
 
@@ -80,6 +84,7 @@ def hf_to_composer(args: argparse.Namespace) -> None:
 
 
 def parse_overrides(items: list[str]) -> dict:
+    """'key=value' items as a dict; a value is parsed as JSON when it can be (numbers, booleans), else kept as text."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -93,6 +98,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def composer_to_hf(args: argparse.Namespace) -> None:
+    """`convert composer-to-hf`; a `model_class` override is dropped: the checkpoint decides the class."""
     from drprune.compact.export import export_checkpoint
 
     if not args.max_shard_size > 0:

@@ -39,7 +39,8 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `drprune data` (prepare, merge) to the sub-commands."""
     parser = subparsers.add_parser("data", help="prepare MDS training data")
     sub = parser.add_subparsers(dest="data_command", required=True)
 

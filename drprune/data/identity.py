@@ -33,6 +33,7 @@ def vocab_digest(vocab: dict[str, int]) -> str:
 
 
 def tokenizer_identity(tok: Tokenizer, spec: str) -> dict[str, Any]:
+    """The record stored under "tokenizer" in domains.json; `spec` is how the user named the tokenizer."""
     return {"source": str(spec), "vocab_size": int(tok.vocab_size), "vocab_sha256": vocab_digest(tok.vocab())}
 
 

@@ -125,6 +125,7 @@ def set_names_of(data: DataSection) -> list[str]:
 
 
 def proportion_of(data: DataSection, set_names: list[str]) -> list[float]:
+    """callbacks.data_loading.proportion checked against `set_names`; uniform when it is not set."""
     p = data.data_loading.proportion
     if p is None:
         log.info("callbacks.data_loading.proportion not set: uniform over %s", set_names)

@@ -37,6 +37,8 @@ BATCH_DOCS = 256
 
 @dataclass
 class SplitStats:
+    """What `prepare` wrote for one domain and split; `dropped` counts tail tokens too few for a sequence."""
+
     domain: str
     split: str
     documents: int
@@ -228,6 +230,7 @@ def merge(input_dir: Path, output_dir: Path, output_split: str, split_names: lis
 
 
 def summary_table(stats: list[SplitStats]) -> str:
+    """The stats as an aligned text table, for the CLI to print (the library only logs)."""
     rows = [("domain", "split", "documents", "tokens", "sequences", "dropped")]
     rows += [(s.domain, f"{s.split} (eval-only)" if s.eval_only else s.split, str(s.documents), str(s.tokens),
               str(s.sequences), str(s.dropped)) for s in stats]

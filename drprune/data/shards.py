@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from streaming import MDSWriter
 
 from drprune.atomic import check_complete, kill_point, mark_complete
 from drprune.errors import UserError
@@ -40,12 +41,12 @@ def token_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
 
 
 def columns(dtype: np.dtype) -> dict[str, str]:
+    """The MDS column spec of a split: token ids of `dtype` plus the domain name."""
     return {"tokens": f"ndarray:{dtype.name}", "set": "str"}
 
 
-def open_writer(folder: Path, dtype: np.dtype):
-    from streaming import MDSWriter
-
+def open_writer(folder: Path, dtype: np.dtype) -> MDSWriter:
+    """An MDSWriter into `folder`; close it with `finish`, which adds the completion marker readers check."""
     return MDSWriter(out=str(folder), columns=columns(dtype), hashes=[HASH_ALGO], size_limit=SIZE_LIMIT,
                      progress_bar=False)
 

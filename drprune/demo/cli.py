@@ -19,6 +19,7 @@ def _target(text: str) -> dict[str, int]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `drprune demo`; flag defaults come from DemoOptions so the CLI and the library agree."""
     from drprune.demo.options import DemoOptions
 
     d = DemoOptions(out=Path("demo-out"))
@@ -54,6 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    """`drprune demo`: run the pipeline, then print the comparison, sizes, costs and where the report is."""
     from drprune.demo.options import DemoOptions
     from drprune.demo.pipeline import run_demo
     from drprune.demo.report import comparison_table

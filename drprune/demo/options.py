@@ -11,6 +11,8 @@ REPO_CONFIGS = config_dir("demo")
 
 @dataclass
 class DemoOptions:
+    """Every `drprune demo` knob with its default; the CLI reads its flag defaults from here."""
+
     out: Path
     steps: int = 36                      # training budget of every candidate, in batches
     prune_steps: int | None = None       # of which the learned candidate spends on L0 masks (default 2/3)

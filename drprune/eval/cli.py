@@ -8,6 +8,7 @@ from drprune.cli_options import add_trust_pickle
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `drprune eval` to the sub-commands."""
     p = subparsers.add_parser("eval", help="per-domain perplexity of a HF folder or checkpoint; lm-eval tasks")
     p.add_argument("model", help="HF model folder or drprune/Composer checkpoint")
     p.add_argument("--data", help="MDS data folder (with eval/<domain>/); with --tasks, the held-out text the "
@@ -48,6 +49,7 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    """`drprune eval`: flags, output path and the data's tokenizer are checked before the (slow) model load."""
     from drprune.atomic import check_output, visible, write_json
     from drprune.convert.checkpoint import load_any_decoder
     from drprune.data.identity import check_data_tokenizer, model_tokenizer

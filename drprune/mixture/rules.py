@@ -118,6 +118,8 @@ class MixtureRule:
 
 @MIXTURE_RULES.register("constant")
 class ConstantRule(MixtureRule):
+    """'constant': the proportions never move (the static-mixture baseline)."""
+
     @staticmethod
     def step(x: RuleInputs, losses: list[float]) -> tuple[list[float], list[float]]:
         return constant_update(x.p), x.p0
@@ -125,6 +127,8 @@ class ConstantRule(MixtureRule):
 
 @MIXTURE_RULES.register("sheared")
 class ShearedRule(MixtureRule):
+    """'sheared': Sheared-LLaMA's exponentiated update on eval losses against the reference losses."""
+
     @staticmethod
     def losses(update_type: UpdateType) -> str | None:
         return "eval"
@@ -136,6 +140,8 @@ class ShearedRule(MixtureRule):
 
 @MIXTURE_RULES.register("dro")
 class DroRule(MixtureRule):
+    """'dro': χ²-ball DRO on training (or +Eval: eval) losses; with +DyAll (late enough), p0 also moves toward q."""
+
     flags = DRO_FLAGS
 
     @staticmethod

@@ -43,6 +43,8 @@ class LayerSpec:
 
 @dataclass
 class ModelConfig:
+    """Shape and knobs of a decoder; validated on construction (ConfigError) before any model is built."""
+
     family: str = "llama"
     vocab_size: int = 32000
     d_model: int = 4096

@@ -110,6 +110,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
+    """Causal grouped-query attention; `head_z` masks each KV group's heads before the output projection."""
+
     def __init__(self, cfg: ModelConfig, spec: LayerSpec, d_in: int, d_out: int) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.hd = spec.n_heads, spec.n_kv_heads, cfg.head_dim
@@ -143,6 +145,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """Gated (act(gate) * up) or plain MLP; `intermediate_z` masks its hidden channels before the down projection."""
+
     def __init__(self, cfg: ModelConfig, width: int, d_in: int, d_out: int) -> None:
         super().__init__()
         self.act = _ACTIVATIONS[cfg.activation]

@@ -33,6 +33,8 @@ RUNTIME_KEYS = ("attn_impl", "max_seq_len")
 
 @dataclass(frozen=True)
 class DistillConfig:
+    """The validated `distillation:` node; build it with `from_node`, which also checks the teacher file."""
+
     teacher: str
     kl_weight: float = 0.5
     ce_weight: float = 0.5
@@ -87,6 +89,7 @@ def _number(node: Mapping[str, Any], key: str, default: float) -> float:
 
 
 def same_file(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:
+    """Whether two paths name one file; False when either is unset or missing, never an error."""
     if not a or not b:
         return False
     try:

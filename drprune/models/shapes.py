@@ -32,6 +32,7 @@ RESIDUAL_SELECTIONS = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 
 
 def mask_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
+    """The tensor shape of mask `name` on the source config `cfg` (MASK_DIMS resolved)."""
     sizes = {"L": cfg.n_layers, "H_kv": cfg.n_kv_heads, "I": cfg.intermediate_size, "d": cfg.d_model}
     return tuple(sizes[d] for d in MASK_DIMS[name])
 

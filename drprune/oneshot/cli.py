@@ -40,6 +40,7 @@ KEY_ALIASES = {"model_name": "model", "save_directory": "out", "hidden_size_rema
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `drprune oneshot layers|width|vocab`; flags default to None so --config values can fill them."""
     top = subparsers.add_parser("oneshot", help="one-shot pruning without training: layers, width, vocabulary")
     sub = top.add_subparsers(dest="oneshot", required=True)
 
@@ -111,6 +112,7 @@ def resolve_options(args: argparse.Namespace) -> OneshotOptions:
 
 
 def read_config(path: Path) -> dict[str, Any]:
+    """The mapping in a --config file (JSON by its .json suffix, else YAML); anything else is a UserError."""
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
     import yaml
@@ -125,6 +127,7 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> None:
+    """`drprune oneshot ...`: OUT is checked and a hub:NAME model fetched once before the runner starts."""
     from drprune.atomic import check_output
     from drprune.convert.checkpoint import HUB_PREFIX, resolve_hf_dir
     from drprune.oneshot import runner

@@ -124,11 +124,13 @@ def magnitude(decoder: PrunableDecoder, norm: str) -> Scores:
 
 @IMPORTANCE.register("l1")
 def l1(decoder: PrunableDecoder) -> Scores:
+    """Importance 'l1': sum of |w| per structure; needs no calibration data."""
     return magnitude(decoder, "l1")
 
 
 @IMPORTANCE.register("l2")
 def l2(decoder: PrunableDecoder) -> Scores:
+    """Importance 'l2': sqrt of the sum of w^2 per structure; needs no calibration data."""
     return magnitude(decoder, "l2")
 
 
@@ -198,6 +200,7 @@ def activation(decoder: PrunableDecoder, rows: np.ndarray, batch_size: int = 8) 
 
 @IMPORTANCE.register("random")
 def random_scores(decoder: PrunableDecoder, seed: int) -> Scores:
+    """Importance 'random': seeded uniform scores, the floor any real scorer should beat."""
     cfg = decoder.cfg
     g = torch.Generator().manual_seed(seed)
     return Scores(torch.rand(cfg.n_layers, cfg.n_kv_heads, generator=g, dtype=torch.float64),

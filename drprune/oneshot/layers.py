@@ -48,6 +48,8 @@ class LayerMetric:
 
 @LAYER_METRICS.register("angular")
 class Angular(LayerMetric):
+    """Gromov et al.: arccos(cos) / pi across a window of consecutive blocks, removed together."""
+
     window = True
     title = "angular distance"
 
@@ -58,6 +60,8 @@ class Angular(LayerMetric):
 
 @LAYER_METRICS.register("cosine")
 class Cosine(LayerMetric):
+    """ShortGPT's Block Influence, 1 - cos across each block; the n lowest go, consecutive or not."""
+
     title = "block influence (1 - cos)"
 
     @staticmethod

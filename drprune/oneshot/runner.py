@@ -116,6 +116,7 @@ def calibration_rows(opts: OneshotOptions, required: bool, vocab_size: int) -> n
 
 
 def eval_domains(data: str) -> list[str]:
+    """The domain folders under DATA/eval (not eval_merge); a UserError when there are none."""
     split_dir = Path(data) / "eval"
     if not split_dir.is_dir():
         raise UserError(f"{split_dir} does not exist: --eval-data must be a folder from `drprune data prepare`")
@@ -126,6 +127,7 @@ def eval_domains(data: str) -> list[str]:
 
 
 def evaluate(decoder: PrunableDecoder, opts: OneshotOptions) -> dict[str, float] | None:
+    """Per-domain perplexity on --eval-data; None without it, and the before/after table is skipped."""
     if opts.eval_data is None:
         return None
     return domain_perplexity(decoder, opts.eval_data, eval_domains(opts.eval_data),
@@ -142,6 +144,7 @@ def eval_lines(before: dict[str, float] | None, after: dict[str, float] | None) 
 
 
 def compact(decoder: PrunableDecoder, masks: MaskSet) -> PrunableDecoder:
+    """compact_decoder without autograd, in eval mode: a one-shot result is not trained further here."""
     with torch.no_grad():
         return compact_decoder(decoder, masks).eval()
 

@@ -69,6 +69,8 @@ class VocabFile(abc.ABC):
 
 
 class SentencePieceFile(VocabFile):
+    """A SentencePiece tokenizer.model; a kept BPE piece also keeps the pieces its merges pass through."""
+
     def __init__(self, path: Path) -> None:
         from sentencepiece import sentencepiece_model_pb2 as pb
 
