@@ -73,7 +73,10 @@ def main() -> int:
     if args.setting == "smollm2" and not (args.model and args.data):
         parser.error("smollm2 needs --model and --data (the demo's WORK/source/model.pt and WORK/data/mds)")
     with tempfile.TemporaryDirectory() as tmp:
-        rows = {mode: run(args, mode, Path(tmp)) for mode in MODES}
+        rows = {}
+        for mode in MODES:  # each printed as it finishes, so a cut-short run still reports
+            rows[mode] = run(args, mode, Path(tmp))
+            print(f"done: {mode}: {rows[mode]}", flush=True)
     print(f"\n{args.setting}: {args.steps} steps, target {args.target:.0%} of non-embedding parameters")
     print("| train_masks | target params | kept params | budget error | ppl (hard masks = export) | seconds |")
     print("|---|---|---|---|---|---|")
