@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 
 from drprune.registry import Registry
 
@@ -14,24 +13,22 @@ def add_trust_pickle(parser: argparse.ArgumentParser, default: bool | None = Fal
                              "can run arbitrary code, so only for files from a source you trust")
 
 
-def add_registry_option(parser: argparse.ArgumentParser, flag: str, registry: Registry, module: str,
-                        text: str) -> None:
-    """A `flag` whose help lists `registry`'s names (`text: a | b | c`); `module`, which registers the
-    built-in ones, is imported only when the help is shown, so every other --help stays fast."""
-    parser.add_argument(flag, action=_RegistryOption, registry=registry, module=module, text=text)
+def add_registry_option(parser: argparse.ArgumentParser, flag: str, registry: Registry, text: str) -> None:
+    """A `flag` whose help lists `registry`'s names (`text: a | b | c`); the registry discovers its entries
+    only when the help is shown, so every other --help stays fast."""
+    parser.add_argument(flag, action=_RegistryOption, registry=registry, text=text)
 
 
 class _RegistryOption(argparse.Action):
     """Stores its value like a plain option; its help is read from the registry when printed."""
 
-    def __init__(self, option_strings: list[str], dest: str, *, registry: Registry, module: str, text: str,
+    def __init__(self, option_strings: list[str], dest: str, *, registry: Registry, text: str,
                  **kwargs: object) -> None:
-        self._registry, self._module, self._text = registry, module, text
+        self._registry, self._text = registry, text
         super().__init__(option_strings, dest, **kwargs)
 
     @property
     def help(self) -> str:
-        importlib.import_module(self._module)
         return f"{self._text}: {' | '.join(self._registry.names())}"
 
     @help.setter

@@ -17,8 +17,9 @@ users call; what that is (factory, class, scorer) is documented at the instance 
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
-from typing import Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, Mapping, TypeVar
 
 from drprune.errors import ConfigError, nearest
 
@@ -75,6 +76,16 @@ class Registry(Generic[T]):
     def __contains__(self, name: object) -> bool:
         self._load()
         return name in self._entries
+
+
+def check_options(cls: type, options: Mapping[str, Any], key: str) -> None:
+    """Refuse options the constructor of `cls` (a class a registry names) does not take, before anything is
+    built; the error names the config key and where the class's options are documented."""
+    try:
+        inspect.signature(cls).bind(**options)
+    except TypeError as err:
+        raise ConfigError(f"{key}: {err}; see the options of {cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}") \
+            from err
 
 
 # factory(cfg: ModelConfig, params: dict, config_prefix: str) -> MaskGenerator (drprune.masks)

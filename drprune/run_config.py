@@ -103,12 +103,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 def read_section(cls: type, node: Any, prefix: str) -> Any:
     """Dataclass `cls` from a mapping: unknown keys are errors naming the nearest field, values typed."""
-    if node is None:
-        node = {}
-    if isinstance(node, DictConfig):
-        node = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
-    if not isinstance(node, Mapping):
-        raise ConfigError(f"{prefix} must be a mapping of keys, got {node!r}")
+    node = _container(node, prefix)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     check_keys(node, names, prefix)
@@ -310,7 +305,6 @@ class DataSection:
     tokenizer: str | None
     verify_hashes: bool
     seed: int
-    max_duration: str
     data_loading: DataLoading
     train_loader: TrainLoader
     eval_loader: EvalLoader | None
@@ -367,12 +361,11 @@ class RunConfig:
     def from_cfg(cls, cfg: DictConfig | Mapping[str, Any]) -> "RunConfig":
         """Check and type the whole config; raises ConfigError/UserError before anything is built."""
         node = dict(_container(cfg, "the run config"))
-        check_keys(node, [f.name for f in dataclasses.fields(cls)], "")
+        plain = read_section(cls, {k: v for k, v in node.items() if k not in cls.CUSTOM}, "")  # unknown keys first
         for key in cls.REQUIRED:
-            if node.get(key) is None:
+            if getattr(plain, key) is None:
                 raise ConfigError(f"{key} is required: set it in the YAML or on the command line ({key}=...)")
-        custom = {k: read(node.pop(k)) for k, read in cls.CUSTOM.items() if k in node}
-        run = dataclasses.replace(read_section(cls, node, ""), **custom)
+        run = dataclasses.replace(plain, **{k: read(node[k]) for k, read in cls.CUSTOM.items() if k in node})
         run._check_values()
         return run
 
@@ -401,7 +394,7 @@ class RunConfig:
     @property
     def data(self) -> DataSection:
         return DataSection(self.data_local, self.max_seq_len, self.tokenizer, self.data_verify_hashes, self.seed,
-                           str(self.max_duration), self.callbacks.data_loading, self.train_loader, self.eval_loader)
+                           self.callbacks.data_loading, self.train_loader, self.eval_loader)
 
     def distill(self) -> DistillConfig | None:
         """The checked `distillation:` node (its teacher defaults to model.path); None when off."""

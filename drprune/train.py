@@ -7,7 +7,6 @@ raised before the model is built or data is read.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import sys
 from pathlib import Path
@@ -24,7 +23,6 @@ from omegaconf.errors import MissingMandatoryValue
 
 from drprune.callbacks import build_callbacks, build_loggers, check_callbacks
 from drprune.convert.checkpoint import config_of_state, decoder_state, load_decoder_weights, load_model_state
-from drprune.convert.hf import EXTRA_STATE_KEY
 from drprune.data.loaders import build_eval_dataloader, build_train_dataloader, check_data_vocab, validate_data_config
 from drprune.errors import ConfigError, UserError
 from drprune.masks import build_mask_generator
@@ -33,7 +31,7 @@ from drprune.models.config import ModelConfig
 from drprune.models.decoder import PrunableDecoder
 from drprune.models.distill import RUNTIME_KEYS, DistillConfig, check_teacher, same_file
 from drprune.paths import packaged_config
-from drprune.registry import SCHEDULERS
+from drprune.registry import SCHEDULERS, check_options
 from drprune.run_config import ModelSection, Optimizer, RunConfig, Scheduler
 from drprune.run_guard import guard_save_folder
 
@@ -138,10 +136,7 @@ def build_optimizer(opt: Optimizer, model: PrunableLM) -> DecoupledAdamW:
 def build_scheduler(scheduler: Scheduler) -> Any:
     """The registered Composer scheduler, its options checked against its constructor."""
     cls = SCHEDULERS.get(scheduler.name, key="scheduler.name")
-    try:
-        inspect.signature(cls).bind(**scheduler.options)
-    except TypeError as err:
-        raise ConfigError(f"scheduler: {err}; see the options of composer.optim.{cls.__name__}") from err
+    check_options(cls, scheduler.options, "scheduler")
     return cls(**scheduler.options)
 
 
@@ -154,13 +149,12 @@ def _precision(precision: str) -> str:
 
 def teacher_config(state: Mapping[str, Any], path: str, fallback: ModelConfig | None) -> ModelConfig:
     """The teacher's decoder config from its checkpoint (`fallback` for config-less Sheared files)."""
-    extra = state.get(EXTRA_STATE_KEY)
-    if isinstance(extra, dict) and "model_config" in extra:
-        return ModelConfig.from_dict(extra["model_config"])
-    if fallback is not None:
-        return fallback
-    raise UserError(f"distillation.teacher: checkpoint {path} carries no model config (an older "
-                    "Sheared-LLaMA/DRPruning file?): convert it with `drprune convert` to a drprune checkpoint first")
+    try:
+        return config_of_state(dict(state), fallback)
+    except UserError as err:
+        raise UserError(f"distillation.teacher: checkpoint {path} carries no model config (an older "
+                        "Sheared-LLaMA/DRPruning file?): convert it with `drprune convert` to a drprune checkpoint "
+                        "first") from err
 
 
 def build_teacher(state: Mapping[str, Any], teacher_cfg: ModelConfig, student_cfg: ModelConfig,

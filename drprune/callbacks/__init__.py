@@ -1,7 +1,6 @@
 """Callbacks and loggers built by name from the run config (`callbacks:` and `loggers:` nodes)."""
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import composer.callbacks as cc
@@ -12,7 +11,7 @@ from composer.utils import MissingConditionalImportError
 import drprune.callbacks.data_loading  # noqa: F401 - registers "data_loading"
 from drprune.callbacks.pruning import PruningCallback
 from drprune.errors import ConfigError
-from drprune.registry import CALLBACKS, LOGGERS
+from drprune.registry import CALLBACKS, LOGGERS, check_options
 from drprune.run_config import Callbacks
 
 
@@ -43,11 +42,7 @@ def check_callbacks(callbacks: Callbacks) -> None:
         factory = CALLBACKS.get(name, key="callbacks", nested=True)
         cls = getattr(factory, "options_of", None)
         if cls is not None:
-            try:
-                inspect.signature(cls).bind(**params)
-            except TypeError as err:
-                raise ConfigError(f"callbacks.{name}: {err}; see the options of composer.callbacks.{cls.__name__}") \
-                    from err
+            check_options(cls, params, f"callbacks.{name}")
 
 
 def build_callbacks(callbacks: Callbacks, save_folder: str | None, model: Any, train_loader: Any) -> list[Callback]:
@@ -74,10 +69,7 @@ def build_loggers(loggers: dict[str, Any]) -> list[Any]:
         if params is not None and not isinstance(params, dict):
             raise ConfigError(f"loggers.{name} must be a mapping of options (e.g. loggers.{name}={{}}), "
                               f"got {params!r}")
-        try:
-            inspect.signature(cls).bind(**(params or {}))
-        except TypeError as err:
-            raise ConfigError(f"loggers.{name}: {err}; see the options of composer.loggers.{cls.__name__}") from err
+        check_options(cls, params or {}, f"loggers.{name}")
         try:
             out.append(cls(**(params or {})))
         except MissingConditionalImportError as err:

@@ -18,19 +18,13 @@ from typing import Any
 
 from drprune.cli_options import add_registry_option, add_trust_pickle
 from drprune.errors import UserError, nearest
-from drprune.oneshot.runner import OneshotOptions
+from drprune.oneshot.options import OneshotOptions
 from drprune.registry import IMPORTANCE, LAYER_METRICS
 
 log = logging.getLogger(__name__)
 
-COMMON_DEFAULTS: dict[str, Any] = {"seq_len": 256, "max_rows": 32, "batch_size": 4, "eval_max_rows": None,
-                                   "overwrite": False, "tokenizer": None, "eval_data": None, "calib": None,
-                                   "trust_pickle": False}
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "layers": {"pruning_method": "angular", "pruning_token": "all", "skip_blocks": []},
-    "width": {"importance": "taylor", "taylor": "element", "seed": 0, "max_rows": 64},
-    "vocab": {},
-}
+# defaults live in OneshotOptions; these differ by command (Taylor needs >= 64 rows, LLM-Pruner)
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {"width": {"max_rows": 64}}
 # integer options and their smallest valid value (checked before the model is read)
 POSITIVE = {"seq_len": 2, "max_rows": 1, "batch_size": 1, "eval_max_rows": 1, "keep": 1, "hidden_size": 1,
             "num_attention_heads": 1, "num_key_value_heads": 1, "intermediate_size": 1}
@@ -46,13 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     layers = _common(sub.add_parser("layers", help="remove blocks by angular distance or cosine (ShortGPT)"))
     layers.add_argument("--num-blocks-to-prune", type=int)
-    add_registry_option(layers, "--pruning-method", LAYER_METRICS, "drprune.oneshot.layers",
+    add_registry_option(layers, "--pruning-method", LAYER_METRICS,
                         "block metric (angular removes a window of consecutive blocks, cosine single blocks)")
     layers.add_argument("--pruning-token", choices=("all", "last"), help="tokens the scores average over")
     layers.add_argument("--skip-blocks", type=int, nargs="*", help="blocks never removed (negative = from the end)")
 
     width = _common(sub.add_parser("width", help="prune heads / channels / hidden dims to a shape or a ratio"))
-    add_registry_option(width, "--importance", IMPORTANCE, "drprune.oneshot.importance", "importance scorer")
+    add_registry_option(width, "--importance", IMPORTANCE, "importance scorer")
     width.add_argument("--taylor", help="element (sum |w g|) | vector (sum over rows of |sum_row w g|)")
     width.add_argument("--seed", type=int, help="seed of the random importance")
     for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"):
@@ -97,9 +91,7 @@ def resolve_options(args: argparse.Namespace) -> OneshotOptions:
                                 (f"did you mean {near!r}?" if near else f"valid keys are {sorted(opts)}"))
             if opts[key] is None:
                 opts[key] = value
-    for key, value in {**COMMON_DEFAULTS, **DEFAULTS[command]}.items():
-        if opts.get(key) is None:
-            opts[key] = value
+    opts = {**COMMAND_DEFAULTS.get(command, {}), **{k: v for k, v in opts.items() if v is not None}}
     for key in ("model", "out"):
         if not opts.get(key):
             raise UserError(f"`oneshot {command}` needs {key.upper() if key == 'model' else '--out'} "

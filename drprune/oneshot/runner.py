@@ -10,7 +10,7 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from drprune.errors import UserError
 from drprune.masks.base import MaskSet
 from drprune.models.decoder import PrunableDecoder
 from drprune.oneshot import calib
+from drprune.oneshot.options import OneshotOptions
 from drprune.atomic import atomic_output, visible
 from drprune.compact.export import export_hf as export_compact
 from drprune.compact.fold import compact_decoder
@@ -34,45 +35,6 @@ from drprune.oneshot.vocab import choose_tokens, load_vocab_files, prune_tokeniz
 from drprune.oneshot.width import TARGET_KEYS, plan_target, removed_structures, taylor_ratio_defaults, width_prune
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class OneshotOptions:
-    """One `drprune oneshot` request: flags over --config values over defaults (resolved by the CLI)."""
-
-    command: str  # layers | width | vocab
-    model: str
-    out: str
-    calib: str | None = None
-    tokenizer: str | None = None
-    seq_len: int = 256
-    max_rows: int = 32
-    batch_size: int = 4
-    eval_data: str | None = None
-    eval_max_rows: int | None = None
-    overwrite: bool = False
-    trust_pickle: bool = False
-    # layers
-    num_blocks_to_prune: int | None = None
-    pruning_method: str = "angular"
-    pruning_token: str = "all"
-    skip_blocks: list[int] = field(default_factory=list)
-    # width
-    importance: str = "taylor"
-    taylor: str = "element"
-    seed: int = 0
-    hidden_size: int | None = None
-    num_attention_heads: int | None = None
-    num_key_value_heads: int | None = None
-    intermediate_size: int | None = None
-    drop_layers: list[int] | None = None
-    pruning_ratio: float | None = None
-    block_attention_layer_start: int | None = None
-    block_attention_layer_end: int | None = None
-    block_mlp_layer_start: int | None = None
-    block_mlp_layer_end: int | None = None
-    # vocab
-    keep: int | None = None
 # `oneshot width` target keys (HF names) -> ModelConfig keys, for the card's target shape
 _HF_TO_OURS = {"hidden_size": "d_model", "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads",
                "intermediate_size": "intermediate_size"}
