@@ -14,7 +14,6 @@ from typing import Any, Mapping
 
 import torch
 from composer import Evaluator, Trainer
-from composer.algorithms import GradientClipping
 from composer.optim import (ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler, DecoupledAdamW,
                             LinearWithWarmupScheduler)
 from composer.utils import dist, reproducibility
@@ -30,6 +29,7 @@ from drprune.models.composer_model import PrunableLM
 from drprune.models.config import ModelConfig
 from drprune.models.decoder import PrunableDecoder
 from drprune.models.distill import RUNTIME_KEYS, DistillConfig, check_teacher, same_file
+from drprune.parallel import gradient_clipping, plan_sharding, prepare_model
 from drprune.paths import packaged_config
 from drprune.registry import SCHEDULERS, check_options
 from drprune.run_config import ModelSection, Optimizer, RunConfig, Scheduler
@@ -141,10 +141,15 @@ def build_scheduler(scheduler: Scheduler) -> Any:
 
 
 def _precision(precision: str) -> str:
-    if precision != "fp32" and not torch.cuda.is_available():
-        log.warning("precision=%s needs a GPU; running in fp32 on CPU", precision)
-        return "fp32"
-    return precision
+    """The precision Composer gets. On CPU, amp_bf16 is Composer's fp32 plus drprune's own bf16
+    autocast (`PrunableLM(cpu_autocast=...)`, from the same `resolve_precision`)."""
+    from drprune.precision import resolve_precision
+
+    composer_precision, autocast = resolve_precision(precision, torch.cuda.is_available())
+    if autocast is not None:
+        log.info("precision=%s on CPU: torch's CPU autocast to %s (Composer's CPU device only runs fp32)",
+                 precision, autocast)
+    return composer_precision
 
 
 def teacher_config(state: Mapping[str, Any], path: str, fallback: ModelConfig | None) -> ModelConfig:
@@ -222,6 +227,7 @@ def _build_trainer(run: RunConfig, guards: list) -> Trainer:
     run.check_model_fits_data(mcfg.max_seq_len)
     check_data_vocab(data, mcfg.vocab_size)  # another tokenizer's data, ids beyond the vocabulary
     train_bs, eval_bs = _batch_sizes(run)
+    sharding = plan_sharding(run.fsdp_config, has_mask_generator=run.model.mask_generator is not None)
     reproducibility.seed_all(run.seed)  # before any generator: fresh runs are bit-identical
     mask_generator = build_mask_generator(mcfg, run.model.mask_generator, run.model.mask_prefix)
     set_names = list(run.callbacks.data_loading.set_names or [])
@@ -237,6 +243,7 @@ def _build_trainer(run: RunConfig, guards: list) -> Trainer:
     # The weights are copied: drop the memory-mapped checkpoint now. A traceback cached by some
     # optional import can keep this frame alive, and with it the whole mapped file (a model's size).
     del init_state
+    prepare_model(model, sharding)
     log.info("model: %s, %.2fM parameters%s", mcfg.family, model.model.num_params() / 1e6,
              f", mask generator {type(mask_generator).__name__}" if mask_generator else "")
 
@@ -248,8 +255,7 @@ def _build_trainer(run: RunConfig, guards: list) -> Trainer:
     algorithms = []
     clip = run.algorithms.gradient_clipping
     if clip is not None:
-        algorithms.append(GradientClipping(clip.clipping_type, clip.clipping_threshold))
-    parallelism = {"fsdp": run.fsdp_config} if run.fsdp_config else None
+        algorithms.append(gradient_clipping(clip.clipping_type, clip.clipping_threshold, sharding))
 
     return Trainer(
         run_name=run.run_name,
@@ -270,7 +276,7 @@ def _build_trainer(run: RunConfig, guards: list) -> Trainer:
         console_log_interval=run.console_log_interval,
         precision=_precision(run.precision),
         device_train_microbatch_size=run.device_train_microbatch_size or train_bs,
-        parallelism_config=parallelism,
+        parallelism_config=sharding.parallelism_config(),
         save_folder=run.save_folder,
         save_interval=run.save_interval,
         save_num_checkpoints_to_keep=run.save_num_checkpoints_to_keep,

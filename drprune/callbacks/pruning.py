@@ -35,6 +35,7 @@ class PruningCallback(Callback):
         unwrap_model(state).mask_generator.set_step(int(state.timestamp.batch))
 
     def batch_end(self, state: State, logger: Logger) -> None:
+        unwrap_model(state).mask_generator.after_optimizer_step()
         stats = unwrap_model(state).last_stats
         if not stats:
             return

@@ -129,6 +129,12 @@ class MaskGenerator(nn.Module, abc.ABC):
     def set_step(self, step: int) -> None:
         """Training progress (batches), for schedules; default: unused."""
 
+    def after_optimizer_step(self) -> None:
+        """Projection of the parameters after each optimizer step (e.g. clamping); default: none.
+
+        Never done inside forward: an in-place change there breaks autograd views and FSDP.
+        """
+
     def model_parameters_frozen(self) -> bool:
         """True when only the generator trains and the LLM stays fixed."""
         return False

@@ -37,6 +37,7 @@ class HardConcrete(nn.Module):
         return 1.0 - self.target_size / self.n
 
     def constrain(self) -> None:
+        """Clamp the logits to [ln 0.01, ln 100]; after an optimizer step, never inside forward."""
         with torch.no_grad():
             self.log_alpha.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
 
@@ -162,10 +163,10 @@ class L0MaskGenerator(MaskGenerator):
         self.gates = nn.ModuleDict(
             {m: HardConcrete(*shapes[m], self.sizes[m], droprate_init) for m in self.sizes}
         )
-        self.lambda_1 = nn.ParameterDict({m: nn.Parameter(torch.zeros(())) for m in self.sizes})
-        self.lambda_2 = nn.ParameterDict({m: nn.Parameter(torch.zeros(())) for m in self.sizes})
-        for p in list(self.lambda_1.values()) + list(self.lambda_2.values()):
-            p.register_hook(torch.neg)  # Lagrange multipliers climb: gradient ascent
+        # One element each, not 0-d (FSDP refuses scalars); they climb through `ascend` in the loss.
+        self.lambda_1 = nn.ParameterDict({m: nn.Parameter(torch.zeros(1)) for m in self.sizes})
+        self.lambda_2 = nn.ParameterDict({m: nn.Parameter(torch.zeros(1)) for m in self.sizes})
+        self._register_load_state_dict_pre_hook(_scalar_multipliers_to_vectors)
         self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=False)
         if init_masks is not None:
             self._warm_start(init_masks, f"{config_prefix}.init_masks")
@@ -220,10 +221,13 @@ class L0MaskGenerator(MaskGenerator):
             out[name] = v if name in ("head", "intermediate") else v.reshape(-1)
         return out
 
+    def after_optimizer_step(self) -> None:
+        """Clamp every gate's logits: outside forward, so no graph or FSDP view sees an in-place change."""
+        for gate in self.gates.values():
+            gate.constrain()
+
     def forward(self) -> MaskSet:
         if self.training:
-            for gate in self.gates.values():
-                gate.constrain()
             noise = self._noise()
             return self._as_maskset({m: g.sample(noise) for m, g in self.gates.items()})
         return self._as_maskset({m: g.deterministic(self.eval_target_model) for m, g in self.gates.items()})
@@ -245,7 +249,8 @@ class L0MaskGenerator(MaskGenerator):
             expected = gate.expected_sparsity()
             target = self.target_sparsity(m)
             gap = expected - target
-            loss = loss + (self.lambda_1[m] * gap + self.lambda_2[m] * gap.pow(2)).mean()
+            lam_1, lam_2 = ascend(self.lambda_1[m]), ascend(self.lambda_2[m])
+            loss = loss + (lam_1 * gap + lam_2 * gap.pow(2)).mean()
             stats[f"expected_sparsity/{m}"] = float(expected.mean())
             stats[f"expected_size/{m}"] = float((1 - expected.detach()).mean()) * gate.n  # kept units per row
             stats[f"target_sparsity/{m}"] = target
@@ -273,6 +278,34 @@ class L0MaskGenerator(MaskGenerator):
             {"params": list(self.lambda_1.values()) + list(self.lambda_2.values()), "lr": lag_lr,
              "weight_decay": 0.0},
         ]
+
+
+class _Ascend(torch.autograd.Function):
+    """Identity forward, negated gradient backward: the Lagrange multipliers maximise the Lagrangian.
+
+    Explicit in the loss's graph, so every wrapper (DDP, FSDP, activation checkpointing) and every
+    optimizer sees the ascent gradient; a tensor hook on the parameter is lost under FSDP.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return -grad
+
+
+def ascend(x: Tensor) -> Tensor:
+    """`x` in the forward pass; in backward its gradient is negated (gradient ascent on `x`)."""
+    return _Ascend.apply(x)
+
+
+def _scalar_multipliers_to_vectors(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Checkpoints written before the multipliers were 1-element tensors hold them 0-d: reshape on load."""
+    for key, value in list(state_dict.items()):
+        if key.startswith((f"{prefix}lambda_1.", f"{prefix}lambda_2.")) and torch.is_tensor(value) and value.dim() == 0:
+            state_dict[key] = value.reshape(1)
 
 
 @MASK_GENERATORS.register("l0")

@@ -12,6 +12,7 @@ from torchmetrics import Metric
 from drprune.models.config import ModelConfig
 from drprune.models.decoder import PrunableDecoder
 from drprune.models.distill import IGNORE_INDEX, DistillConfig, kd_token_losses
+from drprune.precision import cpu_autocast, fp32_region
 
 if TYPE_CHECKING:  # a type only: masks sit above models in the package graph
     from drprune.masks.base import MaskGenerator
@@ -72,12 +73,17 @@ class PrunableLM(ComposerModel):
     without them and stays strict about every other key); the logged size (`self.model.num_params()`)
     leaves it out. `teacher=None` with `distill` means the student's own unmasked weights are the
     teacher, which only holds when the mask generator freezes the LLM (hypernetwork): no second copy.
+
+    `cpu_autocast` (a dtype, from `drprune.precision.resolve_precision`) is torch's CPU autocast
+    around forward and loss, which Composer does not apply on CPU. Whatever the autocast, the mask
+    generator and its regularizer run in fp32 (`fp32_region`).
     """
 
     def __init__(self, cfg: ModelConfig, mask_generator: MaskGenerator | None = None,
                  set_names: list[str] | None = None, distill: DistillConfig | None = None,
-                 teacher: PrunableDecoder | None = None) -> None:
+                 teacher: PrunableDecoder | None = None, cpu_autocast: torch.dtype | None = None) -> None:
         super().__init__()
+        self.cpu_autocast = cpu_autocast
         self.model = PrunableDecoder(cfg)
         self.mask_generator = mask_generator
         self.set_names = list(set_names or [])
@@ -127,12 +133,16 @@ class PrunableLM(ComposerModel):
         return self.teacher(input_ids)
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Any]:
-        masks = self.mask_generator() if self.mask_generator is not None else None
-        input_ids = batch["input_ids"].long()
-        logits = self.model(input_ids, masks)
-        outputs = {"logits": logits, "masks": masks}
-        if self.distill is not None:
-            outputs["teacher_logits"] = self.teacher_logits(input_ids)
+        with cpu_autocast(self.cpu_autocast):
+            masks = None
+            if self.mask_generator is not None:
+                with fp32_region():
+                    masks = self.mask_generator()
+            input_ids = batch["input_ids"].long()
+            logits = self.model(input_ids, masks)
+            outputs = {"logits": logits, "masks": masks}
+            if self.distill is not None:
+                outputs["teacher_logits"] = self.teacher_logits(input_ids)
         return outputs
 
     def _kd_sum(self, logits: Tensor, outputs: Mapping[str, Any], labels: Tensor) -> Tensor:
@@ -140,6 +150,10 @@ class PrunableLM(ComposerModel):
         return kd_token_losses(logits, outputs["teacher_logits"], labels, self.distill.temperature)[0]
 
     def loss(self, outputs: dict[str, Any], batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        with cpu_autocast(self.cpu_autocast):
+            return self._loss(outputs, batch)
+
+    def _loss(self, outputs: dict[str, Any], batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         labels = batch["labels"].long()
         loss_sum, tokens = token_losses(outputs["logits"], labels)
         # Kept for metrics and data-mixture callbacks (per-domain training losses): always the CE.
@@ -158,7 +172,8 @@ class PrunableLM(ComposerModel):
             losses["kd_loss"] = kd
             total = d.ce_weight * ce + d.kl_weight * kd
         if self.mask_generator is not None and outputs["masks"] is not None:
-            reg, self.last_stats = self.mask_generator.regularization(outputs["masks"])
+            with fp32_region():
+                reg, self.last_stats = self.mask_generator.regularization(outputs["masks"])
             losses["mask_loss"] = reg
             total = total + reg
         losses["total"] = total

@@ -102,10 +102,15 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [B, H, T, hd]; rotates the first cos.shape[-1] dims, passes the rest through."""
+    """x: [B, H, T, hd]; rotates the first cos.shape[-1] dims, passes the rest through.
+
+    The rotation is computed in fp32 (cos/sin are fp32) and the result comes back in x's dtype: under
+    autocast q and k stay in the same 16-bit dtype as v (flash attention refuses a mix), and fp32
+    runs compute exactly what they always did.
+    """
     rot = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    x_rot = x_rot * cos + _rotate_half(x_rot) * sin
+    x_rot, x_pass = x[..., :rot].float(), x[..., rot:]
+    x_rot = (x_rot * cos.float() + _rotate_half(x_rot) * sin.float()).to(x.dtype)
     return torch.cat((x_rot, x_pass), dim=-1) if x_pass.numel() else x_rot
 
 
@@ -133,15 +138,29 @@ class Attention(nn.Module):
         return self.out_proj(ctx.reshape(b, t, self.n_heads * self.hd))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """[B, H, T, hd] q and [B, H_kv, T, hd] k, v -> [B, T, H, hd] context.
+
+        The softmax scale is 1/sqrt(head_dim), which pruning never changes. Both kernels read each
+        KV head once for its whole query group (no repeated K/V copies).
+        """
         if self.attn_impl == "flash":
             from flash_attn import flash_attn_func  # optional GPU extra: pip install drprune[gpu]
 
-            return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-        group = self.n_heads // self.n_kv
-        if group > 1:
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        # The softmax scale is 1/sqrt(head_dim), which pruning never changes.
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+            dtype = _flash_dtype(q)
+            q, k, v = (t.transpose(1, 2).to(dtype) for t in (q, k, v))
+            return flash_attn_func(q, k, v, causal=True)
+        gqa = self.n_heads != self.n_kv
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2)
+
+
+def _flash_dtype(q: Tensor) -> torch.dtype:
+    """The one 16-bit dtype q, k and v must share for flash_attn (it rejects fp32 and mixed inputs)."""
+    if q.dtype in (torch.float16, torch.bfloat16):
+        return q.dtype
+    if torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    raise ValueError(f"attn_impl=flash needs fp16/bf16 activations but q is {q.dtype}: train with "
+                     "precision=amp_bf16, or use attn_impl=sdpa in fp32")
 
 
 class MLP(nn.Module):
@@ -261,8 +280,7 @@ class PrunableDecoder(nn.Module):
         x = self.transformer["wte"](input_ids)
         if hidden is not None:
             x = x * hidden.to(x.dtype)
-        rope = self.rotary(input_ids.shape[1], input_ids.device)
-        rope = (rope[0].to(x.dtype), rope[1].to(x.dtype))
+        rope = self.rotary(input_ids.shape[1], input_ids.device)  # fp32: see apply_rotary
         for i, block in enumerate(self.transformer["blocks"]):
             x = block(x, rope, _layer_masks(masks, i))
         x = self.transformer["ln_f"](x, hidden)

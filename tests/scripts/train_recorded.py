@@ -21,14 +21,17 @@ import torch
 from composer.core import Callback
 from composer.utils import checkpoint as composer_checkpoint
 from composer.utils import dist
+from torch.distributed.tensor import DTensor
 
 from drprune.train import build_trainer, load_config
 
 
 def digest(module: torch.nn.Module) -> str:
+    """sha256 of the module's tensors; under FSDP2 of this rank's shards."""
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         if torch.is_tensor(tensor):
+            tensor = tensor.to_local() if isinstance(tensor, DTensor) else tensor
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -1,0 +1,185 @@
+"""One home for how a run is sharded: FSDP version, wrapping, activation checkpointing, and the pruning state.
+
+Composer builds the FSDP units (every child of the ComposerModel, and inside it every module its
+`fsdp_wrap_fn` names: one unit per decoder block). This module decides everything around that, once,
+before the model is built:
+
+- **Which FSDP.** `fsdp_config` (the seeds' key) is FSDP1 unless `FSDP_VERSION=2` is set (Composer's
+  switch). Composer's FSDP1 path needs CUDA; FSDP2 also runs on CPU over gloo. FSDP2 has no
+  `sharding_strategy`: FULL_SHARD and SHARD_GRAD_OP become `reshard_after_forward` true and false
+  (Composer itself would drop the key with a warning and always fully shard).
+- **The pruning state stays whole.** The mask generator (L0 logits and multipliers, hypernetwork) is
+  kilobytes to megabytes: it is never an FSDP unit (`_fsdp_wrap = False`, honoured by both Composer
+  paths), so it stays fp32 and identical on every rank, and its gradients are averaged over ranks by
+  a hook on each of its parameters, as DDP would.
+- **Activation checkpointing is non-reentrant**: masks reach blocks in a dict, which reentrant
+  checkpointing does not track (it breaks L0 and silently starves the hypernetwork of gradient).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Mapping
+
+import torch
+from composer.algorithms import GradientClipping
+from composer.core import Algorithm, Event, State
+from composer.loggers import Logger
+from composer.utils import FSDP2Config, FSDPConfig, dist
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+from drprune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FSDP2_RESHARD = {"FULL_SHARD": True, "SHARD_GRAD_OP": False}  # strategy -> reshard_after_forward
+FSDP2_KEYS = {"activation_checkpointing", "activation_cpu_offload", "state_dict_type", "mixed_precision",
+              "verbose", "load_monolith_rank0_only"}
+# FSDP1 tuning knobs FSDP2 has no counterpart for; accepted (so one YAML serves both) and logged as unused
+FSDP1_ONLY_KEYS = {"use_orig_params", "limit_all_gathers", "forward_prefetch", "backward_prefetch",
+                   "forward_prefetch_limit", "backward_prefetch_limit", "sync_module_states", "cpu_offload",
+                   "activation_checkpointing_reentrant", "te_checkpoint_wrapper", "te_shard_fp8_weight",
+                   "ignored_modules", "auto_wrap", "process_group", "keep_low_precision_grads", "data_parallel_shard_degree",
+                   "data_parallel_replicate_degree", "sharded_ckpt_prefix_dir", "device_mesh", "verbose_checkpointing"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingPlan:
+    """How the run is parallelised: `version` 0 is DDP (or one process), 1 and 2 the FSDP versions."""
+
+    version: int = 0
+    config: FSDPConfig | FSDP2Config | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.version > 0
+
+    def parallelism_config(self) -> dict[str, Any] | None:
+        """What the Composer Trainer takes as `parallelism_config`."""
+        return None if self.config is None else {"fsdp": self.config}
+
+
+def fsdp_version() -> int:
+    """Composer's switch: FSDP_VERSION=2 selects FSDP2, anything else FSDP1."""
+    value = os.environ.get("FSDP_VERSION", "1").strip()
+    if value not in ("1", "2"):
+        raise ConfigError(f"FSDP_VERSION={value!r} must be 1 or 2 (2 = FSDP2, which also runs on CPU)")
+    return int(value)
+
+
+def plan_sharding(fsdp_config: Mapping[str, Any] | None, *, has_mask_generator: bool,
+                  cuda: bool | None = None) -> ShardingPlan:
+    """Check `fsdp_config` against this machine and the run, and translate it for the chosen FSDP version."""
+    if not fsdp_config:
+        return ShardingPlan()
+    cfg = dict(fsdp_config)
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    version = fsdp_version()
+    checkpointing = bool(cfg.get("activation_checkpointing", False))
+    if has_mask_generator and checkpointing and cfg.get("activation_checkpointing_reentrant", False):
+        raise ConfigError(
+            "fsdp_config.activation_checkpointing_reentrant=true cannot train a mask generator: reentrant "
+            "checkpointing does not track the masks a block receives (L0 fails, the hypernetwork silently gets no "
+            "gradient from the loss); drop the key or set it to false (non-reentrant, the default)")
+    if version == 1:
+        if not cuda:
+            raise ConfigError(
+                "fsdp_config asks for FSDP1, which in Composer needs CUDA, and this machine has none: set "
+                "FSDP_VERSION=2 in the environment to shard with FSDP2 (it runs on CPU over gloo), or drop "
+                "fsdp_config to train with DDP")
+    strategy = str(cfg.pop("sharding_strategy", "FULL_SHARD")).upper()
+    if strategy not in FSDP2_RESHARD:
+        raise ConfigError(
+            f"fsdp_config.sharding_strategy={strategy} is not supported: use FULL_SHARD or SHARD_GRAD_OP (every "
+            "rank holds one shard, which drprune's gradient clipping and replicated mask state assume), or drop "
+            "fsdp_config to train with DDP")
+    if version == 1:
+        cfg.setdefault("activation_checkpointing_reentrant", False)
+        return ShardingPlan(1, FSDPConfig(sharding_strategy=strategy, **cfg))
+    unused = sorted(k for k in cfg if k in FSDP1_ONLY_KEYS)
+    if unused:
+        log.info("FSDP2: fsdp_config keys %s are FSDP1 settings and have no effect", unused)
+    kwargs = {k: v for k, v in cfg.items() if k in FSDP2_KEYS}
+    kwargs["reshard_after_forward"] = FSDP2_RESHARD[strategy]
+    return ShardingPlan(2, FSDP2Config(**kwargs))
+
+
+def prepare_model(model: nn.Module, plan: ShardingPlan) -> None:
+    """Keep the mask generator out of FSDP and average its gradients over ranks (a no-op without FSDP)."""
+    generator = getattr(model, "mask_generator", None)
+    if not plan.sharded or generator is None:
+        return
+    generator._fsdp_wrap = False  # both Composer FSDP paths skip a child marked so: it stays whole and fp32
+    if dist.get_world_size() > 1:
+        for param in generator.parameters():
+            if param.requires_grad:
+                param.register_hook(_mean_over_ranks)
+    log.info("FSDP%d: the mask generator (%d parameters) is replicated on every rank, in fp32, not sharded",
+             plan.version, sum(p.numel() for p in generator.parameters()))
+
+
+def _mean_over_ranks(grad: Tensor) -> Tensor:
+    """What DDP does for a replicated parameter: the gradient of each microbatch averaged over ranks."""
+    grad = grad.clone()
+    dist.all_reduce(grad, reduce_operation="SUM")
+    return grad / dist.get_world_size()
+
+
+def gradient_clipping(clipping_type: str, threshold: float, plan: ShardingPlan) -> Algorithm:
+    """Composer's GradientClipping without FSDP; under FSDP one global clip over shards and replicas.
+
+    Composer's own clipping fails under FSDP2 (torch's clip_grad_norm_ refuses the mix of sharded
+    DTensor and replicated plain gradients) and under FSDP1 clips each wrapped child by its own norm.
+    """
+    if not plan.sharded:
+        return GradientClipping(clipping_type, threshold)
+    if clipping_type not in ("norm", "value"):
+        raise ConfigError(f"algorithms.gradient_clipping.clipping_type={clipping_type!r} is not available under "
+                          "FSDP: use norm or value")
+    return ShardedGradientClipping(clipping_type, threshold)
+
+
+class ShardedGradientClipping(Algorithm):
+    """Clip by the norm (or value) of the whole gradient, as DDP would see it, after the last microbatch."""
+
+    def __init__(self, clipping_type: str, threshold: float) -> None:
+        self.clipping_type, self.threshold = clipping_type, float(threshold)
+
+    def match(self, event: Event, state: State) -> bool:
+        return event == Event.AFTER_TRAIN_BATCH
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        grads = [p.grad for p in state.model.parameters() if p.grad is not None]
+        if self.clipping_type == "value":
+            for g in grads:
+                _local(g).clamp_(-self.threshold, self.threshold)
+            return
+        total = global_grad_norm(state.model)
+        scale = torch.clamp(self.threshold / (total + 1e-6), max=1.0)
+        for g in grads:
+            _local(g).mul_(scale.to(g.dtype))
+
+
+def global_grad_norm(model: nn.Module) -> Tensor:
+    """L2 norm of every gradient of the model: shards summed over ranks, replicated gradients counted once."""
+    replicated = {id(p) for m in model.modules() if getattr(m, "_fsdp_wrap", True) is False for p in m.parameters()}
+    sharded_sq = torch.zeros((), dtype=torch.float32)
+    replicated_sq = torch.zeros((), dtype=torch.float32)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        sq = _local(p.grad).float().pow(2).sum().cpu()
+        if id(p) in replicated:
+            replicated_sq += sq
+        else:
+            sharded_sq += sq
+    device_sq = sharded_sq.to(next(model.parameters()).device)
+    dist.all_reduce(device_sq, reduce_operation="SUM")
+    return (device_sq.cpu() + replicated_sq).sqrt()
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a (possibly DTensor) gradient."""
+    return t.to_local() if isinstance(t, DTensor) else t
