@@ -41,8 +41,9 @@ FSDP2_KEYS = {"activation_checkpointing", "activation_cpu_offload", "state_dict_
 FSDP1_ONLY_KEYS = {"use_orig_params", "limit_all_gathers", "forward_prefetch", "backward_prefetch",
                    "forward_prefetch_limit", "backward_prefetch_limit", "sync_module_states", "cpu_offload",
                    "activation_checkpointing_reentrant", "te_checkpoint_wrapper", "te_shard_fp8_weight",
-                   "ignored_modules", "auto_wrap", "process_group", "keep_low_precision_grads", "data_parallel_shard_degree",
-                   "data_parallel_replicate_degree", "sharded_ckpt_prefix_dir", "device_mesh", "verbose_checkpointing"}
+                   "ignored_modules", "auto_wrap", "process_group", "keep_low_precision_grads",
+                   "data_parallel_shard_degree", "data_parallel_replicate_degree", "sharded_ckpt_prefix_dir",
+                   "device_mesh", "verbose_checkpointing"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,45 +122,82 @@ def prepare_model(model: nn.Module, plan: ShardingPlan) -> None:
 
 
 def _mean_over_ranks(grad: Tensor) -> Tensor:
-    """What DDP does for a replicated parameter: the gradient of each microbatch averaged over ranks."""
-    grad = grad.clone()
+    """What DDP does for a replicated parameter: each microbatch's gradient averaged over ranks (divided
+    before the sum, in DDP's order of operations, so the two round alike)."""
+    grad = grad / dist.get_world_size()
     dist.all_reduce(grad, reduce_operation="SUM")
-    return grad / dist.get_world_size()
+    return grad
 
 
-def gradient_clipping(clipping_type: str, threshold: float, plan: ShardingPlan) -> Algorithm:
-    """Composer's GradientClipping without FSDP; under FSDP one global clip over shards and replicas.
-
-    Composer's own clipping fails under FSDP2 (torch's clip_grad_norm_ refuses the mix of sharded
-    DTensor and replicated plain gradients) and under FSDP1 clips each wrapped child by its own norm.
-    """
+def sharding_algorithms(plan: ShardingPlan, clipping: tuple[str, float] | None) -> list[Algorithm]:
+    """The Composer algorithms a run needs for its layout (gradient averaging and clipping)."""
     if not plan.sharded:
-        return GradientClipping(clipping_type, threshold)
-    if clipping_type not in ("norm", "value"):
-        raise ConfigError(f"algorithms.gradient_clipping.clipping_type={clipping_type!r} is not available under "
+        return [] if clipping is None else [GradientClipping(*clipping)]
+    if clipping is not None and clipping[0] not in ("norm", "value"):
+        raise ConfigError(f"algorithms.gradient_clipping.clipping_type={clipping[0]!r} is not available under "
                           "FSDP: use norm or value")
-    return ShardedGradientClipping(clipping_type, threshold)
+    return [ShardedGradients(check_average=plan.version == 2, clipping=clipping)]
 
 
-class ShardedGradientClipping(Algorithm):
-    """Clip by the norm (or value) of the whole gradient, as DDP would see it, after the last microbatch."""
+class ShardedGradients(Algorithm):
+    """After the last microbatch: make sharded gradients the average over ranks, then clip them as DDP would.
 
-    def __init__(self, clipping_type: str, threshold: float) -> None:
-        self.clipping_type, self.threshold = clipping_type, float(threshold)
+    Averaging: FSDP2 reduce-scatters fp32/bf16 gradients with `ReduceOp.AVG`, which torch 2.7's gloo
+    backend (the CPU one) silently treats as SUM, so on CPU every sharded gradient is world-size times
+    too large (Adam hides a constant scale; clipping and the optimizer's eps do not). At the start of
+    training one tiny reduce-scatter measures what AVG does here; where it summed, sharded gradients are
+    divided by the measured factor (NCCL averages: factor 1, nothing done).
+
+    Clipping: by the norm of the whole gradient, shards summed over ranks and the replicated mask
+    generator counted once. Composer's GradientClipping fails under FSDP2 (torch's clip_grad_norm_
+    refuses the mix of DTensor and plain gradients) and under FSDP1 clips each wrapped child by its own
+    norm. One algorithm does both, in this order: Composer runs algorithms of "after" events in reverse.
+    """
+
+    def __init__(self, check_average: bool, clipping: tuple[str, float] | None) -> None:
+        self.check_average, self.clipping, self.factor = check_average, clipping, 1.0
 
     def match(self, event: Event, state: State) -> bool:
-        return event == Event.AFTER_TRAIN_BATCH
+        return event in (Event.FIT_START, Event.AFTER_TRAIN_BATCH)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        grads = [p.grad for p in state.model.parameters() if p.grad is not None]
-        if self.clipping_type == "value":
-            for g in grads:
-                _local(g).clamp_(-self.threshold, self.threshold)
+        if event == Event.FIT_START:
+            if self.check_average:
+                self.factor = reduce_scatter_avg_factor(state.device.tensor_to_device(torch.zeros(1)).device)
+                if self.factor != 1.0:
+                    log.warning("FSDP2: this backend's reduce-scatter AVG sums (factor %g); drprune divides the "
+                                "sharded gradients to get their average over ranks", self.factor)
             return
-        total = global_grad_norm(state.model)
-        scale = torch.clamp(self.threshold / (total + 1e-6), max=1.0)
-        for g in grads:
-            _local(g).mul_(scale.to(g.dtype))
+        with torch.no_grad():
+            grads = [p.grad for p in state.model.parameters() if p.grad is not None]
+            if self.factor != 1.0:
+                for g in grads:
+                    if isinstance(g, DTensor):
+                        g.to_local().div_(self.factor)
+            if self.clipping is None:
+                return
+            clipping_type, threshold = self.clipping
+            if clipping_type == "value":
+                for g in grads:
+                    _local(g).clamp_(-threshold, threshold)
+                return
+            scale = torch.clamp(threshold / (global_grad_norm(state.model) + 1e-6), max=1.0)
+            for g in grads:
+                _local(g).mul_(scale.to(g.dtype))
+
+
+def reduce_scatter_avg_factor(device: torch.device) -> float:
+    """What a reduce-scatter with ReduceOp.AVG returns divided by the true average (1.0 when correct)."""
+    import torch.distributed as torch_dist
+
+    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
+        return 1.0
+    world, rank = torch_dist.get_world_size(), torch_dist.get_rank()
+    out = torch.zeros(1, device=device)
+    torch_dist.reduce_scatter_tensor(out, torch.full((world,), float(rank + 1), device=device),
+                                     op=torch_dist.ReduceOp.AVG)
+    torch_dist.broadcast(out, src=0)  # every rank applies the same factor
+    return float(out.item()) / ((world + 1) / 2)
 
 
 def global_grad_norm(model: nn.Module) -> Tensor:

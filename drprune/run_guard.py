@@ -5,10 +5,12 @@
   drops the flock of a killed owner, so its stale file is simply taken over (on a file system
   without flock, the liveness of the recorded pid decides).
 - Checkpoints half-written by a killed run are set aside (renamed `*.partial`) before autoresume:
-  a `ep*-ba*-rank*.pt` that is not a complete zip archive, or one newer than the checkpoint
-  `latest-rank0.pt` points to (Composer links `latest` only after a checkpoint is fully written,
-  and would otherwise refuse to start with FileExistsError). Autoresume then continues from the
-  last complete checkpoint; a dangling or broken `latest` link is re-pointed to it.
+  a `ep*-ba*-rank*.pt` that is not a complete zip archive, a sharded checkpoint folder `ep*-ba*/`
+  (`state_dict_type: sharded`) without its `.metadata` or with a shard missing or short, or either
+  kind newer than the checkpoint `latest-rank0.pt` points to (Composer links `latest` only after a
+  checkpoint is fully written, and would otherwise refuse to start with FileExistsError, or write
+  into the stale folder). Autoresume then continues from the last complete checkpoint; a dangling
+  or broken `latest` link is re-pointed to it.
 - A folder holding checkpoints is continued only with `autoresume: true` (`save_overwrite: true`
   replaces them); anything else is a UserError instead of Composer's FileExistsError.
 - `save_folder/run_fingerprint.json` (seed, global batch size, sequence length, domains, mask
@@ -16,7 +18,8 @@
   from a folder holding one) with a different fingerprint is refused unless
   `allow_config_change: true`.
 
-Only local folders are guarded (a remote or `{run_name}`-templated save_folder is left to Composer).
+Only local folders are guarded, `{run_name}` templates formatted as Composer formats them (a remote
+save_folder, or a template whose run name Composer picks at start, is left to Composer).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import time
 import zipfile
@@ -38,15 +42,17 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from drprune.atomic import pid_alive, write_json
+from drprune.convert.sharded import incomplete_reason
 from drprune.errors import UserError
 from drprune.run_config import RunConfig
+from drprune.run_files import local_save_folder
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".drprune-run.lock"
 FINGERPRINT_FILE = "run_fingerprint.json"
 LATEST = "latest-rank0.pt"
-CHECKPOINT = re.compile(r"^ep(\d+)-ba(\d+)-rank(\d+)\.pt$")
+CHECKPOINT = re.compile(r"^ep(\d+)-ba(\d+)(-rank\d+\.pt)?$")  # a file, or (no suffix) a sharded folder
 _HELD: dict[Path, "RunLock"] = {}
 
 
@@ -137,22 +143,25 @@ def _read_owner(fd: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- checkpoints
 
 def _checkpoints(folder: Path) -> dict[Path, tuple[int, int]]:
-    """Composer checkpoint files of `folder` -> (epoch, batch)."""
+    """Composer checkpoints of `folder` (files, sharded folders) -> (epoch, batch)."""
     out = {}
     for p in folder.iterdir():
         m = CHECKPOINT.match(p.name)
-        if m and p.is_file():
+        if m and (p.is_file() if m[3] else p.is_dir() and not p.is_symlink()):
             out[p] = (int(m[1]), int(m[2]))
     return out
 
 
 def _complete(path: Path) -> bool:
-    """torch.save writes a zip archive whose directory comes last: a truncated file has none."""
-    return zipfile.is_zipfile(path)
+    """torch.save writes a zip archive whose directory comes last: a truncated file has none. A sharded
+    folder is whole when its `.metadata` (written last) is there and every shard it names is."""
+    return incomplete_reason(path) is None if path.is_dir() else zipfile.is_zipfile(path)
 
 
 def _set_aside(path: Path, why: str) -> None:
     target = path.with_name(path.name + ".partial")
+    if target.is_dir() and not target.is_symlink():  # set aside by an earlier kill at the same checkpoint
+        shutil.rmtree(target)
     os.replace(path, target)
     log.warning("set aside %s as %s: %s", path, target.name, why)
 
@@ -163,7 +172,7 @@ def repair_checkpoints(folder: Path) -> Path | None:
     latest = folder / LATEST
     linked = os.path.basename(os.readlink(latest)) if latest.is_symlink() else None
     if latest.exists() and (linked is None or linked not in ckpts):
-        return latest  # a plain file or a link to what is not a checkpoint file (FSDP shards): Composer's
+        return latest  # a plain file, or a link to what is not a checkpoint of this folder: Composer's
     if linked is not None and _complete(folder / linked):
         for name, when in ckpts.items():
             if when > ckpts[linked]:
@@ -228,13 +237,13 @@ class RunGuardCallback(Callback):
 
 def guard_save_folder(run: RunConfig, set_names: list[str]) -> list[Callback]:
     """Lock the save_folder, repair it for autoresume, refuse unsafe re-runs; [] on non-zero ranks."""
-    folder = run.save_folder
-    if folder is None or dist.get_global_rank() != 0:
+    if run.save_folder is None or dist.get_global_rank() != 0:
         return []
-    if "{" in str(folder) or "://" in str(folder):
-        log.info("save_folder %s is remote or templated: drprune's save_folder guards are off", folder)
+    folder = local_save_folder(run.save_folder, run.run_name)
+    if folder is None:
+        log.info("save_folder %s is remote, or templated without a run_name: drprune's save_folder guards are off",
+                 run.save_folder)
         return []
-    folder = Path(str(folder))
     lock = RunLock(folder)
     lock.acquire()
     try:
@@ -249,7 +258,7 @@ def guard_save_folder(run: RunConfig, set_names: list[str]) -> list[Callback]:
         load_path = run.load_path
         if resumed_from is not None:
             _check_fingerprint(run, new, folder / FINGERPRINT_FILE)
-        elif load_path and Path(str(load_path)).is_file():
+        elif load_path and Path(str(load_path)).exists():
             _check_fingerprint(run, new, Path(str(load_path)).parent / FINGERPRINT_FILE)
     except BaseException:
         lock.release()

@@ -29,10 +29,13 @@ from drprune.models.composer_model import PrunableLM
 from drprune.models.config import ModelConfig
 from drprune.models.decoder import PrunableDecoder
 from drprune.models.distill import RUNTIME_KEYS, DistillConfig, check_teacher, same_file
-from drprune.parallel import gradient_clipping, plan_sharding, prepare_model
+from drprune.parallel import plan_sharding, prepare_model, sharding_algorithms
 from drprune.paths import packaged_config
+from drprune.precision import resolve_precision
 from drprune.registry import SCHEDULERS, check_options
 from drprune.run_config import ModelSection, Optimizer, RunConfig, Scheduler
+from drprune.resume import check_resume_source
+from drprune.run_files import uploader_for
 from drprune.run_guard import guard_save_folder
 
 log = logging.getLogger("drprune.train")
@@ -120,11 +123,24 @@ def model_config(model: ModelSection, init_state: dict | None) -> ModelConfig:
 
 
 def _batch_sizes(run: RunConfig) -> tuple[int, int]:
+    """Per-rank train and eval batch sizes: each rank's share of the global batch is whole microbatches.
+
+    A remainder would silently end every step with a short microbatch on every rank (Composer splits
+    without a word), so the step no longer averages equal parts, each with its own sampled masks. A
+    microbatch at least the rank's share is one microbatch, which is how Composer runs it.
+    """
     world = dist.get_world_size()
     global_bs = run.global_train_batch_size
     if global_bs % world:
         raise ConfigError(f"global_train_batch_size={global_bs} is not divisible by the world size {world}")
-    return global_bs // world, run.device_eval_batch_size or global_bs // world
+    train_bs, micro = global_bs // world, run.device_train_microbatch_size
+    if isinstance(micro, int) and micro < train_bs and train_bs % micro:
+        raise ConfigError(
+            f"global_train_batch_size={global_bs} is not divisible by the world size {world} times "
+            f"device_train_microbatch_size={micro}: each rank's {train_bs} samples would end in a short "
+            f"microbatch; use a global batch that is a multiple of {world * micro}, or a microbatch that "
+            f"divides {train_bs}")
+    return train_bs, run.device_eval_batch_size or train_bs
 
 
 def build_optimizer(opt: Optimizer, model: PrunableLM) -> DecoupledAdamW:
@@ -138,18 +154,6 @@ def build_scheduler(scheduler: Scheduler) -> Any:
     cls = SCHEDULERS.get(scheduler.name, key="scheduler.name")
     check_options(cls, scheduler.options, "scheduler")
     return cls(**scheduler.options)
-
-
-def _precision(precision: str) -> str:
-    """The precision Composer gets. On CPU, amp_bf16 is Composer's fp32 plus drprune's own bf16
-    autocast (`PrunableLM(cpu_autocast=...)`, from the same `resolve_precision`)."""
-    from drprune.precision import resolve_precision
-
-    composer_precision, autocast = resolve_precision(precision, torch.cuda.is_available())
-    if autocast is not None:
-        log.info("precision=%s on CPU: torch's CPU autocast to %s (Composer's CPU device only runs fp32)",
-                 precision, autocast)
-    return composer_precision
 
 
 def teacher_config(state: Mapping[str, Any], path: str, fallback: ModelConfig | None) -> ModelConfig:
@@ -219,6 +223,7 @@ def _build_trainer(run: RunConfig, guards: list) -> Trainer:
     validate_data_config(data)
     check_callbacks(run.callbacks)
     loggers = build_loggers(run.loggers)  # an unknown logger or a missing package fails here, before the model
+    loggers += uploader_for(run.save_folder, loggers)  # drprune's own files reach an object-store save_folder
     scheduler = build_scheduler(run.scheduler)  # its options are checked before the model too
     init_path = run.model.path
     distill = run.distill()
@@ -228,15 +233,20 @@ def _build_trainer(run: RunConfig, guards: list) -> Trainer:
     check_data_vocab(data, mcfg.vocab_size)  # another tokenizer's data, ids beyond the vocabulary
     train_bs, eval_bs = _batch_sizes(run)
     sharding = plan_sharding(run.fsdp_config, has_mask_generator=run.model.mask_generator is not None)
+    composer_precision, autocast = resolve_precision(run.precision, torch.cuda.is_available())
+    if autocast is not None:
+        log.info("precision=%s on CPU: torch's CPU autocast to %s (Composer's CPU device only runs fp32)",
+                 run.precision, autocast)
     reproducibility.seed_all(run.seed)  # before any generator: fresh runs are bit-identical
     mask_generator = build_mask_generator(mcfg, run.model.mask_generator, run.model.mask_prefix)
     set_names = list(run.callbacks.data_loading.set_names or [])
     guard = guard_save_folder(run, set_names)  # lock, half-written checkpoints, resume fingerprint
     guards.extend(guard)
+    check_resume_source(run, sharded_state_dict=getattr(sharding.config, "state_dict_type", None) == "sharded")
     teacher = (_build_teacher(distill, init_path, init_state, mcfg, mask_generator, run.trust_pickle)
                if distill else None)
 
-    model = PrunableLM(mcfg, mask_generator, set_names, distill=distill, teacher=teacher)
+    model = PrunableLM(mcfg, mask_generator, set_names, distill=distill, teacher=teacher, cpu_autocast=autocast)
     if init_state is not None:
         load_decoder_weights(model.model, decoder_state(init_state), init_path)
         log.info("loaded weights from %s", init_path)
@@ -252,10 +262,8 @@ def _build_trainer(run: RunConfig, guards: list) -> Trainer:
     if run.eval_loader is not None:
         evaluators.append(Evaluator(label="eval", dataloader=build_eval_dataloader(data, eval_bs),
                                     metric_names=list(model.eval_metrics)))
-    algorithms = []
     clip = run.algorithms.gradient_clipping
-    if clip is not None:
-        algorithms.append(gradient_clipping(clip.clipping_type, clip.clipping_threshold, sharding))
+    algorithms = sharding_algorithms(sharding, None if clip is None else (clip.clipping_type, clip.clipping_threshold))
 
     return Trainer(
         run_name=run.run_name,
@@ -274,7 +282,7 @@ def _build_trainer(run: RunConfig, guards: list) -> Trainer:
         progress_bar=run.progress_bar,
         log_to_console=run.log_to_console,
         console_log_interval=run.console_log_interval,
-        precision=_precision(run.precision),
+        precision=composer_precision,
         device_train_microbatch_size=run.device_train_microbatch_size or train_bs,
         parallelism_config=sharding.parallelism_config(),
         save_folder=run.save_folder,

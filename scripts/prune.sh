@@ -3,10 +3,12 @@
 # weights + masks; `drprune compact` folds the masks into SAVE_DIR/pruned-latest-rank0.pt.
 # Usage: scripts/prune.sh DATA_DIR SET_NAMES SAVE_DIR [key=value ...]
 #   e.g. scripts/prune.sh data/mds '[a,b]' runs/tiny max_duration=20ba       (CPU, tiny config)
-# Env: CONFIG (default configs/tiny/prune.yaml), NPROC (processes, default 1), PYTHON.
+# Env: CONFIG (default configs/tiny/prune.yaml), NPROC (processes, default 1), PYTHON; FSDP_VERSION=2
+# for a config with fsdp_config on CPU. latest-rank0.pt is the last checkpoint: a file, or with
+# fsdp_config.state_dict_type: sharded (configs/base) a link to its folder; compact reads either.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ $# -lt 3 ]; then sed -n 2,7p "$0"; exit 2; fi
+if [ $# -lt 3 ]; then sed -n 2,9p "$0"; exit 2; fi
 data_dir=$1 set_names=$2 save_dir=$3
 shift 3
 config=${CONFIG:-configs/tiny/prune.yaml}

@@ -235,6 +235,21 @@ def save_folder_with_checkpoint(world, i, w):
     torch.save({"state": {}}, w / "run" / "ep0-ba4-rank0.pt")
 
 
+def sharded_unfinished(world, i, w):
+    """A sharded checkpoint folder whose save was killed before `.metadata` (written last)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"state": {"model": pruning_lm().state_dict()}}, storage_writer=dcp.FileSystemWriter(str(i / "ep0-ba2")),
+             no_dist=True)
+    (i / "ep0-ba2" / ".metadata").unlink()
+
+
+def sharded_whole(world, i, w):
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"state": {"model": {}}}, storage_writer=dcp.FileSystemWriter(str(i / "ep0-ba2")), no_dist=True)
+
+
 def text_docs(world, i, w):
     (i / "docs.txt").write_text("w1 w2 w3\n")
     (i / "bad.jsonl").write_text('{"text": "w1 w2"}\n{not json\n')
@@ -426,6 +441,8 @@ CASES = [
     C("compact-folder", "compact {emptydir} --out {w}/c.pt", "is a folder, not a checkpoint file"),
     C("compact-truncated", "compact {i}/prune.pt --out {w}/c.pt", "is not a PyTorch checkpoint",
       setup=prune_truncated),
+    C("compact-sharded-unfinished", "compact {i}/ep0-ba2 --out {w}/c.pt", "has no .metadata", "killed while saving",
+      setup=sharded_unfinished),
     C("compact-no-mask-generator", "compact {plain_model} --out {w}/c.pt", "no mask generator"),
     C("compact-unsafe-pickle", "compact {pickle} --out {w}/c.pt", "--trust-pickle"),
     C("compact-tokenizer-without-hf", "compact {prune} --out {w}/c.pt --tokenizer {tok}", "add --hf DIR"),
@@ -626,6 +643,12 @@ CASES = [
     C("train-load-path-missing", "load_path={i}/nope.pt", "load_path", "nope.pt does not exist", kind="train"),
     C("train-load-path-truncated", "load_path={i}/model.pt", "load_path", "not a complete checkpoint",
       setup=ckpt_truncated, kind="train"),
+    C("train-load-path-sharded-unfinished", "load_path={i}/ep0-ba2", "load_path", "has no .metadata",
+      setup=sharded_unfinished, kind="train"),
+    C("train-load-path-sharded-into-ddp", "load_path={i}/ep0-ba2", "is a sharded checkpoint folder",
+      "fsdp_config.state_dict_type=sharded", setup=sharded_whole, kind="train"),
+    C("train-model-path-sharded-unfinished", "model.path={i}/ep0-ba2", "has no .metadata", setup=sharded_unfinished,
+      kind="train"),
     C("train-save-folder-under-file", "save_folder={w}/f/run", "f", WRITABLE, setup=UNDER_FILE, kind="train"),
     C("train-save-folder-read-only", "save_folder={w}/ro/run", WRITABLE, setup=readonly, kind="train"),
     C("train-save-folder-has-checkpoints", "", "already holds checkpoints", "autoresume=true",

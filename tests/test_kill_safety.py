@@ -7,9 +7,10 @@ previous one byte for byte (or, killed after the rename, the new one whole); a r
 command then succeeds, leaves no temp entry, and writes byte-identical files to an uninterrupted run
 (mask files: identical tensors and metadata).
 
-Training runs (L0 + dro+Dy with 2 loader workers, in one process and under `composer -n 2`, and a
-hypernetwork) are killed at batches, while Composer writes a checkpoint (half a file left) and while
-drprune writes masks; each autoresumes. Every batch of every run, killed or resumed, equals the
+Training runs (L0 + dro+Dy with 2 loader workers, in one process and under `composer -n 2`, as DDP and
+as FSDP2 with sharded checkpoints, and a hypernetwork) are killed at batches, while Composer writes a
+checkpoint (half a file left; for a sharded checkpoint, a folder with rank 0's shard cut in half and
+no .metadata) and while drprune writes masks; each autoresumes. Every batch of every run, killed or resumed, equals the
 uninterrupted run's batch bit for bit: loss, sample ids (data order), domain proportions, mask
 generator state (masks, Lagrange multipliers, hypernetwork) and model weights; the summaries the runs
 leave are byte-identical too, and their mask files hold identical tensors and metadata.
@@ -161,14 +162,18 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 L0_DRO_DY = ["callbacks.data_loading.update_type=dro+Dy", "train_loader.num_workers=2"]
-# name: (ranks, overrides, environments of the killed runs)
+FSDP2_SHARDED = ({"FSDP_VERSION": "2"},
+                 ["fsdp_config.sharding_strategy=FULL_SHARD", "fsdp_config.state_dict_type=sharded"])
+# name: (ranks, overrides, environments of the killed runs, environment of every run)
 RUNS = {
     "l0-dro+Dy-2workers": (1, L0_DRO_DY, [{"KILL_AT_BATCH": "2"}, {"KILL_AT_BATCH": "5"}, {"KILL_IN_CHECKPOINT": "6"},
-                                         {"DRPRUNE_TEST_KILL_AT": "atomic.committed:2"}]),
+                                         {"DRPRUNE_TEST_KILL_AT": "atomic.committed:2"}], {}),
     "hypernetwork": (1, ["callbacks.data_loading.update_type=dro", "model.mask_generator.name=hypernetwork",
                          "model.mask_generator.target_ratio=0.5", "model.mask_generator.lr=1e-2"],
-                     [{"KILL_AT_BATCH": "4"}, {"KILL_IN_CHECKPOINT": "6"}]),
-    "l0-dro+Dy-2workers-composer-n2": (2, L0_DRO_DY, [{"KILL_AT_BATCH": "5"}, {"KILL_IN_CHECKPOINT": "6"}]),
+                     [{"KILL_AT_BATCH": "4"}, {"KILL_IN_CHECKPOINT": "6"}], {}),
+    "l0-dro+Dy-2workers-composer-n2": (2, L0_DRO_DY, [{"KILL_AT_BATCH": "5"}, {"KILL_IN_CHECKPOINT": "6"}], {}),
+    "l0-dro+Dy-fsdp2-sharded-composer-n2": (2, [*L0_DRO_DY, *FSDP2_SHARDED[1]],
+                                            [{"KILL_AT_BATCH": "5"}, {"KILL_IN_CHECKPOINT": "6"}], FSDP2_SHARDED[0]),
 }
 
 
@@ -201,8 +206,8 @@ def outputs(save: Path) -> dict[str, object]:
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_killed_training_resumes_to_the_uninterrupted_run(tmp_path, data_dir, name):
-    ranks, extra, kills = RUNS[name]
-    proc = train(tmp_path / "ref", tmp_path / "ref-run", data_dir, ranks, extra)
+    ranks, extra, kills, every = RUNS[name]
+    proc = train(tmp_path / "ref", tmp_path / "ref-run", data_dir, ranks, extra, **every)
     assert proc.returncode == 0, proc.stderr[-3000:] + logs(tmp_path / "ref")
     reference = [rows(tmp_path / "ref", r) for r in range(ranks)]
     assert all([row["batch"] for row in ref] == list(range(1, 10)) for ref in reference)
@@ -210,7 +215,7 @@ def test_killed_training_resumes_to_the_uninterrupted_run(tmp_path, data_dir, na
     save = tmp_path / "run"
     for i, env in enumerate([*kills, {}]):
         record = tmp_path / f"try{i}"
-        proc = train(record, save, data_dir, ranks, extra, **env)
+        proc = train(record, save, data_dir, ranks, extra, **every, **env)
         failed = proc.returncode == -9 if ranks == 1 else proc.returncode != 0  # the launcher reports its own code
         assert failed if env else proc.returncode == 0, f"{env}: {proc.stderr[-3000:]}{logs(record)}"
         for rank in range(ranks):
@@ -219,7 +224,12 @@ def test_killed_training_resumes_to_the_uninterrupted_run(tmp_path, data_dir, na
             for row in got:  # every batch, before the kill or after the resume, is the uninterrupted run's
                 assert row == reference[rank][row["batch"] - 1], (env, rank, row["batch"])
     assert got[-1]["batch"] == 9
-    assert (save / "ep0-ba6-rank0.pt.partial").is_file()  # the half-written checkpoint, set aside
+    sharded = "fsdp_config.state_dict_type=sharded" in extra
+    if sharded:  # checkpoints are folders; the half-written one is set aside whole
+        assert (save / "ep0-ba6.partial").is_dir() and not (save / "ep0-ba6.partial" / ".metadata").exists()
+        assert (save / "ep0-ba9" / ".metadata").is_file() and os.readlink(save / "latest-rank0.pt") == "ep0-ba9"
+    else:
+        assert (save / "ep0-ba6-rank0.pt.partial").is_file()  # the half-written checkpoint, set aside
     assert outputs(save) == outputs(tmp_path / "ref-run") and "zs_s9.safetensors" in outputs(save)
     assert temps(save) == [] and not (save / ".drprune-run.lock").exists()
     shutil.rmtree(save)

@@ -108,8 +108,8 @@ def test_bf16_loss_and_gradients_are_close_to_fp32(node):
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         results[dtype] = float(losses["ce_loss"]), grads
     (ce32, g32), (ce16, g16) = results[None], results[torch.bfloat16]
-    assert abs(ce16 - ce32) / ce32 <= 1e-3  # measured 1.2e-5 (dense) and 1.6e-5 (l0) at init
-    assert F.cosine_similarity(g16, g32, dim=0) >= 0.99  # measured 0.9998 (dense), 0.9995 (l0)
+    assert abs(ce16 - ce32) / ce32 <= 1e-4  # measured 3.6e-6 (dense), 4.0e-6 (l0)
+    assert (g16 - g32).norm() / g32.norm() <= 2e-2  # measured 5.9e-3 (dense), 5.2e-3 (l0)
 
 
 @pytest.fixture(scope="module")
@@ -149,4 +149,4 @@ def test_amp_bf16_trains_in_bf16_through_the_composer_trainer_and_tracks_fp32(tm
     assert len(ce16) == len(ce32) == 8
     assert ce32[-1] < ce32[0] - 0.3  # it learns, so the comparison is not of two constant losses
     worst = max(abs(a - b) / b for a, b in zip(ce16, ce32))
-    assert worst <= 2e-2  # measured 3.1e-3 over 8 steps
+    assert worst <= 2e-3  # measured 5.0e-5 (CE 10.77 -> 9.92 over the 8 steps)

@@ -70,6 +70,39 @@ def test_half_written_and_unpublished_checkpoints_are_set_aside(tmp_path, monkey
     assert (tmp_path / "ep0-ba5-rank0.pt.partial").is_file()
 
 
+def sharded(folder: Path, unfinished: bool = False) -> Path:
+    """A sharded checkpoint folder as Composer writes it (torch.distributed.checkpoint, `.metadata` last)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"state": {"model": {"w": torch.arange(1000.0)}}}, storage_writer=dcp.FileSystemWriter(str(folder)),
+             no_dist=True)
+    if unfinished:
+        (folder / ".metadata").unlink()
+    return folder
+
+
+def test_half_written_and_unpublished_sharded_checkpoints_are_set_aside(tmp_path):
+    sharded(tmp_path / "ep0-ba3")
+    sharded(tmp_path / "ep0-ba5")
+    (tmp_path / LATEST).symlink_to("ep0-ba5")
+    sharded(tmp_path / "ep0-ba6", unfinished=True)  # killed before the coordinator wrote .metadata
+    assert repair_checkpoints(tmp_path) == tmp_path / "ep0-ba5"
+    sharded(tmp_path / "ep0-ba7")  # whole, but killed before `latest` was re-linked to it
+    assert repair_checkpoints(tmp_path) == tmp_path / "ep0-ba5"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ep0-ba3", "ep0-ba5", "ep0-ba6.partial", "ep0-ba7.partial",
+                                                          LATEST]
+    sharded(tmp_path / "ep0-ba6", unfinished=True)  # killed at the same checkpoint again: the older partial goes
+    assert repair_checkpoints(tmp_path) == tmp_path / "ep0-ba5"
+    assert not (tmp_path / "ep0-ba6.partial" / ".metadata").exists() and not (tmp_path / "ep0-ba6").exists()
+
+    # the folder `latest` links to lost a shard: back to the newest whole checkpoint
+    os.truncate(tmp_path / "ep0-ba5" / "__0_0.distcp", 100)
+    assert repair_checkpoints(tmp_path) == tmp_path / "ep0-ba3"
+    assert os.readlink(tmp_path / LATEST) == "ep0-ba3" and (tmp_path / "ep0-ba5.partial").is_dir()
+    with pytest.raises(UserError, match=r"already holds checkpoints of an earlier run \(ep0-ba3\)"):
+        guard_save_folder(cfg(tmp_path), [])
+
+
 def test_rerun_into_a_folder_with_checkpoints_needs_autoresume(tmp_path):
     checkpoint(tmp_path / "ep0-ba5-rank0.pt")
     with pytest.raises(UserError, match="already holds checkpoints of an earlier run \\(ep0-ba5-rank0.pt\\): "

@@ -9,10 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from composer.loggers import InMemoryLogger
+from composer.utils import dist
 
+import drprune.train
 from drprune.data.testing import write_synthetic_mds
 from drprune.masks.base import MaskSet
-from drprune.train import build_trainer, load_config, main
+from drprune.run_config import RunConfig
+from drprune.train import _batch_sizes, build_trainer, load_config, main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny" / "prune.yaml")
@@ -83,6 +86,41 @@ def test_bad_configs_fail_before_training(tmp_path, data_dir, capsys, extra, mes
 def test_missing_required_key_is_named(tmp_path, capsys):
     assert main([TINY, f"save_folder={tmp_path}", "callbacks.data_loading.set_names=[a]"]) == 2
     assert "data_local is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("world,batch,micro,per_rank", [
+    (2, 16, 4, 8),  # two microbatches of 4 on each rank
+    (4, 24, 3, 6),
+    (2, 4, 4, 2),  # a microbatch beyond a rank's share is one microbatch (how the 2-rank tiny runs go)
+])
+def test_batch_sizes_per_rank(monkeypatch, world, batch, micro, per_rank):
+    monkeypatch.setattr(dist, "get_world_size", lambda: world)
+    run = RunConfig.from_cfg(load_config(TINY, overrides(Path("/nonexistent"), Path("/nonexistent/save"),
+                                                         f"global_train_batch_size={batch}",
+                                                         f"device_train_microbatch_size={micro}")))
+    assert _batch_sizes(run) == (per_rank, 4)  # the tiny config's device_eval_batch_size
+
+
+@pytest.mark.parametrize("world,batch,micro,message", [
+    (2, 12, 4, "global_train_batch_size=12 is not divisible by the world size 2 times device_train_microbatch_size=4: "
+               "each rank's 6 samples would end in a short microbatch; use a global batch that is a multiple of 8"),
+    (4, 40, 4, "multiple of 16, or a microbatch that divides 10"),
+    (3, 4, 4, "global_train_batch_size=4 is not divisible by the world size 3"),
+])
+def test_a_batch_not_split_into_whole_microbatches_fails_before_the_model(tmp_path, data_dir, capsys, monkeypatch,
+                                                                         world, batch, micro, message):
+    def built(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(dist, "get_world_size", lambda: world)
+    monkeypatch.setattr(drprune.train, "build_mask_generator", built)
+    monkeypatch.setattr(drprune.train, "PrunableLM", built)
+    save = tmp_path / "run"
+    args = overrides(data_dir, save, f"global_train_batch_size={batch}", f"device_train_microbatch_size={micro}")
+    assert main([TINY, *args]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("drprune: error:")]
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not save.exists()
 
 
 def test_two_process_run_with_composer_launcher(tmp_path, data_dir):

@@ -11,14 +11,13 @@ evaluation from 2% of training on (the eval loss with +Eval, otherwise the mean 
 the previous evaluation), refits from 10% on, and predicts at the domain's end-of-training token
 count and the run's target sparsity; +DyAll moves p0 only from 20% of training on. The EMA of
 training losses starts from the first observed loss, not from 0 as in the reference (whose zero
-start makes every excess loss negative for the first ~1/ema batches). Plots and a summary JSON go to
-`save_folder` at every evaluation and at the end of the run.
+start makes every excess loss negative for the first ~1/ema batches). Plots and a summary JSON go
+beside the checkpoints (through `RunFiles`) at every evaluation and at the end of the run.
 """
 from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +33,7 @@ from drprune.mixture import ReferenceLossFitter, RuleInputs, UpdateType, apply_r
 from drprune.models.shapes import config_params
 from drprune.registry import CALLBACKS
 from drprune.run_config import DataLoading
+from drprune.run_files import RunFiles
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class DynamicLoadingCallback(Callback):
         self.set_names, self.update_type, self.dataset = list(set_names), update_type, dataset
         self.rho, self.ema, self.min_prob, self.clamp_q_to_min = rho, ema, min_prob, clamp_q_to_min
         self.dro_clamp = dro_clamp
-        self.save_folder = Path(save_folder) if save_folder else None
+        self.files = RunFiles(save_folder)
         k = len(self.set_names)
         self.p = list(proportion)
         self.p0 = list(proportion)
@@ -131,7 +131,7 @@ class DynamicLoadingCallback(Callback):
             log.info("step %d: proportions %s -> %s", step, _fmt(self.p), _fmt(new_p))
         self.p = new_p
         self.dataset.update_proportion(self.p)
-        self._write_outputs()
+        self._write_outputs(state, logger)
 
     def _eval_losses(self, state: State) -> list[float] | None:
         metrics = state.eval_metrics.get("eval", {})
@@ -171,26 +171,27 @@ class DynamicLoadingCallback(Callback):
 
     # ---------------------------------------------------------------- outputs
     def fit_end(self, state: State, logger: Logger) -> None:
-        self._write_outputs()
+        self._write_outputs(state, logger)
 
     def close(self, state: State, logger: Logger) -> None:
         # Not at fit_end: Composer runs the evaluators due at the end of training after FIT_END.
         if self.fitter is not None:
             self.fitter.close()
 
-    def _write_outputs(self) -> None:
-        if self.save_folder is None or dist.get_global_rank() != 0:
+    def _write_outputs(self, state: State, logger: Logger) -> None:
+        if not self.files.enabled or dist.get_global_rank() != 0:
             return
-        self.save_folder.mkdir(parents=True, exist_ok=True)
-        plot_weights(self.weight_history, self.set_names, self.save_folder / "domain_weights.png")
-        plot_eval_losses(self.eval_history, self.set_names, self.save_folder / "domain_eval_loss.png")
+        self.files.write("domain_weights.png", lambda path: plot_weights(self.weight_history, self.set_names, path),
+                         state, logger)
+        self.files.write("domain_eval_loss.png",
+                         lambda path: plot_eval_losses(self.eval_history, self.set_names, path), state, logger)
         summary = {
             "update_type": self.update_type.text, "set_names": self.set_names, "final_proportion": self.p,
             "reference_ratio": self.p0, "reference_loss": self.reference_loss, "ema_train_loss": self.ema_loss,
             "tokens_seen": dict(zip(self.set_names, self.tokens_seen)),
             "last_eval_loss": self.eval_history[-1][1] if self.eval_history else None,
         }
-        write_json(self.save_folder / "data_loading_summary.json", summary)
+        self.files.write("data_loading_summary.json", lambda path: write_json(path, summary), state, logger)
 
     # ---------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:

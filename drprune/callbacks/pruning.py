@@ -1,12 +1,12 @@
 """Feeds training progress to the mask generator, logs its stats, saves masks at every eval.
 
 Also keeps the expected sparsity of each module per step (in checkpoints, for exact resume) and
-plots it to `save_folder/expected_sparsity.png` at every eval and at the end of the run.
+plots it to `expected_sparsity.png` at every eval and at the end of the run. Files go beside the
+checkpoints through `RunFiles` (a `{run_name}` or object-store save_folder included).
 """
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from composer.core import Callback, State
@@ -15,6 +15,7 @@ from composer.utils import dist
 
 from drprune.masks.report import write_report
 from drprune.plots import plot_series
+from drprune.run_files import RunFiles
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ class PruningCallback(Callback):
     """Steps the mask generator's schedule, logs its stats and writes masks, plots and the final report."""
 
     def __init__(self, save_folder: str | None = None) -> None:
-        self.save_folder = Path(save_folder) if save_folder else None
+        self.files = RunFiles(save_folder)
         self.sparsity_history: dict[str, list[tuple[int, float]]] = {}
 
     def batch_start(self, state: State, logger: Logger) -> None:
@@ -46,28 +47,29 @@ class PruningCallback(Callback):
                 self.sparsity_history.setdefault(key.split("/", 1)[1], []).append((step, value))
 
     def eval_end(self, state: State, logger: Logger) -> None:
-        if self.save_folder is None or dist.get_global_rank() != 0:
+        if not self.files.enabled or dist.get_global_rank() != 0:
             return
         step = int(state.timestamp.batch)
-        self.save_folder.mkdir(parents=True, exist_ok=True)
-        path = self.save_folder / f"zs_s{step}.safetensors"
         model = unwrap_model(state)
-        model.mask_generator.hard_masks().save(path, source=model.model.cfg)
-        log.info("saved masks of step %d to %s", step, path)
-        self._plot()
+        masks = model.mask_generator.hard_masks()
+        where = self.files.write(f"zs_s{step}.safetensors", lambda path: masks.save(path, source=model.model.cfg),
+                                 state, logger)
+        log.info("saved masks of step %d to %s", step, where)
+        self._plot(state, logger)
 
     def fit_end(self, state: State, logger: Logger) -> None:
-        if self.save_folder is None:
+        if not self.files.enabled:
             return
-        report = write_report(state, unwrap_model(state).mask_generator, self.save_folder)
+        report = write_report(state, unwrap_model(state).mask_generator, self.files, logger)
         logger.log_metrics({f"report/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
         if dist.get_global_rank() == 0:
-            self._plot()
+            self._plot(state, logger)
 
-    def _plot(self) -> None:
+    def _plot(self, state: State, logger: Logger) -> None:
         if self.sparsity_history:
-            plot_series(self.sparsity_history, self.save_folder / "expected_sparsity.png",
-                        ylabel="expected sparsity", title="Expected sparsity per pruned module")
+            self.files.write("expected_sparsity.png", lambda path: plot_series(
+                self.sparsity_history, path, ylabel="expected sparsity", title="Expected sparsity per pruned module"),
+                state, logger)
 
     def state_dict(self) -> dict[str, Any]:
         return {"sparsity_history": self.sparsity_history}

@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "smaller model (continued pretraining and `drprune convert composer-to-hf` read it). "
                     "The checkpoint records where it came from, so its HF export gets a model card.",
     )
-    p.add_argument("ckpt", help="pruning checkpoint (.pt) written by a pruning run")
+    p.add_argument("ckpt", help="pruning checkpoint written by a pruning run: a .pt file, or a sharded checkpoint "
+                                "folder (fsdp_config.state_dict_type: sharded) or the latest-rank0.pt link to one")
     p.add_argument("--out", help="output checkpoint (default: pruned-<name> beside the input)")
     p.add_argument("--hf", metavar="DIR", help="also export the compact model as a HF folder (with README.md)")
     p.add_argument("--tokenizer", help="with --hf: folder whose tokenizer files are copied into it")

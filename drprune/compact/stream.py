@@ -1,8 +1,9 @@
-"""`drprune compact` on a checkpoint file: masks folded tensor by tensor, through `fold_state`.
+"""`drprune compact` on a checkpoint: masks folded tensor by tensor, through `fold_state`.
 
-The input is memory-mapped and each source tensor's pages are given back once its compact tensor
+A checkpoint file is memory-mapped and each source tensor's pages are given back once its compact tensor
 exists, so peak memory is about one copy of the output model plus the tensor in flight, never the
-whole input (a pruning checkpoint also holds optimizer state, which is never read).
+whole input (a pruning checkpoint also holds optimizer state, which is never read). A sharded
+checkpoint folder is assembled in memory from its shards, model state only (`convert.sharded`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from drprune.compact.fold import fold_state, plan_compaction
 from drprune.convert.checkpoint import (config_of_state, decoder_keys, decoder_state, load_model_state,
                                         mapped_releaser, save_checkpoint)
 from drprune.convert.hf import check_state_keys
+from drprune.convert.sharded import looks_sharded
 from drprune.convert.model_card import CARD_KEY, ModelCard
 from drprune.errors import UserError
 from drprune.masks import mask_generator_from_state
@@ -26,8 +28,10 @@ log = logging.getLogger(__name__)
 
 
 def default_output(ckpt: Path) -> Path:
-    """`pruned-<name>` beside the input, as the seed's prune_and_save_model wrote it."""
-    return ckpt.with_name(f"pruned-{ckpt.name}")
+    """`pruned-<name>` beside the input, as the seed's prune_and_save_model wrote it (a file: `.pt` added to
+    the name of a sharded checkpoint folder)."""
+    suffix = ".pt" if looks_sharded(ckpt) and ckpt.suffix != ".pt" else ""
+    return ckpt.with_name(f"pruned-{ckpt.name}{suffix}")
 
 
 def compact_checkpoint(ckpt: str | Path, out: str | Path, overwrite: bool = False,

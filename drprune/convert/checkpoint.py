@@ -28,6 +28,7 @@ from drprune.convert.integrity import (ALGORITHM, STATE_CHECKSUMS_KEY, state_che
 from drprune.convert.hf import (EXTRA_STATE_KEY, HUB_PREFIX, REMOTE_MODEL_TYPE, check_state_keys, config_from_hf,
                                 hf_config_dict, hf_to_ours, ours_to_hf, stock_class_fits)
 from drprune.convert.model_card import ModelCard, write_card
+from drprune.convert.sharded import load_sharded_model_state, looks_sharded
 from drprune.errors import UserError
 from drprune.models.config import ModelConfig
 from drprune.models.decoder import PrunableDecoder
@@ -52,12 +53,15 @@ def save_checkpoint(model_state: dict[str, Any], path: str | Path, overwrite: bo
 
 
 def load_model_state(path: str | Path, trust_pickle: bool = False) -> dict[str, Any]:
-    """The model state dict of a Composer checkpoint, or of a plain state-dict file.
+    """The model state dict of a Composer checkpoint (a file, or a sharded checkpoint folder), or of a
+    plain state-dict file.
 
     Read without running code from the file unless `trust_pickle` (see `integrity`); the checksums of
     a checkpoint from `save_checkpoint` are verified.
     """
     path = Path(path)
+    if looks_sharded(path):
+        return load_sharded_model_state(path, trust_pickle)
     if path.is_dir():
         raise UserError(f"checkpoint {path} is a folder, not a checkpoint file: give the .pt file "
                         "(for a HF model folder, convert it first: drprune convert hf-to-composer)")
@@ -84,10 +88,11 @@ def mapped_releaser(state: dict[str, Any]) -> Callable[[Tensor], None]:
     Streaming passes touch each input tensor once; without this the memory-mapped input stays
     resident and peak RSS grows to the whole input. The mapping is private and never written, so
     dropped pages are re-read from the file if touched again. Tensors not from `state` (e.g. a fused
-    copy) are left alone.
+    copy) and tensors in ordinary memory (a sharded checkpoint is assembled there, and dropping those
+    pages would zero them) are left alone.
     """
-    mapped = {t.untyped_storage().data_ptr() for t in state.values()
-              if isinstance(t, Tensor) and t.device.type == "cpu"}
+    mapped = _file_backed({t.untyped_storage().data_ptr() for t in state.values()
+                           if isinstance(t, Tensor) and t.device.type == "cpu"})
 
     def release(t: Tensor) -> None:
         storage = t.untyped_storage()
@@ -100,6 +105,22 @@ def mapped_releaser(state: dict[str, Any]) -> Callable[[Tensor], None]:
             _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(_MADV_DONTNEED))
 
     return release
+
+
+def _file_backed(addresses: set[int]) -> set[int]:
+    """The addresses that lie in a memory-mapped file of this process (Linux's /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return set()
+    regions = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            regions.append((low, high))
+    return {a for a in addresses if any(low <= a < high for low, high in regions)}
 
 
 def decoder_keys(cfg: ModelConfig) -> set[str]:
@@ -359,9 +380,9 @@ def copy_tokenizer(tokenizer_dir: str | Path | None, out_dir: Path) -> None:
 
 
 def load_any_decoder(model: str | Path, trust_pickle: bool = False) -> PrunableDecoder:
-    """A decoder from a HF folder (or `hub:NAME`) or a drprune/Composer checkpoint file."""
+    """A decoder from a HF folder (or `hub:NAME`) or a drprune/Composer checkpoint (file or sharded folder)."""
     path = Path(model)
-    if path.is_file():
+    if path.is_file() or looks_sharded(path):
         return load_decoder(path, trust_pickle=trust_pickle)
     cfg, tensors, _ = load_hf(str(model), trust_pickle)
     decoder = PrunableDecoder(cfg)

@@ -27,6 +27,7 @@ from drprune.convert.checkpoint import config_of_state, decoder_state, load_mode
     resolve_hf_dir
 from drprune.convert.gguf_vocab import Vocab, read_vocab
 from drprune.convert.hf import config_from_hf, ours_to_hf
+from drprune.convert.sharded import looks_sharded
 from drprune.errors import UserError
 from drprune.models.config import ModelConfig
 
@@ -114,9 +115,10 @@ def hf_to_gguf(source: str | Path, out: str | Path, *, dtype: str = "f16", token
 
 
 def _open_source(source: str) -> tuple[ModelConfig, _Weights, Path | None]:
-    """(config, lazily loaded HF-named weights, tokenizer folder or None) of a checkpoint or HF folder."""
+    """(config, lazily loaded HF-named weights, tokenizer folder or None) of a checkpoint (file or sharded
+    folder) or HF folder."""
     path = Path(source)
-    if path.is_file():
+    if path.is_file() or looks_sharded(path):
         state = load_model_state(path)
         if any(k.startswith("mask_generator.") for k in state):
             raise UserError(f"{source} is a pruning checkpoint with masks: run `drprune compact {source}` first "

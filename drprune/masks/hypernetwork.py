@@ -209,7 +209,7 @@ def _resolve_target(cfg: ModelConfig, kinds: tuple[str, ...], ratio: float | Non
     if not isinstance(count, int) or not 0 < count <= full:
         raise ConfigError(f"{prefix}.target_params={count!r} must be a positive integer <= {full} "
                           "(the source's non-embedding parameters)")
-    floor = int(expected_params(cfg, {k: F.one_hot(torch.zeros(mask_shape(k, cfg)[0], dtype=torch.long),
+    floor = int(expected_params(cfg, {k: F.one_hot(torch.zeros(mask_shape(k, cfg)[0], dtype=torch.long, device="cpu"),
                                                     mask_shape(k, cfg)[1]).float() for k in kinds},
                                 embeddings=False))
     if count < floor:

@@ -1,7 +1,8 @@
 """After-training report of a pruning run: kept parameters vs target, per-layer widths, perplexity.
 
-Written at `fit_end` by the pruning callback into the save folder (`mask_report.json`,
-`layer_widths.png`), so a run says what model it will compact to without running compaction.
+Written at `fit_end` by the pruning callback beside the checkpoints (`mask_report.json`,
+`layer_widths.png`, through `RunFiles`), so a run says what model it will compact to without running
+compaction.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from drprune.plots import save_figure
 from drprune.masks.base import MaskGenerator
 from drprune.models.shapes import compact_config, config_params, expected_params
 from drprune.models.config import ModelConfig
+from drprune.run_files import RunFiles
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -85,17 +87,16 @@ def final_eval_perplexity(state: Any) -> float | None:
     return None if value is None else math.exp(float(value))
 
 
-def write_report(state: Any, generator: MaskGenerator, folder: Path) -> dict[str, Any]:
+def write_report(state: Any, generator: MaskGenerator, files: RunFiles, logger: Any) -> dict[str, Any]:
     """Rank 0 writes mask_report.json and layer_widths.png; every rank returns the report."""
     model = state.model.module if hasattr(state.model, "module") else state.model
     cfg = model.model.cfg
     report = mask_report(cfg, generator.hard_masks(), getattr(generator, "target_params", None))
     report["perplexity"] = final_eval_perplexity(state)
     if dist.get_global_rank() == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / "mask_report.json", report, indent=1)
-        plot_widths(cfg, report, folder / "layer_widths.png")
+        where = files.write("mask_report.json", lambda path: write_json(path, report, indent=1), state, logger)
+        files.write("layer_widths.png", lambda path: plot_widths(cfg, report, path), state, logger)
         log.info("kept %d of %d non-embedding parameters (%.2f%%, target %s), hard-masked perplexity %s; "
                  "report in %s", report["kept_params"], report["source_params"], 100 * report["kept_ratio"],
-                 report["target_params"], report["perplexity"], folder / "mask_report.json")
+                 report["target_params"], report["perplexity"], where)
     return report

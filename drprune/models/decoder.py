@@ -292,6 +292,12 @@ class PrunableDecoder(nn.Module):
     def extra_state_for(cfg: ModelConfig) -> dict:
         return {"model_config": cfg.to_dict()}
 
+    @property
+    def _extra_state(self) -> dict:
+        """torch.distributed.checkpoint resolves every state-dict key with getattr; under FSDP1 the decoder is
+        a unit root, so `model._extra_state` is looked up as an attribute when a checkpoint is saved."""
+        return self.get_extra_state()
+
     def get_extra_state(self) -> dict:
         """The config travels inside every state dict, so checkpoints describe their own shape."""
         return self.extra_state_for(self.cfg)

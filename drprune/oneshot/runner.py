@@ -50,7 +50,8 @@ def load_model(opts: OneshotOptions) -> tuple[PrunableDecoder, dict[str, Any]]:
         raise UserError(f"MODEL {model} does not exist (a HF model folder or a Composer checkpoint; "
                         "hub:NAME downloads NAME from the Hugging Face Hub)")
     decoder = load_any_decoder(model, opts.trust_pickle).eval()
-    hf_config = json.loads((path / "config.json").read_text()) if path.is_dir() else {}
+    config_file = path / "config.json"  # a HF folder's; a checkpoint (file or sharded folder) has none
+    hf_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     check_data(opts, decoder.cfg.vocab_size)
     return decoder, hf_config
 

@@ -7,7 +7,9 @@ A line holds the batch number, total loss, sample ids, domain proportions and sh
 mask generator's state (masks, Lagrange multipliers, hypernetwork) and of the whole model, so runs
 can be compared bit for bit. Kill switches (environment, rank 0 only):
   KILL_AT_BATCH=N       SIGKILL right after batch N is recorded
-  KILL_IN_CHECKPOINT=N  write the batch-N checkpoint half, then SIGKILL (a run killed while saving)
+  KILL_IN_CHECKPOINT=N  write the batch-N checkpoint half, then SIGKILL (a run killed while saving): a
+                        checkpoint file cut in half; a sharded checkpoint folder with every rank's shard
+                        written, rank 0's cut in half, and no .metadata (which the coordinator writes last)
   DRPRUNE_TEST_KILL_AT  drprune's own kill points (drprune.atomic.kill_point)
 """
 import hashlib
@@ -21,6 +23,7 @@ import torch
 from composer.core import Callback
 from composer.utils import checkpoint as composer_checkpoint
 from composer.utils import dist
+from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.tensor import DTensor
 
 from drprune.train import build_trainer, load_config
@@ -65,6 +68,16 @@ def kill_while_saving(batch: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     composer_checkpoint._write_checkpoint_file = write
+    finish = dcp_filesystem._FileSystemWriter.finish  # runs on the coordinator once every shard is written
+
+    def finish_sharded(self, metadata, results) -> None:
+        if os.path.basename(os.path.normpath(str(self.path))).endswith(f"-ba{batch}"):
+            shard = Path(self.path) / "__0_0.distcp"
+            os.truncate(shard, shard.stat().st_size // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        finish(self, metadata, results)
+
+    dcp_filesystem._FileSystemWriter.finish = finish_sharded
 
 
 def main() -> None:
