@@ -201,21 +201,24 @@ def reduce_scatter_avg_factor(device: torch.device) -> float:
 
 
 def global_grad_norm(model: nn.Module) -> Tensor:
-    """L2 norm of every gradient of the model: shards summed over ranks, replicated gradients counted once."""
+    """L2 norm of every gradient of the model: shards summed over ranks, replicated gradients counted once.
+
+    Per-tensor norms as torch computes them, combined in fp64 on the device (no host sync per tensor).
+    """
     replicated = {id(p) for m in model.modules() if getattr(m, "_fsdp_wrap", True) is False for p in m.parameters()}
-    sharded_sq = torch.zeros((), dtype=torch.float32)
-    replicated_sq = torch.zeros((), dtype=torch.float32)
+    device = next(model.parameters()).device
+    squares: dict[bool, list[Tensor]] = {True: [], False: []}
     for p in model.parameters():
-        if p.grad is None:
-            continue
-        sq = _local(p.grad).float().pow(2).sum().cpu()
-        if id(p) in replicated:
-            replicated_sq += sq
-        else:
-            sharded_sq += sq
-    device_sq = sharded_sq.to(next(model.parameters()).device)
-    dist.all_reduce(device_sq, reduce_operation="SUM")
-    return (device_sq.cpu() + replicated_sq).sqrt()
+        if p.grad is not None:
+            norm = torch.linalg.vector_norm(_local(p.grad), dtype=torch.float32)
+            squares[id(p) in replicated].append(norm.double().pow(2))
+
+    def total(parts: list[Tensor]) -> Tensor:
+        return torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64, device=device)
+
+    sharded = total(squares[False])
+    dist.all_reduce(sharded, reduce_operation="SUM")
+    return (sharded + total(squares[True])).sqrt().float()
 
 
 def _local(t: Tensor) -> Tensor:

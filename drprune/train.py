@@ -225,18 +225,18 @@ def _build_trainer(run: RunConfig, guards: list) -> Trainer:
     loggers = build_loggers(run.loggers)  # an unknown logger or a missing package fails here, before the model
     loggers += uploader_for(run.save_folder, loggers)  # drprune's own files reach an object-store save_folder
     scheduler = build_scheduler(run.scheduler)  # its options are checked before the model too
+    train_bs, eval_bs = _batch_sizes(run)  # layout checks before any checkpoint is read
+    sharding = plan_sharding(run.fsdp_config, has_mask_generator=run.model.mask_generator is not None)
+    composer_precision, autocast = resolve_precision(run.precision, torch.cuda.is_available())
+    if autocast is not None:
+        log.info("precision=%s on CPU: torch's CPU autocast to %s (Composer's CPU device only runs fp32)",
+                 run.precision, autocast)
     init_path = run.model.path
     distill = run.distill()
     init_state = load_model_state(init_path, run.trust_pickle) if init_path else None
     mcfg = model_config(run.model, init_state)
     run.check_model_fits_data(mcfg.max_seq_len)
     check_data_vocab(data, mcfg.vocab_size)  # another tokenizer's data, ids beyond the vocabulary
-    train_bs, eval_bs = _batch_sizes(run)
-    sharding = plan_sharding(run.fsdp_config, has_mask_generator=run.model.mask_generator is not None)
-    composer_precision, autocast = resolve_precision(run.precision, torch.cuda.is_available())
-    if autocast is not None:
-        log.info("precision=%s on CPU: torch's CPU autocast to %s (Composer's CPU device only runs fp32)",
-                 run.precision, autocast)
     reproducibility.seed_all(run.seed)  # before any generator: fresh runs are bit-identical
     mask_generator = build_mask_generator(mcfg, run.model.mask_generator, run.model.mask_prefix)
     set_names = list(run.callbacks.data_loading.set_names or [])

@@ -79,6 +79,23 @@ def losses(save: Path) -> list[list[float]]:
             for rank in range(2)]
 
 
+def sharding_layout(save: Path, rank: int = 0) -> dict[str, dict[str, int]]:
+    """Per child of the model (model, mask_generator, teacher): its sharded and plain fp32 parameter counts."""
+    return json.loads(Path(f"{save}.rec-rank{rank}-layout").read_text())
+
+
+def assert_sharded_as_designed(runs: dict[str, Path]) -> None:
+    """Under FSDP2 the decoder (and teacher) are sharded; the mask generator stays whole fp32 on every rank."""
+    for layout_name, save in runs.items():
+        for rank in range(2):
+            children = sharding_layout(save, rank)
+            for name, counts in children.items():
+                sharded = layout_name != "ddp" and name != "mask_generator"
+                assert counts["sharded"] == (counts["total"] if sharded else 0), (layout_name, rank, name)
+                if name == "mask_generator":
+                    assert counts["plain_fp32"] == counts["total"], (layout_name, rank)
+
+
 def final_state(save: Path) -> dict[str, torch.Tensor]:
     return load_model_state(save / f"ep0-ba{STEPS}-rank0.pt", trust_pickle=True)
 
@@ -120,6 +137,8 @@ def l0_runs(world) -> dict[str, Path]:
 
 
 def test_l0_dro_distillation_matches_ddp(l0_runs):
+    assert_sharded_as_designed(l0_runs)
+    assert {"model", "mask_generator", "teacher"} <= set(sharding_layout(l0_runs["fsdp2-full"]))
     states = assert_same_training(l0_runs, "mask_generator.")
     lambdas = {k: float(v) for k, v in states["fsdp2-full"].items() if ".lambda_" in k}
     assert lambdas and any(abs(v) > 1e-3 for v in lambdas.values())  # the multipliers moved
@@ -131,6 +150,7 @@ def test_l0_dro_distillation_matches_ddp(l0_runs):
 def test_hypernetwork_with_a_frozen_llm_matches_ddp(world):
     extra = [f"model.path={world['source']}", *HYPERNETWORK]
     runs = {layout: train(world, "hyper", layout, PRUNE, extra) for layout in LAYOUTS}
+    assert_sharded_as_designed(runs)
     states = assert_same_training(runs, "mask_generator.")
     source = load_model_state(world["source"])
     for layout, state in states.items():  # the LLM stays frozen under sharding too
@@ -144,6 +164,7 @@ def test_continued_pretraining_of_a_compacted_model_matches_ddp(world, l0_runs):
         compacted(l0_runs["ddp"])
     extra = [f"model.path={student}", f"distillation.teacher={world['source']}", "distillation.kl_weight=0.5"]
     runs = {layout: train(world, "continue", layout, CONTINUE, extra) for layout in LAYOUTS}
+    assert_sharded_as_designed(runs)
     states = assert_same_training(runs, "model.")
     for layout, state in states.items():
         for key, value in states["ddp"].items():

@@ -40,9 +40,27 @@ def digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def layout(model: torch.nn.Module) -> dict[str, dict[str, int]]:
+    """Per child of the ComposerModel: how many of its parameters are sharded (DTensor) and how many plain fp32."""
+    out = {}
+    for name, child in model.named_children():
+        params = list(child.parameters())
+        if params:
+            out[name] = {"sharded": sum(isinstance(p, DTensor) for p in params),
+                         "plain_fp32": sum(not isinstance(p, DTensor) and p.dtype == torch.float32 for p in params),
+                         "total": len(params)}
+    return out
+
+
 class Record(Callback):
+    """Appends a row per batch; at the start of training writes RECORD-layout (how the model is sharded)."""
+
     def __init__(self, path: Path, kill_at: int | None) -> None:
         self.path, self.kill_at = path, kill_at
+
+    def fit_start(self, state, logger) -> None:
+        model = state.model.module if hasattr(state.model, "module") else state.model
+        Path(f"{self.path}-layout").write_text(json.dumps(layout(model)))
 
     def batch_end(self, state, logger) -> None:
         model = state.model.module if hasattr(state.model, "module") else state.model
