@@ -79,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     shape, target = SIZES[args.size]
-    cfg = ModelConfig(family="llama", max_seq_len=2048, **shape)
+    cfg = ModelConfig(family="llama", context_length=2048, **shape)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-compact-"))
     work.mkdir(parents=True, exist_ok=True)
 

@@ -24,7 +24,7 @@ from drprune.models.config import ModelConfig
 from step_setup import step_setup
 
 CFG = dict(family="llama", vocab_size=32000, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8,
-           intermediate_size=1408, max_seq_len=256)
+           intermediate_size=1408, context_length=256)
 
 
 def timed(fn: Callable[[], None], device: str) -> float:

@@ -11,6 +11,7 @@ import logging
 import sys
 
 from drprune.errors import UserError
+from drprune.progress import bars_off_terminal
 
 # Modules that add sub-commands; order is the order in `drprune --help`.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the `drprune` command; returns the exit code (2, with one `drprune: error:` line, for a UserError)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    bars_off_terminal()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

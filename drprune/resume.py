@@ -10,8 +10,9 @@ A checkpoint written by another number of ranks resumes, and that was checked ra
 (tests/test_sharded_checkpoints.py): torch.distributed.checkpoint reshards the model and optimizer
 state of a sharded checkpoint, a full one is whole, and the data mixture's resume state counts
 global samples, so with the same global batch (kept by the run fingerprint) the same samples follow
-in the same order. Only the last bits of the arithmetic differ (sums over another number of ranks),
-and the hypernetwork's noise, drawn per rank, is drawn anew: a warning names both world sizes.
+in the same order. Without a mask generator the losses then match the original world size's to
+rounding (sums over another number of ranks); a mask generator's noise is drawn per rank, so a
+pruning run continues with another draw of its masks. A warning names both world sizes.
 """
 from __future__ import annotations
 
@@ -59,8 +60,9 @@ def check_resume_source(run: RunConfig, sharded_state_dict: bool) -> None:
         saved, now = _world_size(source, sharded), dist.get_world_size()
         if saved is not None and saved != now:
             log.warning("resuming %s, written by %d ranks, on %d: model and optimizer state are resharded and the "
-                        "data continues at the same global sample; losses match the %d-rank run to rounding, not "
-                        "bit for bit", source, saved, now, saved)
+                        "data continues at the same global sample, but the run is not the %d-rank run bit for bit "
+                        "(sums over another number of ranks; mask noise is drawn per rank)", source, saved, now,
+                        saved)
 
 
 def _world_size(source: Path, sharded: bool) -> int | None:

@@ -270,15 +270,20 @@ class Algorithms:
 
 @dataclass(frozen=True)
 class ModelSection:
-    """`model:` — the shape (ModelConfig fields, or read from `path`) and the mask generator node."""
+    """`model:` — the shape (ModelConfig fields, or read from `path`) and the mask generator node.
+
+    `model.max_seq_len` is where Sheared-LLaMA configs repeat the training sequence length; it must
+    agree with the top-level `max_seq_len` and never sets the model's context (`model.context_length`).
+    """
 
     shape: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
     name: str | None = None  # Sheared-LLaMA's model name; informational
     mask_generator: dict[str, Any] | None = None  # {name: l0 | hypernetwork | ..., options}
     mask_prefix: str = "model.mask_generator"  # where the node came from, for messages
+    max_seq_len: int | None = None
 
-    EXTRAS = ("name", "path", "l0_module", "mask_generator")
+    EXTRAS = ("name", "path", "l0_module", "mask_generator", "max_seq_len")
 
     @classmethod
     def read(cls, node: Any) -> "ModelSection":
@@ -293,8 +298,11 @@ class ModelSection:
             generator, prefix = {"name": "l0", **_coerce(node["l0_module"], dict, "model.l0_module")}, "model.l0_module"
         elif generator is not None:
             generator = {"name": "l0", **_coerce(generator, dict, prefix)}
+        seq_len = node.get("max_seq_len")
+        if seq_len is not None:
+            _at_least("model.max_seq_len", seq_len, 1)
         return cls(shape, None if path is None else _coerce(path, str, "model.path"),
-                   None if node.get("name") is None else str(node["name"]), generator, prefix)
+                   None if node.get("name") is None else str(node["name"]), generator, prefix, seq_len)
 
 
 @dataclass(frozen=True)
@@ -388,6 +396,11 @@ class RunConfig:
             check_keys(self.fsdp_config, [f.name for f in dataclasses.fields(FSDPConfig) if f.init], "fsdp_config")
         if self.max_seq_len is not None:
             _at_least("max_seq_len", self.max_seq_len, 1)
+        legacy = self.model.max_seq_len
+        if None not in (self.max_seq_len, legacy) and self.max_seq_len != legacy:
+            raise ConfigError(f"model.max_seq_len={legacy} differs from max_seq_len={self.max_seq_len}: both name the "
+                              "training sequence length (the model's context is model.context_length); drop "
+                              "model.max_seq_len")
         if self.callbacks.data_loading.dynamic and str(self.max_duration).endswith("ep"):
             raise ConfigError(f"max_duration={self.max_duration}: a dynamic mixture has no epochs; "
                               "use batches (e.g. 3200ba)")
@@ -401,12 +414,12 @@ class RunConfig:
         """The checked `distillation:` node (its teacher defaults to model.path); None when off."""
         return DistillConfig.from_node(self.distillation, self.model.path)
 
-    def check_model_fits_data(self, model_max_seq_len: int) -> None:
-        """The model must take sequences as long as the data's (its positions stop at model.max_seq_len)."""
-        if self.max_seq_len is not None and model_max_seq_len < self.max_seq_len:
-            raise ConfigError(f"model.max_seq_len={model_max_seq_len} is shorter than the data's "
-                              f"max_seq_len={self.max_seq_len}: set model.max_seq_len={self.max_seq_len} "
-                              "(or use shorter sequences)")
+    def check_model_fits_data(self, context_length: int) -> None:
+        """Training sequences must fit the model's context: beyond it a model is extrapolating, not training."""
+        if self.max_seq_len is not None and context_length < self.max_seq_len:
+            raise ConfigError(f"max_seq_len={self.max_seq_len} (the training sequence length) is longer than the "
+                              f"model's context length {context_length}: use shorter sequences, or set "
+                              f"model.context_length={self.max_seq_len} to extend the context")
 
 
 def _container(node: Any, what: str) -> Mapping[str, Any]:

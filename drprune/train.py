@@ -26,12 +26,13 @@ from drprune.data.loaders import build_eval_dataloader, build_train_dataloader, 
 from drprune.errors import ConfigError, UserError
 from drprune.masks import build_mask_generator
 from drprune.models.composer_model import PrunableLM
-from drprune.models.config import ModelConfig
+from drprune.models.config import ModelConfig, with_context_length
 from drprune.models.decoder import PrunableDecoder
 from drprune.models.distill import RUNTIME_KEYS, DistillConfig, check_teacher, same_file
 from drprune.parallel import plan_sharding, prepare_model, sharding_algorithms
 from drprune.paths import packaged_config
 from drprune.precision import resolve_precision
+from drprune.progress import composer_console
 from drprune.registry import SCHEDULERS, check_options
 from drprune.run_config import ModelSection, Optimizer, RunConfig, Scheduler
 from drprune.resume import check_resume_source
@@ -102,24 +103,35 @@ def load_config(path: str, overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def model_config(model: ModelSection, init_state: dict | None) -> ModelConfig:
-    """Model shape from the YAML, or from the `model.path` checkpoint (YAML shape keys must agree)."""
+def model_config(model: ModelSection, init_state: dict | None, seq_len: int | None = None) -> ModelConfig:
+    """Model shape from the YAML, or from the `model.path` checkpoint (YAML shape keys must agree).
+
+    The context length is the checkpoint's whatever `seq_len` (the training length) is, so what the
+    run saves and exports still says the source's; `model.context_length` overrides it explicitly. A
+    model described by the YAML alone has the training length as its context unless it says otherwise.
+    """
     shape = model.shape
-    if init_state is not None:
-        from_ckpt = config_of_state(init_state, ModelConfig.from_dict(shape) if shape else None)
-        merged = from_ckpt.to_dict()
-        runtime_only = {"attn_impl", "init_std", "max_seq_len"}
-        conflicts = {k: (v, merged[k]) for k, v in shape.items() if k in merged and merged[k] != v
-                     and k not in runtime_only}
-        if conflicts:
-            raise ConfigError(
-                "model keys contradict the checkpoint in model.path: "
-                + ", ".join(f"model.{k}={v!r} but the checkpoint has {c!r}" for k, (v, c) in conflicts.items())
-                + " (drop them from the YAML: the shape is read from the checkpoint)"
-            )
-        merged.update({k: v for k, v in shape.items() if k in runtime_only})
-        return ModelConfig.from_dict(merged)
-    return ModelConfig.from_dict(shape)
+    from_yaml = {"context_length": seq_len, **shape} if seq_len is not None else shape
+    if init_state is None:
+        return ModelConfig.from_dict(from_yaml)
+    from_ckpt = config_of_state(init_state, ModelConfig.from_dict(from_yaml) if shape else None)
+    merged = from_ckpt.to_dict()
+    overridable = {"attn_impl", "init_std", "context_length"}
+    conflicts = {k: (v, merged[k]) for k, v in shape.items() if k in merged and merged[k] != v
+                 and k not in overridable}
+    if conflicts:
+        raise ConfigError(
+            "model keys contradict the checkpoint in model.path: "
+            + ", ".join(f"model.{k}={v!r} but the checkpoint has {c!r}" for k, (v, c) in conflicts.items())
+            + " (drop them from the YAML: the shape is read from the checkpoint)"
+        )
+    merged.update({k: v for k, v in shape.items() if k in overridable - {"context_length"}})
+    cfg = ModelConfig.from_dict(merged)
+    context = shape.get("context_length", cfg.context_length)
+    if context != cfg.context_length:
+        log.info("model.context_length=%s overrides the checkpoint's context length %d", context, cfg.context_length)
+        cfg = with_context_length(cfg, context)
+    return cfg
 
 
 def _batch_sizes(run: RunConfig) -> tuple[int, int]:
@@ -234,8 +246,8 @@ def _build_trainer(run: RunConfig, guards: list) -> Trainer:
     init_path = run.model.path
     distill = run.distill()
     init_state = load_model_state(init_path, run.trust_pickle) if init_path else None
-    mcfg = model_config(run.model, init_state)
-    run.check_model_fits_data(mcfg.max_seq_len)
+    mcfg = model_config(run.model, init_state, run.max_seq_len)
+    run.check_model_fits_data(mcfg.context_length)
     check_data_vocab(data, mcfg.vocab_size)  # another tokenizer's data, ids beyond the vocabulary
     reproducibility.seed_all(run.seed)  # before any generator: fresh runs are bit-identical
     mask_generator = build_mask_generator(mcfg, run.model.mask_generator, run.model.mask_prefix)
@@ -264,6 +276,7 @@ def _build_trainer(run: RunConfig, guards: list) -> Trainer:
                                     metric_names=list(model.eval_metrics)))
     clip = run.algorithms.gradient_clipping
     algorithms = sharding_algorithms(sharding, None if clip is None else (clip.clipping_type, clip.clipping_threshold))
+    progress_bar, log_to_console = composer_console(run.progress_bar, run.log_to_console)
 
     return Trainer(
         run_name=run.run_name,
@@ -277,10 +290,11 @@ def _build_trainer(run: RunConfig, guards: list) -> Trainer:
         eval_interval=run.eval_interval,
         eval_subset_num_batches=run.eval_subset_num_batches,
         algorithms=algorithms,
-        callbacks=[*build_callbacks(run.callbacks, run.save_folder, model, train_loader), *guard],
+        callbacks=[*build_callbacks(run.callbacks, run.save_folder, model, train_loader,
+                                    run.console_log_interval), *guard],
         loggers=loggers,
-        progress_bar=run.progress_bar,
-        log_to_console=run.log_to_console,
+        progress_bar=progress_bar,
+        log_to_console=log_to_console,
         console_log_interval=run.console_log_interval,
         precision=composer_precision,
         device_train_microbatch_size=run.device_train_microbatch_size or train_bs,

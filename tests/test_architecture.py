@@ -14,7 +14,8 @@ import drprune
 
 PACKAGE = Path(drprune.__file__).parent
 LAYERS = [
-    {"drprune", "errors", "paths", "registry", "atomic", "plots", "cli_options"},
+    {"drprune", "errors", "paths", "registry", "atomic", "plots", "cli_options", "precision", "run_files", "progress",
+     "dtypes", "compute"},
     {"models"},
     {"mixture"},
     {"run_config"},
@@ -26,6 +27,7 @@ LAYERS = [
     {"oneshot"},
     {"callbacks"},
     {"run_guard"},
+    {"resume", "parallel"},
     {"train"},
     {"demo"},
     {"cli"},

@@ -265,6 +265,7 @@ def config_files(world, i, w):
     (i / "self.yaml").write_text("base: self.yaml\n")
     (i / "nobase.yaml").write_text("base: missing.yaml\nmax_duration: 20ba\n")
     (i / "unknown.yaml").write_text("num_blocks: 2\n")
+    (i / "dtype.yaml").write_text("dtype: half\n")
 
 
 # ---------------------------------------------------------------- the matrix
@@ -415,6 +416,13 @@ CASES = [
     C("c2h-out-under-file", f"{C2H} {{w}}/f/hf", "f is a file", WRITABLE, setup=UNDER_FILE),
     C("c2h-out-read-only", f"{C2H} {RO}", WRITABLE, setup=readonly),
     C("c2h-pruning-checkpoint", "convert composer-to-hf {prune} {w}/hf", "drprune compact"),
+    C("c2h-context-length-0", f"{C2H} {{w}}/hf --context-length 0", "--context-length=0 must be >= 1"),
+    C("c2h-context-override-not-int", f"{C2H} {{w}}/hf max_position_embeddings=long", "must be a positive integer"),
+    C("c2h-context-override-disagrees", f"{C2H} {{w}}/hf max_position_embeddings=4096 --context-length 8192",
+      "disagree"),
+    C("c2h-dtype-unknown", f"{C2H} {{w}}/hf --dtype fp8", "--dtype", "invalid choice"),
+    C("c2h-dtype-override-unknown", f"{C2H} {{w}}/hf torch_dtype=fp8", "dtype 'fp8' is not one of"),
+    C("c2h-dtype-override-disagrees", f"{C2H} {{w}}/hf torch_dtype=float16 --dtype bfloat16", "disagree"),
     # ---- convert gguf-to-hf
     C("g2h-missing", "convert gguf-to-hf {i}/nope.gguf {w}/hf", "nope.gguf does not exist"),
     C("g2h-empty", "convert gguf-to-hf {empty} {w}/hf", "is not a readable GGUF file"),
@@ -454,6 +462,11 @@ CASES = [
     C("compact-hf-under-file", "compact {prune} --out {w}/c.pt --hf {w}/f/hf", "f is a file", WRITABLE,
       setup=UNDER_FILE),
     C("compact-out-read-only", f"compact {{prune}} --out {RO}.pt", WRITABLE, setup=readonly),
+    C("compact-dtype-without-hf", "compact {prune} --out {w}/c.pt --dtype bfloat16", "add --hf DIR"),
+    C("compact-context-length-without-hf", "compact {prune} --out {w}/c.pt --context-length 8192", "add --hf DIR"),
+    C("compact-context-length-0", "compact {prune} --out {w}/c.pt --hf {w}/hf --context-length 0",
+      "--context-length=0 must be >= 1"),
+    C("compact-dtype-unknown", "compact {prune} --out {w}/c.pt --hf {w}/hf --dtype half", "invalid choice"),
     C("compact-out-is-input", "compact {i}/prune.pt --out {i}/prune.pt --overwrite", "is the input checkpoint",
       setup=lambda world, i, w: _copy(world, i, "prune")),
     # ---- eval (perplexity)
@@ -484,6 +497,14 @@ CASES = [
     C("eval-json-is-folder", f"{EVAL} --json {{w}}/r.json --overwrite", "is a folder", setup=existing_dir("r.json")),
     C("eval-json-exists", f"{EVAL} --json {{w}}/r.json", *OUT_EXISTS, setup=existing_file("r.json")),
     C("eval-json-read-only", f"{EVAL} --json {RO}.json", WRITABLE, setup=readonly),
+    C("eval-device-unknown", f"{EVAL} --device tpu", "--device 'tpu' is not a device"),
+    C("eval-device-unsupported", f"{EVAL} --device mps", "--device mps is not supported"),
+    C("eval-dtype-unknown", f"{EVAL} --dtype fp8", "--dtype", "invalid choice"),
+    *([] if torch.cuda.is_available() else [  # where torch sees no GPU
+        C("eval-device-cuda-without-cuda", f"{EVAL} --device cuda", "no CUDA device", "--device cpu"),
+        C("layers-device-cuda-without-cuda", f"{LAYERS} --out {{w}}/o --device cuda", "no CUDA device"),
+        C("tasks-device-cuda-without-cuda", "eval {hf} --tasks drprune_copy --data {data} --device cuda",
+          "no CUDA device")]),
     # ---- eval --tasks
     C("tasks-empty", "eval {hf} --tasks ,", "names no task"),
     C("tasks-unknown", "eval {hf} --tasks no_such_task", "unknown task(s) no_such_task"),
@@ -520,6 +541,9 @@ CASES = [
       "beyond the model's vocab_size"),
     C("layers-truncated-calib", "oneshot layers {hf} --num-blocks-to-prune 1 --calib {i}/data --out {w}/o",
       "is incomplete", "shard.00000.mds", setup=data_truncated_shard),
+    C("layers-device-unknown", f"{LAYERS} --out {{w}}/o --device tpu", "is not a device"),
+    C("layers-dtype-from-config-unknown", f"{LAYERS} --config {{i}}/dtype.yaml --out {{w}}/o", "--dtype 'half'",
+      setup=config_files),
     C("layers-config-missing", f"{LAYERS} --config {{i}}/nope.yaml --out {{w}}/o", "nope.yaml does not exist"),
     C("layers-config-broken", f"{LAYERS} --config {{i}}/broken.yaml --out {{w}}/o", "cannot parse", "fix the file",
       setup=config_files),
@@ -589,8 +613,11 @@ CASES = [
     C("train-seed-abc", "seed=abc", "seed='abc'", kind="train"),
     C("train-max-seq-len-0", "max_seq_len=0", "max_seq_len=0 must be an integer >= 1", kind="train"),
     C("train-max-seq-len-beyond-data", "max_seq_len=128", "holds 64-token sequences", kind="train"),
-    C("train-model-seq-shorter-than-data", "model.max_seq_len=32", "model.max_seq_len=32", "max_seq_len=64",
-      kind="train"),
+    C("train-model-seq-differs-from-data", "model.max_seq_len=32", "model.max_seq_len=32", "max_seq_len=64",
+      "model.context_length", kind="train"),
+    C("train-context-shorter-than-data", "model.context_length=32", "max_seq_len=64", "context length 32",
+      "model.context_length=64", kind="train"),
+    C("train-context-length-0", "model.context_length=0", "model.context_length=0", kind="train"),
     C("train-n-kv-heads-0", "model.n_kv_heads=0", "model.n_kv_heads=0", kind="train"),
     C("train-vocab-negative", "model.vocab_size=-1", "model.vocab_size=-1", kind="train"),
     C("train-heads-not-dividing", "model.n_heads=3", "not divisible", kind="train"),
@@ -792,5 +819,5 @@ def test_shipped_run_configs_pass_the_key_check(path):
     for key in RunConfig.REQUIRED:
         cfg.setdefault(key, 1)
     run = RunConfig.from_cfg(cfg)
-    if run.model.shape.get("max_seq_len") is not None:
-        run.check_model_fits_data(run.model.shape["max_seq_len"])
+    if run.model.shape.get("context_length") is not None:
+        run.check_model_fits_data(run.model.shape["context_length"])

@@ -12,10 +12,9 @@ from composer.loggers import InMemoryLogger
 from drprune.convert.checkpoint import decoder_checkpoint_state, save_checkpoint
 from drprune.data.testing import write_synthetic_mds
 from drprune.errors import UserError
-from drprune.models.composer_model import IGNORE_INDEX, token_losses
 from drprune.models.config import ModelConfig
 from drprune.models.decoder import PrunableDecoder
-from drprune.models.distill import kd_token_losses
+from drprune.models.losses import IGNORE_INDEX, kd_token_losses, token_losses
 from drprune.train import build_trainer, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +22,7 @@ PRUNE = str(ROOT / "configs" / "tiny" / "prune.yaml")
 CONTINUE = str(ROOT / "configs" / "tiny" / "continue_pretrain.yaml")
 # the tiny pruning config's source shape
 SOURCE = dict(family="llama", vocab_size=49152, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2,
-              intermediate_size=128, max_seq_len=64, norm_eps=1e-5, tie_word_embeddings=True)
+              intermediate_size=128, context_length=64, norm_eps=1e-5, tie_word_embeddings=True)
 
 
 # ---------------------------------------------------------------- the KL

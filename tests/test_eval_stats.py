@@ -19,10 +19,10 @@ from drprune.models.decoder import PrunableDecoder
 VOCAB = 97
 
 
-def tiny_decoder(max_seq_len: int = 64) -> PrunableDecoder:
+def tiny_decoder(context_length: int = 64) -> PrunableDecoder:
     torch.manual_seed(0)
     cfg = ModelConfig(family="llama", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                      intermediate_size=48, max_seq_len=max_seq_len)
+                      intermediate_size=48, context_length=context_length)
     decoder = PrunableDecoder(cfg).eval()
     with torch.no_grad():
         for p in decoder.parameters():
@@ -149,8 +149,8 @@ def test_copy_probe_matches_masked_loss():
 
 
 def test_copy_probe_rejects_bad_inputs():
-    decoder = tiny_decoder(max_seq_len=16)
-    with pytest.raises(UserError, match="max_seq_len=16"):
+    decoder = tiny_decoder(context_length=16)
+    with pytest.raises(UserError, match="context length 16"):
         copy_probe(decoder, np.arange(10), span=9)
     with pytest.raises(UserError, match="vocab"):
         copy_probe(decoder, np.array([1, VOCAB]), span=8)

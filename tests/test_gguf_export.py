@@ -38,7 +38,11 @@ IDS = torch.randint(0, TOKENIZER_VOCAB, (2, 13), generator=torch.Generator().man
 
 @pytest.fixture(scope="module")
 def bpe_dir(tmp_path_factory) -> Path:
-    """A byte-level BPE tokenizer (as SmolLM2 / LLaMA-3 / Qwen2 use) trained on TEXT."""
+    return train_bpe(tmp_path_factory.mktemp("bpe"))
+
+
+def train_bpe(out: Path) -> Path:
+    """A byte-level BPE tokenizer (as SmolLM2 / LLaMA-3 / Qwen2 use) trained on TEXT, saved in `out`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -49,7 +53,6 @@ def bpe_dir(tmp_path_factory) -> Path:
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=SPECIALS[0], bos_token=SPECIALS[1],
                                                 eos_token=SPECIALS[2], pad_token=SPECIALS[2])
     fast.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
-    out = tmp_path_factory.mktemp("bpe")
     fast.save_pretrained(out)
     assert len(fast) == TOKENIZER_VOCAB
     return out
@@ -73,6 +76,10 @@ def hf_folder(tmp_path: Path, shape: str, tokenizer_dir: Path, vocab: int = MODE
 
 def load_gguf_model(path: Path):
     return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+
+
+def gguf_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return {t.name: torch.from_numpy(t.data.copy()) for t in gguf.GGUFReader(str(path)).tensors}
 
 
 def fields(path: Path) -> dict:
@@ -178,28 +185,103 @@ def test_checkpoint_input_goes_through_the_hf_names(tmp_path, bpe_dir, capsys):
         torch.testing.assert_close(load_gguf_model(out)(IDS).logits, ref(IDS).logits, atol=1e-5, rtol=0)
 
 
-def per_layer_checkpoint(path: Path) -> Path:
-    """A compact checkpoint whose layers differ in shape (as hypernetwork pruning leaves them)."""
+def per_layer_decoder(family: str = "llama"):
+    """A compact model whose layers differ, made by drprune's compaction path from non-uniform masks:
+    6 source layers (4 heads in 2 KV groups of head_dim 16, MLP 96; Qwen2 with Q/K/V biases), layer 4
+    removed; then layer 0 has no attention, layer 1 one KV group and MLP 40, layer 2 no MLP, layer 3 no
+    attention and MLP 64, layer 4 (source layer 5) one KV group and MLP 24. Mask values are scales in
+    [0.5, 1.5] folded in."""
+    from drprune.compact.fold import compact_decoder
+    from drprune.masks.base import MaskSet
+    from drprune.models.config import ModelConfig
+    from tests.test_compact import random_decoder
+
+    cfg = ModelConfig(family=family, vocab_size=MODEL_VOCAB, d_model=64, n_layers=6, n_heads=4, n_kv_heads=2,
+                      head_dim=16, intermediate_size=96, qkv_bias=family == "qwen2")
+    gen = torch.Generator().manual_seed(4)
+
+    def scales(*shape: int) -> torch.Tensor:
+        return 0.5 + torch.rand(shape, generator=gen)
+
+    keep_ff = [96, 40, 96, 64, 96, 24]
+    intermediate = torch.zeros(6, 96)
+    for i, k in enumerate(keep_ff):
+        intermediate[i, torch.randperm(96, generator=gen)[:k]] = 1.0
+    masks = MaskSet(layer=scales(6) * torch.tensor([1.0, 1, 1, 1, 0, 1]),
+                    head_layer=scales(6) * torch.tensor([0.0, 1, 1, 0, 1, 1]),
+                    mlp=scales(6) * torch.tensor([1.0, 1, 0, 1, 1, 1]),
+                    head=scales(6, 2) * torch.tensor([[1.0, 1], [1, 0], [1, 1], [1, 1], [1, 1], [0, 1]]),
+                    intermediate=scales(6, 96) * intermediate)
+    compact = compact_decoder(random_decoder(cfg), masks.validate(cfg)).eval()
+    shapes = [(s.n_heads, s.n_kv_heads, s.intermediate_size) for s in compact.cfg.layers]
+    assert shapes == [(0, 0, 96), (2, 1, 40), (4, 2, 0), (0, 0, 64), (2, 1, 24)]
+    return compact
+
+
+def remote_code_folder(tmp_path: Path, decoder, tokenizer_dir: Path) -> Path:
+    """`decoder` saved as a checkpoint and exported by composer-to-hf (a remote-code folder)."""
     from drprune.convert.checkpoint import decoder_checkpoint_state, save_checkpoint
+
+    save_checkpoint(decoder_checkpoint_state(decoder), tmp_path / "per_layer.pt")
+    folder = tmp_path / "remote"
+    assert main(["convert", "composer-to-hf", str(tmp_path / "per_layer.pt"), str(folder), "--tokenizer",
+                 str(tokenizer_dir)]) == 0
+    assert (folder / "modeling_drprune.py").is_file()
+    return folder
+
+
+def test_per_layer_shapes_are_written_as_deci(tmp_path, bpe_dir):
+    """Per-layer arrays, exact zero stand-ins where `deci` has gaps, Q/K rows interleaved per layer with that
+    layer's head counts; the checkpoint and its remote-code HF folder give the same file."""
+    decoder = per_layer_decoder()
+    folder = remote_code_folder(tmp_path, decoder, bpe_dir)
+    from_folder = hf_to_gguf(folder, tmp_path / "folder.gguf", dtype="f32")
+    from_ckpt = hf_to_gguf(tmp_path / "per_layer.pt", tmp_path / "ckpt.gguf", dtype="f32", tokenizer_dir=bpe_dir)
+    meta = fields(from_folder)
+    assert meta["general.architecture"] == "deci" and meta["deci.block_count"] == 5
+    # layer 0: a 1-head stand-in (llama.cpp takes the head size from layer 0); layer 2: a 1-wide MLP stand-in
+    assert meta["deci.attention.head_count"] == [1, 2, 4, 0, 2]
+    assert meta["deci.attention.head_count_kv"] == [1, 1, 2, 0, 1]
+    assert meta["deci.feed_forward_length"] == [96, 40, 1, 64, 24]
+    assert meta["deci.attention.key_length"] == meta["deci.rope.dimension_count"] == 16
+    hf_config = json.loads((folder / "config.json").read_text())
+    assert meta["deci.context_length"] == hf_config["max_position_embeddings"]
+
+    tensors = gguf_tensors(from_folder)
+    assert not any(n.startswith("blk.3.attn") for n in tensors)
+    assert tensors["blk.0.attn_q.weight"].shape == (16, 64) and tensors["blk.0.attn_output.weight"].shape == (64, 16)
+    assert not tensors["blk.0.attn_output.weight"].any() and not tensors["blk.2.ffn_down.weight"].any()
+    assert torch.equal(tensors["blk.2.ffn_norm.weight"], torch.ones(64))
+    state = decoder.state_dict()
+    for ours, theirs, heads in (("attn_q", "wq", 2), ("attn_k", "wk", 1)):
+        hf, gg = state[f"transformer.blocks.1.attn.{theirs}.weight"], tensors[f"blk.1.{ours}.weight"]
+        assert gg.shape == hf.shape == (heads * 16, 64)
+        for h in range(heads):  # llama.cpp rotates rows (2j, 2j+1) of a head; HF rotates rows (j, j + 8)
+            head, block = gg[h * 16:(h + 1) * 16], hf[h * 16:(h + 1) * 16]
+            assert torch.equal(head[0::2], block[:8]) and torch.equal(head[1::2], block[8:])
+    assert torch.equal(tensors["blk.4.ffn_down.weight"], state["transformer.blocks.4.mlp.down_proj.weight"])
+    assert torch.equal(tensors["blk.1.attn_v.weight"], state["transformer.blocks.1.attn.wv.weight"])
+    again = gguf_tensors(from_ckpt)
+    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
+
+
+def test_residual_selections_are_refused_and_the_demo_skips_them(tmp_path, bpe_dir, capsys, caplog):
+    from drprune.convert.checkpoint import decoder_checkpoint_state, save_checkpoint
+    from drprune.demo.pipeline import export_gguf
     from drprune.models.config import LayerSpec, ModelConfig
     from drprune.models.decoder import PrunableDecoder
 
     cfg = ModelConfig(family="llama", vocab_size=MODEL_VOCAB, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2,
-                      intermediate_size=64, layers=[LayerSpec(2, 2, 64), LayerSpec(1, 1, 32)])
-    return save_checkpoint(decoder_checkpoint_state(PrunableDecoder(cfg)), path)
-
-
-def test_per_layer_shapes_are_refused_and_the_demo_skips_them(tmp_path, bpe_dir, capsys, caplog):
-    from drprune.demo.pipeline import export_gguf
-
-    ckpt = per_layer_checkpoint(tmp_path / "per_layer.pt")
+                      intermediate_size=64, layers=[LayerSpec(2, 2, 64), LayerSpec(1, 1, 32, mlp_in=list(range(20)))])
+    ckpt = save_checkpoint(decoder_checkpoint_state(PrunableDecoder(cfg)), tmp_path / "selecting.pt")
     out = tmp_path / "m.gguf"
     assert main(["convert", "hf-to-gguf", str(ckpt), str(out), "--tokenizer", str(bpe_dir)]) == 2
-    assert "layers differ in shape" in capsys.readouterr().err and not out.exists()
+    err = capsys.readouterr().err
+    assert "layers [1] read or write their own subsets of the residual dimensions" in err and not out.exists()
 
     folder = tmp_path / "remote"
     assert main(["convert", "composer-to-hf", str(ckpt), str(folder), "--tokenizer", str(bpe_dir)]) == 0
-    with pytest.raises(PerLayerShapes, match="transformers' GGUF reader takes one value"):
+    with pytest.raises(PerLayerShapes, match="no llama.cpp architecture can express"):
         hf_to_gguf(folder, out)
     out.write_bytes(b"an older run's file")
     with caplog.at_level(logging.WARNING):

@@ -18,7 +18,7 @@ from drprune.oneshot.layers import (
 def tiny_decoder(n_layers: int = 5, seed: int = 0) -> PrunableDecoder:
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=23, d_model=16, n_layers=n_layers, n_heads=4, n_kv_heads=2,
-                      intermediate_size=24, max_seq_len=32, init_std=0.3)
+                      intermediate_size=24, context_length=32, init_std=0.3)
     return PrunableDecoder(cfg).eval()
 
 

@@ -119,7 +119,7 @@ def test_byte_level_bpe_round_trip(tmp_path, byte_fallback):
 @pytest.mark.parametrize("tied", [False, True])
 def test_logits_on_kept_tokens_are_unchanged(tied):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=50, d_model=16, n_layers=2, n_heads=2, intermediate_size=24, max_seq_len=16,
+    cfg = ModelConfig(vocab_size=50, d_model=16, n_layers=2, n_heads=2, intermediate_size=24, context_length=16,
                       tie_word_embeddings=tied)
     dec = PrunableDecoder(cfg).eval()
     keep = sorted(set(torch.randperm(50)[:20].tolist()) | {0, 49})

@@ -21,7 +21,7 @@ def toy(family: str = "llama", n_layers: int = 1, seed: int = 0) -> PrunableDeco
     extra = dict(norm="layernorm", mlp="plain", activation="gelu", qkv_bias=True, o_bias=True, mlp_bias=True,
                  n_kv_heads=H) if family == "pythia" else dict(n_kv_heads=KV, qkv_bias=family == "qwen2")
     cfg = ModelConfig(family=family, vocab_size=V, d_model=D, n_layers=n_layers, n_heads=H, head_dim=HD,
-                      intermediate_size=I, max_seq_len=16, init_std=0.5, **extra)
+                      intermediate_size=I, context_length=16, init_std=0.5, **extra)
     dec = PrunableDecoder(cfg).eval()
     with torch.no_grad():
         for name, p in dec.named_parameters():

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny" / "prune.yaml")
 SECTION = ModelSection.read(OmegaConf.load(TINY)["model"])  # the tiny run's shape and L0 generator
 CFG = ModelConfig.from_dict(SECTION.shape)
+SEQ = int(OmegaConf.load(TINY)["max_seq_len"])  # the tiny run's training length
 HYPERNETWORK = {"name": "hypernetwork", "target_ratio": 0.6, "embedding_dim": 16, "hidden_size": 16}
 
 
@@ -56,7 +57,7 @@ def build_model(generator_node: dict | None, cpu_autocast: torch.dtype | None) -
 
 
 def batch(seed: int = 0) -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, CFG.vocab_size, (4, CFG.max_seq_len), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(0, CFG.vocab_size, (4, SEQ), generator=torch.Generator().manual_seed(seed))
     return {"input_ids": ids, "labels": ids}
 
 

@@ -95,7 +95,8 @@ def test_a_training_run_writes_its_files_beside_its_checkpoints_in_the_formatted
     monkeypatch.chdir(tmp_path)
     trainer = build_trainer(load_config(TINY, [
         f"data_local={data}", "callbacks.data_loading.set_names=[a,b]", "save_folder=runs/{run_name}",
-        "max_duration=2ba", "eval_interval=2ba", "save_interval=2ba", "log_to_console=false"]))
+        "max_duration=2ba", "eval_interval=2ba", "save_interval=2ba", "console_log_interval=1ba",
+        "log_to_console=false"]))
     trainer.fit()
     trainer.close()
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["tiny-prune"]

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PRUNE = str(ROOT / "configs" / "tiny" / "prune.yaml")
 CONTINUE = str(ROOT / "configs" / "tiny" / "continue_pretrain.yaml")
 SOURCE = dict(family="llama", vocab_size=49152, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2,
-              intermediate_size=128, max_seq_len=64, norm_eps=1e-5, tie_word_embeddings=True)
+              intermediate_size=128, context_length=64, norm_eps=1e-5, tie_word_embeddings=True)
 STEPS = 10
 # how each run is sharded: (environment, overrides)
 LAYOUTS = {

@@ -2,9 +2,10 @@
 
 Fast tests build torch.distributed.checkpoint folders in one process (`dcp.save(no_dist=True)`, the
 layout Composer writes: `state.model`, `state.optimizers`, `rng`). The slow ones train the tiny
-config under `composer -n 2` with FSDP2 on CPU: the same run saved sharded and saved full compacts to
-the same model; a sharded checkpoint of 2 ranks resumes through `load_path` on 1 rank with the same
-samples and the same losses to rounding.
+configs under `composer -n 2` with FSDP2 on CPU: scripts/prune.sh compacts the sharded checkpoint
+`latest-rank0.pt` links to; the same run saved sharded and saved full compacts to the same model; a
+sharded checkpoint of 2 ranks (continued pretraining: no per-rank mask noise) resumes through
+`load_path` on 1 rank with the same samples and the same losses to rounding.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from tests.test_compact_cli import CFG, IDS, pruning_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny" / "prune.yaml")
+CONTINUE = str(ROOT / "configs" / "tiny" / "continue_pretrain.yaml")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "FSDP_VERSION": "2"}
 
 
@@ -165,12 +167,11 @@ def test_autoresume_checks_what_latest_links_to(tmp_path):
 
 # ---------------------------------------------------------------- 2 ranks, FSDP2 (slow)
 
-def train(record: Path, save: Path, data: Path, ranks: int, *extra: str) -> subprocess.CompletedProcess:
-    args = [f"data_local={data}", "callbacks.data_loading.set_names=[a,b]", f"save_folder={save}",
-            "callbacks.data_loading.update_type=dro", "callbacks.data_loading.reference_loss=[9.0,9.0]",
-            "precision=fp32", "fsdp_config.sharding_strategy=FULL_SHARD", "eval_interval=3ba", "save_interval=3ba",
+def train(record: Path, save: Path, data: Path, ranks: int, config: str, *extra: str) -> subprocess.CompletedProcess:
+    args = [f"data_local={data}", "callbacks.data_loading.set_names=[a,b]", f"save_folder={save}", "precision=fp32",
+            "fsdp_config.sharding_strategy=FULL_SHARD", "eval_interval=3ba", "save_interval=3ba",
             "save_num_checkpoints_to_keep=-1", "log_to_console=false", *extra]
-    script = [str(ROOT / "tests" / "scripts" / "train_recorded.py"), str(record), TINY, *args]
+    script = [str(ROOT / "tests" / "scripts" / "train_recorded.py"), str(record), config, *args]
     launcher = [str(Path(sys.executable).parent / "composer"), "-n", "2", "--stdout", f"{record}-out{{rank}}",
                 "--stderr", f"{record}-err{{rank}}"] if ranks == 2 else [sys.executable]
     proc = subprocess.run([*launcher, *script], env=ENV, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -185,59 +186,61 @@ def rows(record: Path, rank: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def two_rank_runs(tmp_path_factory) -> Path:
-    """The same 2-rank FSDP2 run saved sharded (6 batches) and saved full (3 batches)."""
+    """2-rank FSDP2 runs: scripts/prune.sh with sharded checkpoints (3 batches, compacted by the script);
+    the same pruning run saved full; continued pretraining of the compact model, sharded (6 batches)."""
     root = tmp_path_factory.mktemp("fsdp2")
     data = write_synthetic_mds(root / "data", {"a": "repetitive", "b": "random"}, seq_len=64, vocab_size=49152,
                                n_train=160, n_eval=8)
-    train(root / "sharded", root / "sharded-run", data, 2, "max_duration=6ba", "fsdp_config.state_dict_type=sharded")
-    train(root / "full", root / "full-run", data, 2, "max_duration=3ba", "fsdp_config.state_dict_type=full")
+    common = ["max_duration=3ba", "save_interval=3ba", "eval_interval=3ba", "log_to_console=false", "precision=fp32",
+              "fsdp_config.sharding_strategy=FULL_SHARD"]
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "prune.sh"), str(data), "[a,b]", str(root / "prune"),
+                           *common, "fsdp_config.state_dict_type=sharded"],
+                          env={**ENV, "NPROC": "2", "PYTHON": sys.executable}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(root / "full", root / "full-run", data, 2, TINY, *common, "fsdp_config.state_dict_type=full")
+    train(root / "continue", root / "continue-run", data, 2, CONTINUE, "max_duration=6ba",
+          f"model.path={root / 'prune' / 'pruned-latest-rank0.pt'}", "fsdp_config.state_dict_type=sharded")
     return root
 
 
 @pytest.mark.slow
+def test_prune_sh_on_two_ranks_with_sharded_checkpoints_compacts_the_last_one(two_rank_runs):
+    run = two_rank_runs / "prune"
+    assert os.readlink(run / "latest-rank0.pt") == "ep0-ba3"
+    assert sorted(p.name for p in (run / "ep0-ba3").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    small = load_any_decoder(run / "pruned-latest-rank0.pt").cfg
+    assert (small.d_model, small.n_heads, small.n_layers, small.intermediate_size) == (48, 2, 3, 64)  # tiny's target
+
+
+@pytest.mark.slow
 def test_the_same_run_saved_sharded_and_full_compacts_to_the_same_model(two_rank_runs, tmp_path):
-    root = two_rank_runs
-    for rank in (0, 1):  # the two runs are the same run up to batch 3, shard for shard
-        assert rows(root / "sharded", rank)[:3] == rows(root / "full", rank)
-    folder, file = root / "sharded-run" / "ep0-ba3", root / "full-run" / "ep0-ba3-rank0.pt"
-    assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    folder, file = two_rank_runs / "prune" / "ep0-ba3", two_rank_runs / "full-run" / "ep0-ba3-rank0.pt"
     sharded, full = load_model_state(folder), load_model_state(file)
-    assert sorted(sharded) == sorted(full)
+    assert sorted(sharded) == sorted(full)  # the same run, shard for shard
     assert all(torch.equal(sharded[k], v) for k, v in full.items() if torch.is_tensor(v))
 
     assert drprune(["compact", str(folder), "--out", str(tmp_path / "a.pt")]) == 0
     assert drprune(["compact", str(file), "--out", str(tmp_path / "b.pt")]) == 0
-    a, b = load_model_state(tmp_path / "a.pt"), load_model_state(tmp_path / "b.pt")
+    b = load_model_state(tmp_path / "b.pt")
     tensors = [k for k in b if torch.is_tensor(b[k])]
-    assert [a[k].shape for k in tensors] == [b[k].shape for k in tensors]
-    assert max((a[k] - b[k]).abs().max().item() for k in tensors) <= 1e-6
-    assert a["model._extra_state"]["model_config"] == b["model._extra_state"]["model_config"]
-    assert drprune(["compact", str(root / "sharded-run" / "latest-rank0.pt"), "--out", str(tmp_path / "c.pt")]) == 0
+    for compact in (tmp_path / "a.pt", two_rank_runs / "prune" / "pruned-latest-rank0.pt"):  # folder; prune.sh's
+        a = load_model_state(compact)
+        assert [a[k].shape for k in tensors] == [b[k].shape for k in tensors]
+        assert max((a[k] - b[k]).abs().max().item() for k in tensors) <= 1e-6
+        assert a["model._extra_state"]["model_config"] == b["model._extra_state"]["model_config"]
 
 
 @pytest.mark.slow
 def test_a_two_rank_sharded_checkpoint_resumes_on_one_rank(two_rank_runs, tmp_path):
     root = two_rank_runs
-    proc = train(tmp_path / "one", tmp_path / "one-run", root / "data", 1, "max_duration=6ba",
-                 "fsdp_config.state_dict_type=sharded", f"load_path={root / 'sharded-run' / 'ep0-ba3'}")
+    proc = train(tmp_path / "one", tmp_path / "one-run", root / "data", 1, CONTINUE, "max_duration=6ba",
+                 f"model.path={root / 'prune' / 'pruned-latest-rank0.pt'}", "fsdp_config.state_dict_type=sharded",
+                 f"load_path={root / 'continue-run' / 'ep0-ba3'}")
     assert "written by 2 ranks, on 1" in proc.stderr
     resumed = rows(tmp_path / "one", 0)
     assert [r["batch"] for r in resumed] == [4, 5, 6]
-    two = [rows(root / "sharded", rank)[3:] for rank in (0, 1)]
+    two = [rows(root / "continue", rank)[3:] for rank in (0, 1)]
     for row, r0, r1 in zip(resumed, *two):
         assert row["idx"] == r0["idx"] + r1["idx"]  # the same samples, in the same order
-        assert abs(row["loss"] - (r0["loss"] + r1["loss"]) / 2) <= 1e-4 * abs(row["loss"])
-
-
-@pytest.mark.slow
-def test_prune_sh_on_two_ranks_with_sharded_checkpoints_compacts_the_last_one(two_rank_runs, tmp_path):
-    run = tmp_path / "run"
-    proc = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "prune.sh"), str(two_rank_runs / "data"), "[a,b]", str(run), "max_duration=3ba",
-         "save_interval=3ba", "eval_interval=3ba", "log_to_console=false", "fsdp_config.sharding_strategy=FULL_SHARD",
-         "fsdp_config.state_dict_type=sharded"],
-        env={**ENV, "NPROC": "2", "PYTHON": sys.executable}, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert os.readlink(run / "latest-rank0.pt") == "ep0-ba3" and (run / "ep0-ba3" / ".metadata").is_file()
-    small = load_any_decoder(run / "pruned-latest-rank0.pt").cfg
-    assert (small.d_model, small.n_heads, small.n_layers, small.intermediate_size) == (48, 2, 3, 64)  # tiny's target
+        assert abs(row["loss"] - (r0["loss"] + r1["loss"]) / 2) <= 1e-4 * abs(row["loss"])  # the same run, to rounding

@@ -5,7 +5,7 @@ from typing import Any
 
 import composer.callbacks as cc
 import composer.loggers as cl
-from composer.core import Callback
+from composer.core import Callback, Time, TimeUnit
 from composer.utils import MissingConditionalImportError
 
 import drprune.callbacks.data_loading  # noqa: F401 - registers "data_loading"
@@ -17,7 +17,8 @@ from drprune.run_config import Callbacks
 
 def _composer_callback(cls: type[Callback]) -> Any:
     """A CALLBACKS factory that builds Composer's `cls` from the node's options."""
-    def factory(params: dict[str, Any], save_folder: str | None, model: Any, loader: Any) -> Callback:
+    def factory(params: dict[str, Any], save_folder: str | None, model: Any, loader: Any,
+                log_interval: int = 1) -> Callback:
         return cls(**params)
 
     factory.options_of = cls  # check_callbacks binds the options to this signature before anything is built
@@ -45,16 +46,29 @@ def check_callbacks(callbacks: Callbacks) -> None:
             check_options(cls, params, f"callbacks.{name}")
 
 
-def build_callbacks(callbacks: Callbacks, save_folder: str | None, model: Any, train_loader: Any) -> list[Callback]:
-    """The configured callbacks (data_loading with its typed section), plus pruning's when the model has masks."""
+def build_callbacks(callbacks: Callbacks, save_folder: str | None, model: Any, train_loader: Any,
+                    log_interval: int | str = 1) -> list[Callback]:
+    """The configured callbacks (data_loading with its typed section), plus pruning's when the model has masks.
+
+    `log_interval` (batches, or Composer's `5ba`): how often per-step statistics are read and logged.
+    """
     out: list[Callback] = []
     for name, params in {"data_loading": callbacks.data_loading, **callbacks.others}.items():
-        cb = CALLBACKS.get(name, key="callbacks", nested=True)(params, save_folder, model, train_loader)
+        cb = CALLBACKS.get(name, key="callbacks", nested=True)(params, save_folder, model, train_loader,
+                                                               batches(log_interval))
         if cb is not None:
             out.append(cb)
     if getattr(model, "mask_generator", None) is not None:
-        out.append(PruningCallback(save_folder))
+        out.append(PruningCallback(save_folder, batches(log_interval)))
     return out
+
+
+def batches(interval: int | str) -> int:
+    """A batch count from `5`, `"5ba"` (Composer's units); other units (epochs, tokens) log every batch."""
+    if isinstance(interval, int):
+        return interval
+    time = Time.from_timestring(str(interval))
+    return int(time.value) if time.unit == TimeUnit.BATCH else 1
 
 
 def build_loggers(loggers: dict[str, Any]) -> list[Any]:

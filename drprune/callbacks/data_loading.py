@@ -59,8 +59,10 @@ class DynamicLoadingCallback(Callback):
         clamp_q_to_min: bool = True,
         dro_clamp: str = "reference",
         save_folder: str | None = None,
+        log_interval: int = 1,
     ) -> None:
         self.set_names, self.update_type, self.dataset = list(set_names), update_type, dataset
+        self.log_interval = max(1, int(log_interval))
         self.rho, self.ema, self.min_prob, self.clamp_q_to_min = rho, ema, min_prob, clamp_q_to_min
         self.dro_clamp = dro_clamp
         self.files = RunFiles(save_folder)
@@ -75,7 +77,8 @@ class DynamicLoadingCallback(Callback):
         self.interval_tokens = [0] * k
         self.weight_history: list[tuple[int, list[float]]] = []
         self.eval_history: list[tuple[int, list[float], list[float] | None]] = []
-        self._batch_sums = torch.zeros(2 * k, dtype=torch.float64)
+        self._batch_sums: torch.Tensor | None = None  # this batch's per-domain loss sums and tokens, on device
+        self._pending: list[torch.Tensor] = []  # reduced sums of batches not yet folded into the lists above
         self.fitter = None
         if update_type.dynamic_reference:
             self.fitter = ReferenceLossFitter(self.set_names)
@@ -87,37 +90,50 @@ class DynamicLoadingCallback(Callback):
             return
         k = len(self.set_names)
         ids = batch["set"].to(outputs["loss_sum"].device)
-        sums = torch.zeros(k, dtype=torch.float64, device=ids.device)
-        counts = torch.zeros(k, dtype=torch.float64, device=ids.device)
-        sums.index_add_(0, ids, outputs["loss_sum"].double())
-        counts.index_add_(0, ids, outputs["tokens"].double())
-        self._batch_sums += torch.cat([sums, counts]).cpu()
+        if self._batch_sums is None:
+            self._batch_sums = torch.zeros(2 * k, dtype=torch.float64, device=ids.device)
+        self._batch_sums[:k].index_add_(0, ids, outputs["loss_sum"].double())
+        self._batch_sums[k:].index_add_(0, ids, outputs["tokens"].double())
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        totals = self._batch_sums.clone()
-        self._batch_sums.zero_()
-        reduced = state.device.tensor_to_device(totals)
+        """Reduce this batch's sums over ranks on the device; fold them into the EMA only when read."""
+        sums = self._batch_sums if self._batch_sums is not None else torch.zeros(2 * len(self.set_names),
+                                                                                dtype=torch.float64)
+        self._batch_sums = None
+        reduced = state.device.tensor_to_device(sums)
         dist.all_reduce(reduced)
-        totals = reduced.cpu()
-        k = len(self.set_names)
-        for i in range(k):
-            tokens = float(totals[k + i])
-            if tokens > 0:
-                mean = float(totals[i]) / tokens
-                prev = self.ema_loss[i]
-                self.ema_loss[i] = mean if prev is None else (1 - self.ema) * prev + self.ema * mean
-                self.tokens_seen[i] += int(tokens)
-                self.interval_loss[i] += float(totals[i])
-                self.interval_tokens[i] += int(tokens)
+        self._pending.append(reduced)
         step = int(state.timestamp.batch)
         self.weight_history.append((step, list(self.p)))
         logger.log_metrics({f"metrics/train/{name}_weight": w for name, w in zip(self.set_names, self.p)})
+        if step % self.log_interval:
+            return  # no host sync between logging steps
+        self._fold()
         losses = {f"{name}_ema_loss": v for name, v in zip(self.set_names, self.ema_loss) if v is not None}
         losses.update({f"{name}_reference_loss": v for name, v in zip(self.set_names, self.reference_loss or [])})
         logger.log_metrics({f"metrics/train/{k}": v for k, v in losses.items()})  # the rule's inputs
 
+    def _fold(self) -> None:
+        """Apply the pending batches, in order, to the EMA, tokens seen and interval sums (one host read)."""
+        if not self._pending:
+            return
+        rows = torch.stack(self._pending).tolist()
+        self._pending = []
+        k = len(self.set_names)
+        for totals in rows:
+            for i in range(k):
+                tokens = totals[k + i]
+                if tokens > 0:
+                    mean = totals[i] / tokens
+                    prev = self.ema_loss[i]
+                    self.ema_loss[i] = mean if prev is None else (1 - self.ema) * prev + self.ema * mean
+                    self.tokens_seen[i] += int(tokens)
+                    self.interval_loss[i] += totals[i]
+                    self.interval_tokens[i] += int(tokens)
+
     # ---------------------------------------------------------------- the rule
     def eval_end(self, state: State, logger: Logger) -> None:
+        self._fold()
         eval_losses = self._eval_losses(state)
         step = int(state.timestamp.batch)
         elapsed = float(state.get_elapsed_duration() or 0.0)
@@ -171,6 +187,7 @@ class DynamicLoadingCallback(Callback):
 
     # ---------------------------------------------------------------- outputs
     def fit_end(self, state: State, logger: Logger) -> None:
+        self._fold()
         self._write_outputs(state, logger)
 
     def close(self, state: State, logger: Logger) -> None:
@@ -195,6 +212,7 @@ class DynamicLoadingCallback(Callback):
 
     # ---------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
+        self._fold()
         return {
             "p": self.p, "p0": self.p0, "reference_loss": self.reference_loss, "ema_loss": self.ema_loss,
             "tokens_seen": self.tokens_seen, "interval_loss": self.interval_loss,
@@ -204,6 +222,7 @@ class DynamicLoadingCallback(Callback):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending, self._batch_sums = [], None
         self.p, self.p0 = list(state["p"]), list(state["p0"])
         self.reference_loss, self.ema_loss = state["reference_loss"], list(state["ema_loss"])
         self.tokens_seen = list(state["tokens_seen"])
@@ -226,7 +245,7 @@ def _model_sparsity(state: State) -> float:
     stats = getattr(model, "last_stats", {}) or {}
     if "expected_params" not in stats:
         return 0.0
-    return max(0.0, 1.0 - stats["expected_params"] / config_params(model.model.cfg, embeddings=False))
+    return max(0.0, 1.0 - float(stats["expected_params"]) / config_params(model.model.cfg, embeddings=False))
 
 
 def _target_sparsity(state: State) -> float:
@@ -240,7 +259,7 @@ def _target_sparsity(state: State) -> float:
 
 @CALLBACKS.register("data_loading")
 def build_data_loading_callback(section: DataLoading, save_folder: str | None, model: Any,
-                                loader: Any) -> Callback | None:
+                                loader: Any, log_interval: int = 1) -> Callback | None:
     """From `callbacks.data_loading`; None when the mixture is not dynamic."""
     if not section.dynamic:
         return None
@@ -252,4 +271,4 @@ def build_data_loading_callback(section: DataLoading, save_folder: str | None, m
     return DynamicLoadingCallback(
         set_names, list(dataset.proportion), section.rule, dataset, reference_loss=section.reference_loss,
         rho=section.rho, ema=section.ema, min_prob=section.min_prob, clamp_q_to_min=section.clamp_q_to_min,
-        dro_clamp=section.dro_clamp, save_folder=save_folder)
+        dro_clamp=section.dro_clamp, save_folder=save_folder, log_interval=log_interval)

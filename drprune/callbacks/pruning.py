@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
@@ -25,11 +26,22 @@ def unwrap_model(state: State) -> Any:
     return state.model.module if hasattr(state.model, "module") else state.model
 
 
-class PruningCallback(Callback):
-    """Steps the mask generator's schedule, logs its stats and writes masks, plots and the final report."""
+def stats_to_floats(stats: dict[str, Any]) -> dict[str, float]:
+    """Logged values as floats: every 0-d tensor read in one transfer (one host sync, not one per stat)."""
+    tensors = {k: v for k, v in stats.items() if torch.is_tensor(v)}
+    out = {k: float(v) for k, v in stats.items() if not torch.is_tensor(v)}
+    if tensors:
+        out.update(zip(tensors, torch.stack([v.detach().float().reshape(()) for v in tensors.values()]).tolist()))
+    return out
 
-    def __init__(self, save_folder: str | None = None) -> None:
+
+class PruningCallback(Callback):
+    """Steps the mask generator's schedule, logs its stats every `log_interval` batches (Composer's console
+    interval) and writes masks, plots and the final report."""
+
+    def __init__(self, save_folder: str | None = None, log_interval: int = 1) -> None:
         self.files = RunFiles(save_folder)
+        self.log_interval = max(1, int(log_interval))
         self.sparsity_history: dict[str, list[tuple[int, float]]] = {}
 
     def batch_start(self, state: State, logger: Logger) -> None:
@@ -38,10 +50,11 @@ class PruningCallback(Callback):
     def batch_end(self, state: State, logger: Logger) -> None:
         unwrap_model(state).mask_generator.after_optimizer_step()
         stats = unwrap_model(state).last_stats
-        if not stats:
-            return
-        logger.log_metrics({f"pruning/{k}": v for k, v in stats.items()})
         step = int(state.timestamp.batch)
+        if not stats or step % self.log_interval:
+            return  # the stats stay tensors: read (one host sync) only on logging steps
+        stats = stats_to_floats(stats)
+        logger.log_metrics({f"pruning/{k}": v for k, v in stats.items()})
         for key, value in stats.items():
             if key.startswith("expected_sparsity/"):
                 self.sparsity_history.setdefault(key.split("/", 1)[1], []).append((step, value))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from drprune.cli_options import add_trust_pickle
+from drprune.cli_options import add_export_options, add_trust_pickle
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", help="with --hf: folder whose tokenizer files are copied into it")
     p.add_argument("--base-model", metavar="HF_DIR_OR_ID",
                    help="with --hf: the source model (hub id or HF folder), named in the card with its license")
+    add_export_options(p, "with --hf: ")
     p.add_argument("--overwrite", action="store_true", help="replace --out (and --hf) if it exists")
     add_trust_pickle(p)
     p.set_defaults(func=compact)
@@ -35,8 +36,10 @@ def compact(args: argparse.Namespace) -> None:
     from drprune.compact.stream import compact_checkpoint, default_output
     from drprune.errors import UserError
 
-    if args.hf is None and (args.tokenizer or args.base_model):
-        raise UserError("--tokenizer and --base-model describe the HF folder: add --hf DIR")
+    if args.hf is None and (args.tokenizer or args.base_model or args.dtype or args.context_length is not None):
+        raise UserError("--tokenizer, --base-model, --dtype and --context-length describe the HF folder: add --hf DIR")
+    if args.context_length is not None and args.context_length < 1:
+        raise UserError(f"--context-length={args.context_length} must be >= 1 (the model's context, e.g. 8192)")
     if args.hf is not None and Path(args.hf).exists() and not args.overwrite:
         raise UserError(f"--hf {args.hf} already exists: remove it, choose another folder, or pass --overwrite")
     if args.tokenizer is not None and not Path(args.tokenizer).is_dir():
@@ -52,4 +55,4 @@ def compact(args: argparse.Namespace) -> None:
     compact_checkpoint(ckpt, out, overwrite=args.overwrite, trust_pickle=args.trust_pickle)
     if args.hf is not None:
         export_checkpoint(out, args.hf, tokenizer_dir=args.tokenizer, overwrite=args.overwrite,
-                          base_model=args.base_model)
+                          base_model=args.base_model, dtype=args.dtype, context_length=args.context_length)

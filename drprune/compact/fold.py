@@ -26,11 +26,13 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import Tensor
 
+from drprune.convert.checkpoint import decoder_keys
 from drprune.errors import UserError
 from drprune.masks.base import MaskSet
 from drprune.models.shapes import compact_config
 from drprune.models.config import ModelConfig
 from drprune.models.decoder import PrunableDecoder
+from drprune.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,8 @@ def compact_decoder(decoder: PrunableDecoder, masks: MaskSet) -> PrunableDecoder
     """A new, smaller decoder equal to `decoder` run with hard `masks` (0 = drop, value = scale)."""
     plan = plan_compaction(decoder.cfg, masks)
     state = decoder.state_dict()
-    tensors = dict(fold_state(plan, state.__getitem__))
+    tensors = dict(track(fold_state(plan, state.__getitem__), "compact", total=len(decoder_keys(plan.target)),
+                         unit="tensors"))
     device = decoder.transformer["wte"].weight.device
     compact = PrunableDecoder(plan.target).to(device)
     compact.load_state_dict({**tensors, "_extra_state": compact.get_extra_state()}, strict=True, assign=True)

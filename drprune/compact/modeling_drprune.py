@@ -44,6 +44,7 @@ class DrpruneNorm(nn.Module):
 
 
 def rotary_inv_freq(config):
+    """(inverse frequencies, cos/sin scale): HF's RoPE scaling (YaRN's attention_factor included)."""
     dim = int(config.head_dim * config.rotary_pct)
     if config.rope_scaling:
         from transformers import PretrainedConfig
@@ -55,8 +56,10 @@ def rotary_inv_freq(config):
             partial_rotary_factor=config.rotary_pct, max_position_embeddings=config.max_position_embeddings,
         )
         kind = config.rope_scaling.get("rope_type", config.rope_scaling.get("type", "default"))
-        return ROPE_INIT_FUNCTIONS[kind](hf_like, "cpu")[0].float()
-    return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        with torch.device("cpu"):  # real numbers even when transformers builds the model on the meta device
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](hf_like, "cpu")
+        return inv_freq.float(), float(scaling)
+    return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), 1.0
 
 
 def rotate_half(x):
@@ -181,7 +184,8 @@ class DrpruneForCausalLM(DrprunePreTrainedModel, GenerationMixin):
         if not config.tie_word_embeddings:
             modules["output"] = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.transformer = nn.ModuleDict(modules)
-        self.register_buffer("inv_freq", rotary_inv_freq(config), persistent=False)
+        inv_freq, self.attention_scaling = rotary_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -196,7 +200,8 @@ class DrpruneForCausalLM(DrprunePreTrainedModel, GenerationMixin):
     def rope(self, position_ids, dtype):
         freqs = position_ids.float()[..., None] * self.inv_freq.to(position_ids.device)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [B, 1, T, rot]
+        cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]  # [B, 1, T, rot]
 
     @staticmethod
     def attention_bias(attention_mask, cache_position, kv_len):

@@ -23,6 +23,7 @@ from drprune.masks import mask_generator_from_state
 from drprune.models.shapes import config_params
 from drprune.models.config import ModelConfig
 from drprune.models.decoder import PrunableDecoder
+from drprune.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ def compact_checkpoint(ckpt: str | Path, out: str | Path, overwrite: bool = Fals
         return source[key]
 
     compact: dict[str, object] = {}
-    for key, tensor in fold_state(plan, get):
+    for key, tensor in track(fold_state(plan, get), f"compact {ckpt.name}", total=len(decoder_keys(plan.target)),
+                             unit="tensors"):
         compact[f"model.{key}"] = tensor
         for t in read:
             release(t)

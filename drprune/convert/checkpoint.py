@@ -15,6 +15,7 @@ import mmap
 import struct
 import sys
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -26,12 +27,14 @@ from drprune.atomic import atomic_output, check_complete, kill_point, mark_compl
 from drprune.convert.integrity import (ALGORITHM, STATE_CHECKSUMS_KEY, state_checksums, torch_load, verify_folder,
                                       verify_state, write_folder_checksums)
 from drprune.convert.hf import (EXTRA_STATE_KEY, HUB_PREFIX, REMOTE_MODEL_TYPE, check_state_keys, config_from_hf,
-                                hf_config_dict, hf_to_ours, ours_to_hf, stock_class_fits)
+                                export_dtype, hf_config_dict, hf_to_ours, ours_to_hf, stock_class_fits)
 from drprune.convert.model_card import ModelCard, write_card
 from drprune.convert.sharded import load_sharded_model_state, looks_sharded
 from drprune.errors import UserError
-from drprune.models.config import ModelConfig
+from drprune.dtypes import DTYPES
+from drprune.models.config import LEGACY_CONTEXT_KEY, ModelConfig
 from drprune.models.decoder import PrunableDecoder
+from drprune.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +137,12 @@ def config_of_state(state: dict[str, Any], fallback: ModelConfig | None = None) 
     """The config a checkpoint carries; `fallback` only serves older files without one (else UserError)."""
     extra = state.get(EXTRA_STATE_KEY)
     if isinstance(extra, dict) and "model_config" in extra:
-        return ModelConfig.from_dict(extra["model_config"])
+        saved = extra["model_config"]
+        if LEGACY_CONTEXT_KEY in saved:
+            log.info("the checkpoint predates drprune keeping the context length apart from the training length: "
+                     "its max_seq_len=%s is read as the model's context length, as before (set another with "
+                     "model.context_length in a run, --context-length on an export)", saved[LEGACY_CONTEXT_KEY])
+        return ModelConfig.from_dict(saved)
     if fallback is None:
         raise UserError(
             "the checkpoint carries no model config (an older Sheared-LLaMA/DRPruning file?): give its shape "
@@ -235,7 +243,20 @@ def load_hf(name_or_path: str, trust_pickle: bool = False) -> tuple[ModelConfig,
     if raw.get("model_type") != REMOTE_MODEL_TYPE:  # drprune's remote-code folder keeps our names
         tensors = hf_to_ours(cfg, tensors)
     check_decoder_tensors(cfg, tensors, str(hf_dir))
-    return cfg, tensors, hf_dir
+    return replace(cfg, dtype=source_dtype(raw, tensors, hf_dir)), tensors, hf_dir
+
+
+def source_dtype(raw_config: dict[str, Any], tensors: dict[str, Tensor], source: Path) -> str | None:
+    """The dtype a HF model came in, which its exports default to: its weights' one floating dtype, else
+    the dtype its config.json declares; None (exports write float32) when neither is one of DTYPES."""
+    found = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()})
+    declared = raw_config.get("dtype") or raw_config.get("torch_dtype")
+    dtype = found[0] if len(found) == 1 else declared
+    if dtype in DTYPES:
+        return dtype
+    log.info("%s: neither its weights (%s) nor its config.json (dtype %s) are in one of %s: exports default to "
+             "float32", source, ", ".join(found) or "no floating tensors", declared, ", ".join(DTYPES))
+    return None
 
 
 def check_decoder_tensors(cfg: ModelConfig, tensors: dict[str, Tensor], source: str) -> None:
@@ -265,20 +286,31 @@ def write_hf_folder(
     release: Callable[[Tensor], None] | None = None,
     card: ModelCard | None = None,
     remote_code: tuple[dict[str, Any], Sequence[Path]] | None = None,
+    dtype: str | None = None,
 ) -> Path:
     """The one HF-folder writer: config.json + sharded safetensors (+ tokenizer files) + README.md.
 
     For the stock HF class by default; `remote_code=(config, files)` writes drprune's own tensor names
     with that config.json and ships `files` (the modeling code), for shapes no stock class holds
-    (`drprune.compact.export.export_hf` decides which).
+    (`drprune.compact.export.export_hf` decides which). Floating tensors are written in `dtype`
+    (default: the dtype the source came in, `cfg.dtype`, else float32), and config.json's torch_dtype
+    says so: runtimes load in that dtype, and a bf16 model exported as fp32 is twice its size.
     """
     if remote_code is None and not stock_class_fits(cfg):
         raise UserError("no stock HF class holds this shape: use drprune.compact.export.export_hf (remote code)")
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype is None and cfg.dtype is None:
+        log.info("the model does not record the dtype its source came in (converted before drprune recorded it, or "
+                 "built from scratch): writing float32 (choose with --dtype)")
+    dtype = dtype or export_dtype(cfg)
     base, files = remote_code if remote_code is not None else (hf_config_dict(cfg), ())
-    config = {**base, **(config_overrides or {})}
+    config = {**base, **(config_overrides or {}), "torch_dtype": dtype}
     items = iter(tensors.items()) if remote_code is not None else ours_to_hf(cfg, tensors)
-    with atomic_output(out_dir, overwrite, folder=True) as tmp:
-        write_safetensors_shards(items, tmp, max_shard_bytes, release)
+    params = sum(t.numel() for t in tensors.values())
+    with atomic_output(out_dir, overwrite, folder=True) as tmp, \
+            Progress(f"export {Path(out_dir).name}", total=params, unit="params") as progress:
+        write_safetensors_shards(items, tmp, max_shard_bytes, _counting(release, progress), getattr(torch, dtype))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for path in files:
             shutil.copy2(path, tmp / path.name)
@@ -290,13 +322,24 @@ def write_hf_folder(
     return Path(out_dir)
 
 
+def _counting(release: Callable[[Tensor], None] | None, progress: Progress) -> Callable[[Tensor], None]:
+    """`release`, also counting each tensor's parameters once it is on disk: the export's progress."""
+    def written(t: Tensor) -> None:
+        progress.update(t.numel())
+        if release is not None:
+            release(t)
+    return written
+
+
 def write_safetensors_shards(items: Iterable[tuple[str, Tensor]], out_dir: Path, max_shard_bytes: int,
-                             release: Callable[[Tensor], None] | None = None) -> None:
+                             release: Callable[[Tensor], None] | None = None,
+                             dtype: torch.dtype | None = None) -> None:
     """Stream tensors into shards of at most `max_shard_bytes` plus an index when there are several.
 
-    Tensors are written straight from their memory (no serialised copy of the shard); `release` is
-    called on each one once it is on disk, so a mapped input never becomes resident all at once.
-    Each shard's sha256, hashed as it is written, goes to `drprune_checksums.json` for readers to verify.
+    Tensors are written straight from their memory (no serialised copy of the shard; floating ones cast
+    to `dtype` one at a time when it is given); `release` is called on each one once it is on disk, so a
+    mapped input never becomes resident all at once. Each shard's sha256, hashed as it is written, goes
+    to `drprune_checksums.json` for readers to verify.
     """
     shard_keys: list[list[str]] = []
     digests: list[str] = []
@@ -304,12 +347,13 @@ def write_safetensors_shards(items: Iterable[tuple[str, Tensor]], out_dir: Path,
     size = 0
 
     def flush() -> None:
-        digests.append(_write_safetensors(out_dir / f"shard-{len(shard_keys):05d}.safetensors", current, release))
+        digests.append(_write_safetensors(out_dir / f"shard-{len(shard_keys):05d}.safetensors", current, release,
+                                          dtype))
         shard_keys.append(list(current))
         current.clear()
 
     for name, tensor in items:
-        nbytes = tensor.numel() * tensor.element_size()
+        nbytes = tensor.numel() * _written_dtype(tensor, dtype).itemsize
         if current and size + nbytes > max_shard_bytes:
             flush()
             size = 0
@@ -336,16 +380,22 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat1
                        torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def _write_safetensors(path: Path, tensors: dict[str, Tensor], release: Callable[[Tensor], None] | None) -> str:
+def _written_dtype(t: Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+
+def _write_safetensors(path: Path, tensors: dict[str, Tensor], release: Callable[[Tensor], None] | None,
+                       dtype: torch.dtype | None = None) -> str:
     """One safetensors file (8-byte header length, JSON header, raw little-endian data), one tensor at a
-    time; returns the file's sha256."""
+    time, floating ones in `dtype` when given; returns the file's sha256."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, t in tensors.items():
-        if t.dtype not in _SAFETENSORS_DTYPES:
-            raise UserError(f"tensor {name} has dtype {t.dtype}, which safetensors export does not support")
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+        written = _written_dtype(t, dtype)
+        if written not in _SAFETENSORS_DTYPES:
+            raise UserError(f"tensor {name} has dtype {written}, which safetensors export does not support")
+        nbytes = t.numel() * written.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[written], "shape": list(t.shape),
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -356,7 +406,8 @@ def _write_safetensors(path: Path, tensors: dict[str, Tensor], release: Callable
             f.write(chunk)
             digest.update(chunk)
         for t in tensors.values():
-            data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data
+            cast = t.detach().to(device="cpu", dtype=_written_dtype(t, dtype))
+            data = cast.contiguous().reshape(-1).view(torch.uint8).numpy().data
             f.write(data)
             digest.update(data)
             if release is not None:

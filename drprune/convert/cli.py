@@ -6,7 +6,7 @@ import json
 import logging
 
 from drprune.atomic import check_output
-from drprune.cli_options import add_trust_pickle
+from drprune.cli_options import add_export_options, add_trust_pickle
 from drprune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -28,11 +28,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c2h.add_argument("ckpt", help="Composer checkpoint (.pt), e.g. the output of `drprune compact`")
     c2h.add_argument("out_dir")
     c2h.add_argument("overrides", nargs="*", metavar="key=value",
-                     help="config.json fields (optional; the shape is read from the checkpoint)")
+                     help="config.json fields (optional; the shape is read from the checkpoint; "
+                          "max_position_embeddings=N and torch_dtype=D are --context-length and --dtype)")
     c2h.add_argument("--tokenizer", help="folder whose tokenizer files are copied into the output")
     c2h.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per safetensors shard")
     c2h.add_argument("--base-model", metavar="HF_DIR_OR_ID",
                      help="the source model (hub id or HF folder): the README names it and its license")
+    add_export_options(c2h)
     c2h.add_argument("--overwrite", action="store_true")
     add_trust_pickle(c2h)
     c2h.set_defaults(func=composer_to_hf)
@@ -76,8 +78,8 @@ def hf_to_composer(args: argparse.Namespace) -> None:
 
     check_output(args.out, args.overwrite)
     cfg, tensors, hf_dir = load_hf(args.hf_dir, args.trust_pickle)
-    log.info("read %s: family=%s d_model=%d layers=%d heads=%d/%d", hf_dir, cfg.family, cfg.d_model,
-             cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)
+    log.info("read %s: family=%s d_model=%d layers=%d heads=%d/%d context=%d dtype=%s", hf_dir, cfg.family,
+             cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.context_length, cfg.dtype or "unknown")
     state = {f"model.{k}": v for k, v in tensors.items()}
     state["model._extra_state"] = PrunableDecoder.extra_state_for(cfg)
     save_checkpoint(state, args.out, overwrite=args.overwrite)
@@ -103,9 +105,12 @@ def composer_to_hf(args: argparse.Namespace) -> None:
 
     if not args.max_shard_size > 0:
         raise UserError(f"--max-shard-size={args.max_shard_size} must be > 0 (GiB per safetensors file, e.g. 2)")
+    if args.context_length is not None and args.context_length < 1:
+        raise UserError(f"--context-length={args.context_length} must be >= 1 (the model's context, e.g. 8192)")
     check_output(args.out_dir, args.overwrite, folder=True)
     overrides = parse_overrides(args.overrides)
     overrides.pop("model_class", None)  # the seed's flag; the class follows from the checkpoint
     export_checkpoint(args.ckpt, args.out_dir, tokenizer_dir=args.tokenizer, config_overrides=overrides,
                       max_shard_bytes=int(args.max_shard_size * 1024**3), overwrite=args.overwrite,
-                      base_model=args.base_model, trust_pickle=args.trust_pickle)
+                      base_model=args.base_model, trust_pickle=args.trust_pickle, dtype=args.dtype,
+                      context_length=args.context_length)

@@ -1,10 +1,9 @@
 """HF folder or drprune checkpoint -> one GGUF file (llama.cpp's format), written a tensor at a time.
 
-The GGUF side follows what llama.cpp's own converter writes for `llama` (LLaMA, Mistral) and `qwen2`
-models, so llama.cpp-based runtimes and transformers' GGUF reader both load the file. Only models
-whose layers are all alike are exported: GGUF allows per-layer head_count / feed_forward_length
-arrays and llama.cpp reads them, but transformers' reader takes one number for all layers, and
-layers without attention or MLP or with residual selections have no GGUF form at all.
+Which architecture, keys and tensors the file holds is `gguf_layout`'s business: `llama`/`qwen2` when
+all layers are alike (llama.cpp and transformers' GGUF reader both load those), llama.cpp's `deci`
+with per-layer arrays when they differ. The context length written is the HF config's
+`max_position_embeddings` (the folder's config.json, or what the HF export writes for a checkpoint).
 
 Tensors stream: each is read (a mapped checkpoint page or one safetensors entry), converted and
 written before the next, so peak memory is about one tensor on top of the interpreter.
@@ -25,30 +24,20 @@ from torch import Tensor
 from drprune.atomic import atomic_output, check_complete
 from drprune.convert.checkpoint import config_of_state, decoder_state, load_model_state, mapped_releaser, \
     resolve_hf_dir
+from drprune.convert.gguf_layout import PerLayerShapes as PerLayerShapes  # re-exported: callers catch it here
+from drprune.convert.gguf_layout import TensorSpec, add_hparams, architecture, check_exportable, tensor_plan
 from drprune.convert.gguf_vocab import Vocab, read_vocab
-from drprune.convert.hf import config_from_hf, ours_to_hf
+from drprune.convert.hf import REMOTE_MODEL_TYPE, config_from_hf, hf_config_dict, ours_to_hf, remote_config_dict
 from drprune.convert.sharded import looks_sharded
 from drprune.errors import UserError
 from drprune.models.config import ModelConfig
+from drprune.progress import track
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("f32", "f16", "q8_0")
-GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}  # drprune family -> general.architecture (Mistral: llama)
 _IGNORED = ("rotary_emb.inv_freq",)
 _FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_QKV_BIAS_NAMES = {f"self_attn.{p}_proj.bias": f"attn_{p}.bias" for p in "qkv"}
-
-
-class PerLayerShapes(UserError):
-    """The model's layers differ in shape, which a GGUF file for transformers cannot hold."""
 
 
 @dataclass
@@ -58,30 +47,6 @@ class _Weights:
     shapes: dict[str, tuple[int, ...]]
     load: Callable[[str], Tensor]
     release: Callable[[Tensor], None]
-
-
-def check_exportable(cfg: ModelConfig, source: str) -> None:
-    """Raise UserError naming why `cfg` has no faithful GGUF form (before any weight is read)."""
-    if not cfg.is_uniform:
-        raise PerLayerShapes(
-            f"{source}: its layers differ in shape (per-layer heads or MLP widths, e.g. from hypernetwork "
-            "pruning). llama.cpp reads per-layer head_count/feed_forward_length arrays, but transformers' GGUF "
-            "reader takes one value for all layers and layers without attention or MLP have no GGUF form: "
-            "use the HF folder (drprune convert composer-to-hf), or prune to one shape for all layers (L0 target)")
-    if cfg.family not in GGUF_ARCHITECTURES:
-        raise UserError(f"{source}: family {cfg.family!r} has no GGUF export; supported: LLaMA, Mistral, Qwen2")
-    problems = []
-    if cfg.family == "llama" and (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias):
-        problems.append("attention/MLP biases (transformers' GGUF reader drops them for llama)")
-    if cfg.family == "qwen2" and cfg.head_dim * cfg.n_heads != cfg.d_model:
-        problems.append(f"head_dim {cfg.head_dim} * {cfg.n_heads} heads != hidden size {cfg.d_model} "
-                        "(GGUF qwen2 readers derive head_dim from the hidden size)")
-    if cfg.rope_scaling is not None:
-        problems.append(f"rope_scaling {cfg.rope_scaling} (transformers' GGUF reader ignores it)")
-    if cfg.activation != "silu":
-        problems.append(f"activation {cfg.activation!r} (GGUF llama/qwen2 graphs use SiLU)")
-    if problems:
-        raise UserError(f"{source} cannot be written as GGUF faithfully: {'; '.join(problems)}")
 
 
 def hf_to_gguf(source: str | Path, out: str | Path, *, dtype: str = "f16", tokenizer_dir: str | Path | None = None,
@@ -100,23 +65,24 @@ def hf_to_gguf(source: str | Path, out: str | Path, *, dtype: str = "f16", token
     except ImportError as err:
         raise UserError("writing GGUF files needs the gguf package: pip install gguf  (or pip install -e '.[demo]')") \
             from err
-    cfg, weights, own_tokenizer = _open_source(str(source))
-    names = _gguf_names(cfg)
-    _check_names(set(weights.shapes), names, cfg, str(source))
+    cfg, weights, own_tokenizer, hf_config = _open_source(str(source))
+    plan = tensor_plan(cfg)
+    _check_tensors(weights.shapes, plan, cfg, str(source))
     tok_dir = tokenizer_dir or own_tokenizer
     if tok_dir is None:
         raise UserError(f"{source} is a checkpoint and carries no tokenizer: pass --tokenizer DIR")
     vocab = read_vocab(Path(tok_dir), cfg.vocab_size)
+    context = _context_length(hf_config, str(source))
     with atomic_output(out, overwrite) as tmp:
-        _write(tmp, cfg, weights, names, vocab, dtype, Path(source).stem)
-    log.info("wrote %s (%s, %s, %d layers, %.1f MB)", out, GGUF_ARCHITECTURES[cfg.family], dtype, cfg.n_layers,
-             out.stat().st_size / 1e6)
+        _write(tmp, cfg, context, weights, plan, vocab, dtype, Path(source).stem)
+    log.info("wrote %s (%s, %s, %d layers, context %d, %.1f MB)", out, architecture(cfg), dtype, cfg.n_layers,
+             context, out.stat().st_size / 1e6)
     return out
 
 
-def _open_source(source: str) -> tuple[ModelConfig, _Weights, Path | None]:
-    """(config, lazily loaded HF-named weights, tokenizer folder or None) of a checkpoint (file or sharded
-    folder) or HF folder."""
+def _open_source(source: str) -> tuple[ModelConfig, _Weights, Path | None, dict[str, Any]]:
+    """(config, lazily loaded HF-named weights, tokenizer folder or None, HF config.json dict) of a checkpoint
+    (file or sharded folder) or HF folder."""
     path = Path(source)
     if path.is_file() or looks_sharded(path):
         state = load_model_state(path)
@@ -126,18 +92,40 @@ def _open_source(source: str) -> tuple[ModelConfig, _Weights, Path | None]:
         cfg = config_of_state(state)
         check_exportable(cfg, source)
         tensors = dict(ours_to_hf(cfg, decoder_state(state)))  # the HF export's names, still memory-mapped
+        hf_config = hf_config_dict(cfg) if cfg.is_uniform else remote_config_dict(cfg)  # what the HF export writes
         return cfg, _Weights({k: tuple(v.shape) for k, v in tensors.items()}, tensors.__getitem__,
-                             mapped_releaser(state)), None
+                             mapped_releaser(state)), None, hf_config
     hf_dir = resolve_hf_dir(source)
     check_complete(hf_dir, "HF model folder")
     config_file = hf_dir / "config.json"
     try:
-        cfg = config_from_hf(json.loads(config_file.read_text()))
+        hf_config = json.loads(config_file.read_text())
+        cfg = config_from_hf(hf_config)
     except (OSError, ValueError) as err:
         raise UserError(f"{config_file} is missing or not valid JSON ({err}): is {hf_dir} a complete HF model "
                         "folder?") from err
     check_exportable(cfg, source)
-    return cfg, _open_hf_weights(hf_dir), hf_dir
+    weights = _open_hf_weights(hf_dir)
+    if hf_config.get("model_type") == REMOTE_MODEL_TYPE:
+        weights = _renamed_to_hf(cfg, weights)
+    return cfg, weights, hf_dir, hf_config
+
+
+def _renamed_to_hf(cfg: ModelConfig, weights: _Weights) -> _Weights:
+    """A remote-code folder's tensors (drprune's own names) under the stock HF names. `ours_to_hf` only
+    renames llama/qwen2 tensors, so it maps names as well as tensors."""
+    ours_of = {hf: ours for hf, ours in ours_to_hf(cfg, {k: k for k in weights.shapes})}
+    return _Weights({hf: weights.shapes[ours] for hf, ours in ours_of.items()},
+                    lambda name: weights.load(ours_of[name]), weights.release)
+
+
+def _context_length(hf_config: dict[str, Any], source: str) -> int:
+    """The context length runtimes size their window from: the HF config's max_position_embeddings."""
+    value = hf_config.get("max_position_embeddings")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{source}: the HF config's max_position_embeddings is {value!r}, not a positive integer "
+                        "(GGUF's context_length): fix config.json")
+    return value
 
 
 def _open_hf_weights(hf_dir: Path) -> _Weights:
@@ -181,39 +169,32 @@ def _safetensors_weights(files: list[Path]) -> _Weights:
     return _Weights({k: e[2] for k, e in entries.items()}, load, lambda t: None)
 
 
-def _gguf_names(cfg: ModelConfig) -> dict[str, str]:
-    """HF tensor name -> GGUF tensor name, for exactly the tensors the model has, in file order."""
-    names = {"model.embed_tokens.weight": "token_embd.weight"}
-    per_layer = {**_LAYER_NAMES, **(_QKV_BIAS_NAMES if cfg.qkv_bias else {})}
-    for i in range(cfg.n_layers):
-        names.update({f"model.layers.{i}.{hf}": f"blk.{i}.{ours}" for hf, ours in per_layer.items()})
-    names["model.norm.weight"] = "output_norm.weight"
-    if not cfg.tie_word_embeddings:  # a GGUF without output.weight ties it to token_embd
-        names["lm_head.weight"] = "output.weight"
-    return names
-
-
-def _check_names(got: set[str], names: dict[str, str], cfg: ModelConfig, source: str) -> None:
-    got = {k for k in got if not k.endswith(_IGNORED)}
+def _check_tensors(shapes: dict[str, tuple[int, ...]], plan: list[TensorSpec], cfg: ModelConfig, source: str) -> None:
+    """The source holds exactly the tensors the plan reads, each of the shape its config implies."""
+    got = {k for k in shapes if not k.endswith(_IGNORED)}
     if cfg.tie_word_embeddings:
         got.discard("lm_head.weight")
-    missing, unexpected = sorted(set(names) - got), sorted(got - set(names))
+    wanted = {t.source: t.shape for t in plan if t.source is not None}
+    missing, unexpected = sorted(set(wanted) - got), sorted(got - set(wanted))
     if missing or unexpected:
         raise UserError(f"{source}: tensors do not match a {cfg.family} model of its config: "
                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    wrong = [f"{k} {tuple(shapes[k])} (config: {shape})" for k, shape in wanted.items() if tuple(shapes[k]) != shape]
+    if wrong:
+        raise UserError(f"{source}: tensor shapes contradict its config: {', '.join(wrong[:3])}")
 
 
 def _rope_halves_to_pairs(w: Tensor, heads: int) -> Tensor:
-    """HF orders each head's rotary rows as (first halves, second halves); llama.cpp's `llama` graph
+    """HF orders each head's rotary rows as (first halves, second halves); llama.cpp's `llama`/`deci` RoPE
     rotates adjacent row pairs. Interleave the halves: per head, [2, half, in] -> [half, 2, in]."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _to_gguf_layout(t: Tensor, gguf_name: str, cfg: ModelConfig) -> Tensor:
-    if cfg.family == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
-        heads = cfg.n_heads if "attn_q" in gguf_name else cfg.n_kv_heads
-        t = _rope_halves_to_pairs(t, heads)
-    return t.detach().contiguous()
+def _in_gguf_order(spec: TensorSpec, raw: Tensor | None) -> Tensor:
+    """The tensor of `spec` (from `raw`, its HF tensor, or a stand-in) in GGUF's row order."""
+    if raw is None:
+        return torch.full(spec.shape, spec.fill)
+    return (_rope_halves_to_pairs(raw, spec.rope_heads) if spec.rope_heads else raw).detach().contiguous()
 
 
 def _tensor_type(shape: tuple[int, ...], dtype: str) -> Any:
@@ -249,46 +230,32 @@ def _stored(shape: tuple[int, ...], qtype: Any) -> tuple[tuple[int, ...], Any, i
     return shape, np_dtype, int(np.prod(shape)) * np.dtype(np_dtype).itemsize
 
 
-def _add_hparams(writer: Any, cfg: ModelConfig) -> None:
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_context_length(cfg.max_seq_len)
-    writer.add_embedding_length(cfg.d_model)
-    writer.add_block_count(cfg.n_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.n_heads)
-    writer.add_head_count_kv(cfg.n_kv_heads)
-    writer.add_key_length(cfg.head_dim)
-    writer.add_value_length(cfg.head_dim)
-    writer.add_rope_dimension_count(cfg.head_dim)
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_layer_norm_rms_eps(cfg.norm_eps)
-
-
-def _write(path: Path, cfg: ModelConfig, weights: _Weights, names: dict[str, str], vocab: Vocab, dtype: str,
-           name: str) -> None:
+def _write(path: Path, cfg: ModelConfig, context: int, weights: _Weights, plan: list[TensorSpec], vocab: Vocab,
+           dtype: str, name: str) -> None:
     import gguf
 
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                   "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-    writer = gguf.GGUFWriter(str(path), GGUF_ARCHITECTURES[cfg.family])
+    writer = gguf.GGUFWriter(str(path), architecture(cfg))
     try:
         writer.add_name(name)
         writer.add_file_type(file_types[dtype])
         if dtype == "q8_0":
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _add_hparams(writer, cfg)
+        add_hparams(writer, cfg, context)
         vocab.write(writer)
-        plan = [(hf, ours, _tensor_type(weights.shapes[hf], dtype)) for hf, ours in names.items()]
-        for hf, ours, qtype in plan:
-            shape, np_dtype, nbytes = _stored(weights.shapes[hf], qtype)
-            writer.add_tensor_info(ours, shape, np_dtype, nbytes, raw_dtype=qtype)
+        qtypes = [_tensor_type(spec.shape, dtype) for spec in plan]
+        for spec, qtype in zip(plan, qtypes):
+            shape, np_dtype, nbytes = _stored(spec.shape, qtype)
+            writer.add_tensor_info(spec.name, shape, np_dtype, nbytes, raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for hf, ours, qtype in plan:
-            tensor = weights.load(hf)
-            writer.write_tensor_data(_encode(_to_gguf_layout(tensor, ours, cfg), qtype))
-            weights.release(tensor)
-            del tensor
+        for spec, qtype in track(zip(plan, qtypes), f"export {path.name}", total=len(plan), unit="tensors"):
+            raw = None if spec.source is None else weights.load(spec.source)
+            writer.write_tensor_data(_encode(_in_gguf_order(spec, raw), qtype))
+            if raw is not None:
+                weights.release(raw)
+            del raw
     finally:
         writer.close()

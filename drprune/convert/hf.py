@@ -26,20 +26,27 @@ _IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq", "attention.bias", "attention.mask
 # holds ModelConfig fields, under the standard HF name where one exists. Weight names are ours.
 REMOTE_MODEL_TYPE = "drprune"
 _REMOTE_RENAMES = {"d_model": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
-                   "n_kv_heads": "num_key_value_heads", "max_seq_len": "max_position_embeddings"}
-_RUNTIME_ONLY = ("init_std", "attn_impl")
+                   "n_kv_heads": "num_key_value_heads", "context_length": "max_position_embeddings"}
+_NOT_IN_CONFIG_JSON = ("init_std", "attn_impl", "dtype")  # runtime knobs; the dtype is written as torch_dtype
 
 
-def remote_config_dict(cfg: ModelConfig) -> dict[str, Any]:
-    """The config.json fields of the shipped DrpruneConfig for `cfg`."""
-    fields = {k: v for k, v in cfg.to_dict().items() if k not in _RUNTIME_ONLY}
+def export_dtype(cfg: ModelConfig) -> str:
+    """The dtype an export writes unless told otherwise: the one the source came in, else float32."""
+    return cfg.dtype or "float32"
+
+
+def remote_config_dict(cfg: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
+    """The config.json fields of the shipped DrpruneConfig for `cfg`, its tensors in `dtype` (default:
+    `export_dtype`)."""
+    fields = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_CONFIG_JSON}
     out = {_REMOTE_RENAMES.get(k, k): v for k, v in fields.items()}
-    return {**out, "model_type": REMOTE_MODEL_TYPE, "architectures": ["DrpruneForCausalLM"], "torch_dtype": "float32"}
+    return {**out, "model_type": REMOTE_MODEL_TYPE, "architectures": ["DrpruneForCausalLM"],
+            "torch_dtype": dtype or export_dtype(cfg)}
 
 
 def _config_from_remote(c: dict[str, Any]) -> ModelConfig:
     back = {theirs: ours for ours, theirs in _REMOTE_RENAMES.items()}
-    known = set(ModelConfig.__dataclass_fields__) - set(_RUNTIME_ONLY)
+    known = set(ModelConfig.__dataclass_fields__) - set(_NOT_IN_CONFIG_JSON)
     fields = {back.get(k, k): v for k, v in c.items()}
     return ModelConfig.from_dict({k: v for k, v in fields.items() if k in known})
 
@@ -72,7 +79,7 @@ def _config_from_stock(c: dict[str, Any], family: str) -> ModelConfig:
         n_layers=c["num_hidden_layers"],
         n_heads=c["num_attention_heads"],
         intermediate_size=c["intermediate_size"],
-        max_seq_len=c.get("max_position_embeddings", 2048),
+        context_length=c.get("max_position_embeddings", 2048),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
         head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
     )
@@ -114,14 +121,15 @@ def stock_class_fits(cfg: ModelConfig) -> bool:
     return cfg.family != "pythia" or cfg.head_dim * cfg.n_heads == cfg.d_model
 
 
-def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
-    """The config.json fields of the stock HF class for a uniform model."""
+def hf_config_dict(cfg: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
+    """The config.json fields of the stock HF class for a uniform model, its tensors in `dtype` (default:
+    `export_dtype`)."""
     common = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads, intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=cfg.tie_word_embeddings,
+        max_position_embeddings=cfg.context_length, tie_word_embeddings=cfg.tie_word_embeddings,
         rope_scaling=cfg.rope_scaling, architectures=[HF_ARCHITECTURES[cfg.family]],
-        torch_dtype="float32",
+        torch_dtype=dtype or export_dtype(cfg),
     )
     act = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.activation]
     if cfg.family == "pythia":

@@ -116,14 +116,14 @@ def check_complete(folder: str | Path, metadata: Metadata | None = None) -> None
 
 
 class _Reader(FileSystemReader):
-    """DCP's file reader with `.metadata` read by the safe unpickler."""
+    """DCP's file reader, given the `.metadata` the safe unpickler read (DCP's own would unpickle anything)."""
 
-    def __init__(self, folder: Path, trust_pickle: bool) -> None:
+    def __init__(self, folder: Path, metadata: Metadata) -> None:
         super().__init__(str(folder))
-        self.folder, self.trust_pickle = folder, trust_pickle
+        self.metadata = metadata
 
     def read_metadata(self) -> Metadata:
-        metadata = read_metadata(self.folder, self.trust_pickle)
+        metadata = self.metadata
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -155,7 +155,7 @@ def read_state(folder: str | Path, keys: set[str], trust_pickle: bool = False) -
     check_complete(folder, metadata)
     state: dict[str, Any] = {}
     try:
-        _load_state_dict(state, _Reader(folder, trust_pickle), planner=_Planner(keys, folder, trust_pickle),
+        _load_state_dict(state, _Reader(folder, metadata), planner=_Planner(keys, folder, trust_pickle),
                          no_dist=True)
     except CheckpointException as wrapped:  # DCP wraps every failure of a step, ours included
         err = next(iter(wrapped.failures.values()))[0]

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from drprune.atomic import atomic_output, check_output
 from drprune.data.shards import Packer, ShardReader, finish, open_writer, token_dtype
 from drprune.data.identity import DOMAINS_FILE, IDENTITY_KEY, tokenizer_identity
 from drprune.data.sources import Tokenizer, check_source, iter_documents
 from drprune.errors import UserError
+from drprune.progress import Progress, track
 
 log = logging.getLogger(__name__)
 
@@ -142,20 +142,20 @@ def _prepare_domain(name: str, path: Path, eval_path: Path | None, tok: Tokenize
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     holdout = eval_fraction if eval_path is None else 0.0
     budget_hit = False
-    with tqdm(desc=f"{name}", unit="doc", leave=False) as bar:
+    with Progress(f"prepare {name}", unit="docs") as progress:
         for batch in _batches(iter_documents(path, text_field)):
             ids = tok.encode(batch)
             to_eval = rng.random(len(ids)) < holdout
             train.add([d for d, e in zip(ids, to_eval) if not e], tok.eos_id)
             evals.add([d for d, e in zip(ids, to_eval) if e], tok.eos_id)
-            bar.update(len(batch))
+            progress.update(len(batch))
             if max_tokens is not None and train.tokens >= max_tokens:
                 budget_hit = True
                 break
         if eval_path is not None:
             for batch in _batches(iter_documents(eval_path, text_field)):
                 evals.add(tok.encode(batch), tok.eos_id)
-                bar.update(len(batch))
+                progress.update(len(batch))
     if budget_hit:
         log.info("domain %s: token budget %d reached, rest of %s skipped", name, max_tokens, path)
     train.close()
@@ -175,10 +175,10 @@ def _prepare_eval_only(name: str, path: Path, tok: Tokenizer, dtype: np.dtype, s
                        text_field: str) -> SplitStats:
     """Every document of a held-out domain into root/eval/<name>; nothing under train/."""
     evals = Packer(open_writer(root / "eval" / name, dtype), name, seq_len, dtype)
-    with tqdm(desc=f"{name} (eval-only)", unit="doc", leave=False) as bar:
+    with Progress(f"prepare {name} (eval-only)", unit="docs") as progress:
         for batch in _batches(iter_documents(path, text_field)):
             evals.add(tok.encode(batch), tok.eos_id)
-            bar.update(len(batch))
+            progress.update(len(batch))
     evals.close()
     if evals.sequences == 0:
         raise UserError(f"eval-only domain {name}: {path} holds no full {seq_len}-token sequence "
@@ -221,7 +221,7 @@ def merge(input_dir: Path, output_dir: Path, output_split: str, split_names: lis
     with atomic_output(output_dir / output_split, overwrite, folder=True) as tmp:
         writer = open_writer(tmp, dtype)
         for reader in readers:
-            for i in tqdm(range(len(reader)), desc=f"merge {reader.folder.name}", leave=False):
+            for i in track(range(len(reader)), f"merge {reader.folder.name}", unit="samples"):
                 writer.write(reader[i])
             total += len(reader)
         finish(writer)

@@ -21,6 +21,7 @@ def _target(text: str) -> dict[str, int]:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `drprune demo`; flag defaults come from DemoOptions so the CLI and the library agree."""
     from drprune.demo.options import DemoOptions
+    from drprune.dtypes import DTYPES
 
     d = DemoOptions(out=Path("demo-out"))
     p = subparsers.add_parser(
@@ -49,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="eval sequences per domain (all of them when fewer)")
     p.add_argument("--copy-rows", type=int, default=d.copy_rows, help="rows of the in-context copying probe")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="dtype of the exported models (OUT/hf; default: the source's, float32 as de-quantized from "
+                        "the GGUF; bfloat16 halves the folder)")
     p.add_argument("--tasks", help="also score every model on these lm-eval tasks, comma-separated (as `drprune eval "
                                    "--tasks`: drprune_copy, drprune_cloze, or standard tasks on a connected machine)")
     p.set_defaults(func=run)
@@ -66,7 +70,7 @@ def run(args: argparse.Namespace) -> None:
     opts = DemoOptions(out=args.out, steps=args.steps, prune_steps=args.prune_steps, kd=args.kd,
                        target=args.target, source_layers=args.source_layers, gguf=args.gguf, corpus=args.corpus,
                        seq_len=args.seq_len, batch_size=args.batch_size, eval_rows=args.eval_rows,
-                       copy_rows=args.copy_rows, seed=args.seed,
+                       copy_rows=args.copy_rows, seed=args.seed, dtype=args.dtype,
                        tasks=tuple(parse_tasks(args.tasks)) if args.tasks is not None else ())
     s = run_demo(opts)
     print("\n" + comparison_table(s))

@@ -28,6 +28,7 @@ class DemoOptions:
     eval_fraction: float = 0.08
     seed: int = 0
     tasks: tuple[str, ...] = ()          # lm-eval tasks also scored on every model (`drprune eval --tasks`)
+    dtype: str | None = None             # of the exported HF folders (default: the source's, fp32 from the GGUF)
 
     @property
     def learned_prune_steps(self) -> int:

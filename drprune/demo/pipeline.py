@@ -216,7 +216,7 @@ def _train_values(opts: DemoOptions, data_dir: Path, domains: list[str], ref_los
                   init: Path, teacher: Path, save: Path, steps: int) -> dict[str, Any]:
     values: dict[str, Any] = {
         "data_local": str(data_dir), "max_seq_len": opts.seq_len, "seed": opts.seed + 17,
-        "model": {"path": str(init), "max_seq_len": opts.seq_len},
+        "model": {"path": str(init)},
         "max_duration": f"{steps}ba", "eval_interval": f"{max(1, steps // 4)}ba", "save_folder": str(save),
         "save_interval": f"{steps}ba", "global_train_batch_size": opts.batch_size,
         "device_train_microbatch_size": opts.batch_size,
@@ -323,11 +323,12 @@ def build_continued(opts: DemoOptions, compact: Path, source: Path, data_dir: Pa
     _drop_composer_checkpoints(dst / "run")
 
 
-def export_hf(ckpt: Path, tokenizer_dir: Path, out: Path, card: ModelCard) -> None:
-    """A candidate checkpoint as a HF folder with `card`; replaces what an earlier run left at `out`."""
+def export_hf(ckpt: Path, tokenizer_dir: Path, out: Path, card: ModelCard, dtype: str | None = None) -> None:
+    """A candidate checkpoint as a HF folder with `card`, in `dtype` (default: the source's); replaces what an
+    earlier run left at `out`."""
     state = load_model_state(ckpt)
     write_hf_folder(config_of_state(state), decoder_state(state), out, tokenizer_dir=tokenizer_dir,
-                    overwrite=True, card=card)
+                    overwrite=True, card=card, dtype=dtype)
 
 
 def export_gguf(hf_dir: Path, out: Path) -> None:
@@ -391,7 +392,7 @@ def hf_checks(folders: dict[str, Path], measure_speed: tuple[str, ...]) -> dict[
 
     samples, speed = {}, {}
     for name, folder in folders.items():
-        model, tok = load_hf_model(folder, _device())
+        model, tok = load_hf_model(folder)
         samples[name] = dict(zip(PROMPTS, greedy_samples(model, tok, list(PROMPTS))))
         if name in measure_speed:
             speed[name] = throughput(model)
@@ -610,9 +611,9 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
 
     timed_into(timings, "export", lambda: (
         export_hf(c.pruned_continued.dir / "model.pt", c.source.dir / "hf", out / "hf",
-                  demo_card(c, opts, gguf_file, "pruned")),
+                  demo_card(c, opts, gguf_file, "pruned"), opts.dtype),
         export_hf(c.baseline_continued.dir / "model.pt", c.source.dir / "hf", work / "baseline_hf",
-                  demo_card(c, opts, gguf_file, "baseline"))))
+                  demo_card(c, opts, gguf_file, "baseline"), opts.dtype)))
     timed_into(timings, "gguf", lambda: export_gguf(out / "hf", out / "pruned.gguf"))
     folders = {"source": c.source.dir / "hf", "pruned": out / "hf", "baseline": work / "baseline_hf"}
     checks = timed_into(timings, "generate_and_speed", lambda: hf_checks(folders, ("source", "pruned")))

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from drprune.cli_options import add_trust_pickle
+from drprune.cli_options import add_compute_options, add_trust_pickle
+
+if TYPE_CHECKING:
+    from drprune.compute import Compute
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,10 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--copy-probe", action="store_true",
                    help="also score in-context copying (a random span repeated; loss on the second copy)")
     p.add_argument("--copy-span", type=int, default=64,
-                   help="copy probe span length (capped to half the model's max_seq_len)")
+                   help="copy probe span length (capped to half the model's context length)")
     p.add_argument("--copy-rows", type=int, default=64, help="copy probe rows")
     p.add_argument("--json", help="also write the results to this JSON file (with --tasks: the harness's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    add_compute_options(p)
     add_trust_pickle(p)
     p.set_defaults(func=run)
 
@@ -51,16 +56,18 @@ def _check_flags(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> None:
     """`drprune eval`: flags, output path and the data's tokenizer are checked before the (slow) model load."""
     from drprune.atomic import check_output, visible, write_json
+    from drprune.compute import resolve_compute
     from drprune.convert.checkpoint import load_any_decoder
     from drprune.data.identity import check_data_tokenizer, model_tokenizer
     from drprune.errors import UserError
     from drprune.eval.perplexity import domain_rows, evaluate_domains
 
     _check_flags(args)
+    compute = resolve_compute(args.device, args.dtype)
     if args.json is not None:
         check_output(args.json, args.overwrite, what="--json")
     if args.tasks is not None:
-        return run_harness(args)
+        return run_harness(args, compute)
     if args.data is None:
         raise UserError("--data is required for perplexity (an MDS folder from `drprune data prepare`)")
     if Path(args.data).is_file():
@@ -74,7 +81,7 @@ def run(args: argparse.Namespace) -> None:
     if not domains:
         raise UserError(f"no domain folders under {split_dir}")
     check_data_tokenizer(args.data, tokenizer=model_tokenizer(args.model))  # before the (slow) model load
-    decoder = load_any_decoder(args.model, args.trust_pickle)
+    decoder = compute.place(load_any_decoder(args.model, args.trust_pickle))
     check_data_tokenizer(args.data, vocab_size=decoder.cfg.vocab_size)
     result = evaluate_domains(decoder, args.data, domains, split=args.split, max_rows=args.max_rows,
                               batch_size=args.batch_size, n_boot=args.bootstrap, seed=args.seed)
@@ -84,9 +91,9 @@ def run(args: argparse.Namespace) -> None:
 
         from drprune.eval.copying import copy_probe, token_pool_of
 
-        span = min(args.copy_span, decoder.cfg.max_seq_len // 2)
+        span = min(args.copy_span, decoder.cfg.context_length // 2)
         if span != args.copy_span:
-            print(f"copy probe span capped to {span} (model max_seq_len {decoder.cfg.max_seq_len})")
+            print(f"copy probe span capped to {span} (model context length {decoder.cfg.context_length})")
         rows = [domain_rows(decoder, args.data, d, split=args.split, max_rows=args.max_rows) for d in domains]
         pool = token_pool_of(np.concatenate([r.ravel() for r in rows]))
         copy = copy_probe(decoder, pool, rows=args.copy_rows, span=span, seed=args.seed,
@@ -106,13 +113,13 @@ def run(args: argparse.Namespace) -> None:
         write_json(args.json, out)
 
 
-def run_harness(args: argparse.Namespace) -> None:
+def run_harness(args: argparse.Namespace, compute: Compute) -> None:
     """`--tasks`: the lm-evaluation-harness path (drprune/eval/harness.py); prints the harness's table."""
     from drprune.eval.harness import markdown_tables, parse_tasks, run_tasks, write_results
 
     results = run_tasks(args.model, parse_tasks(args.tasks), data=args.data, tokenizer=args.tokenizer,
                         rows=args.task_rows, limit=args.limit, batch_size=args.batch_size, bootstrap=args.bootstrap,
-                        seed=args.seed, trust_pickle=args.trust_pickle)
+                        seed=args.seed, trust_pickle=args.trust_pickle, compute=compute)
     print(markdown_tables(results))
     if args.json:
         write_results(results, args.json)

@@ -52,10 +52,10 @@ def copy_rows(token_pool: np.ndarray, *, rows: int = 64, span: int = 64,
 def copy_probe(decoder: PrunableDecoder, token_pool: np.ndarray, *, rows: int = 64, span: int = 64, seed: int = 0,
                batch_size: int = 8, n_boot: int = 1000) -> Score:
     """Perplexity on the predictable second-copy positions, with a bootstrap interval over rows."""
-    max_len = getattr(decoder.cfg, "max_seq_len", None)
-    if max_len is not None and 2 * span > max_len:
+    max_len = decoder.cfg.context_length
+    if 2 * span > max_len:
         raise UserError(f"copy probe span={span} needs sequences of 2*span={2 * span} tokens, beyond the model's "
-                        f"max_seq_len={max_len}: use a span <= {max_len // 2}")
+                        f"context length {max_len}: use a span <= {max_len // 2}")
     pool = np.asarray(token_pool, dtype=np.int64)
     vocab = decoder.cfg.vocab_size
     if len(pool) and (int(pool.min()) < 0 or int(pool.max()) >= vocab):

@@ -5,13 +5,17 @@ from pathlib import Path
 
 import torch
 
+from drprune.compute import Compute, resolve_compute
 
-def load_hf_model(folder: str | Path, device: str = "cpu"):
-    """(model, tokenizer) from a HF folder, in eval mode on `device`."""
+
+def load_hf_model(folder: str | Path, compute: Compute | None = None):
+    """(model, tokenizer) from a HF folder, in eval mode on `compute`'s device and dtype (default: the auto
+    choice, bf16 on a GPU and fp32 on CPU, whatever dtype the folder holds)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    compute = compute or resolve_compute()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=compute.dtype).to(compute.device).eval()
     return model, tokenizer
 
 

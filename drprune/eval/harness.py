@@ -31,6 +31,7 @@ from drprune.errors import UserError
 from drprune.paths import config_dir
 from drprune.atomic import visible, write_json
 from drprune.compact.export import export_checkpoint, runs_only_drprune_code
+from drprune.compute import Compute, resolve_compute
 from drprune.convert.checkpoint import TOKENIZER_FILES, resolve_hf_dir
 from drprune.convert.hf import REMOTE_MODEL_TYPE
 from drprune.data.identity import check_data_tokenizer, check_token_ids
@@ -337,15 +338,16 @@ def written_by_drprune(folder: Path) -> bool:
 
 def run_tasks(model: str, tasks: list[str], *, data: str | Path | None = None, tokenizer: str | None = None,
               rows: int = 200, limit: int | None = None, batch_size: int = 8, bootstrap: int = 1000,
-              seed: int = 0, trust_pickle: bool = False) -> dict[str, Any]:
+              seed: int = 0, trust_pickle: bool = False, compute: Compute | None = None) -> dict[str, Any]:
     """lm_eval.simple_evaluate of MODEL (HF folder, hub id or drprune checkpoint) on `tasks`; its results dict.
 
-    Every input is checked before the model is loaded. A run of local tasks only keeps the hub off.
+    The model runs on `compute`'s device and dtype (default: `resolve_compute()`'s auto choice). Every
+    input is checked before the model is loaded. A run of local tasks only keeps the hub off.
     """
+    compute = compute or resolve_compute()
     local, standard = check_tasks(tasks, have_data=data is not None)
     if standard:
         fetch_standard(standard)
-    import torch
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -353,12 +355,11 @@ def run_tasks(model: str, tasks: list[str], *, data: str | Path | None = None, t
         tmp = Path(tmp_name)
         folder, tok = hf_folder(model, tokenizer, tmp, trust_pickle)
         include = write_task_pack(local, Path(data), tok, tmp / "tasks", rows=rows, seed=seed) if local else None
-        cuda = torch.cuda.is_available()
         model_args = {"pretrained": str(folder), "tokenizer": str(tok), "trust_remote_code": written_by_drprune(folder),
-                      "dtype": "auto" if cuda else "float32"}  # CPU: fp32, as drprune's perplexity
+                      "dtype": compute.dtype_name}
         with nullcontext() if standard else hub_offline():
             results = simple_evaluate(
-                model="hf", model_args=model_args, tasks=tasks, batch_size=batch_size, device="cuda" if cuda else "cpu",
+                model="hf", model_args=model_args, tasks=tasks, batch_size=batch_size, device=str(compute.device),
                 limit=limit, bootstrap_iters=bootstrap, log_samples=False, random_seed=seed, numpy_random_seed=seed,
                 torch_random_seed=seed, fewshot_random_seed=seed,
                 task_manager=(TaskManager(include_path=include, include_defaults=bool(standard)) if local

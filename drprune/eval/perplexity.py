@@ -9,13 +9,13 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from drprune.errors import UserError
 from drprune.eval.stats import Score, bootstrap_geomean, bootstrap_ppl
-from drprune.models.composer_model import IGNORE_INDEX, token_losses
+from drprune.models.losses import IGNORE_INDEX, token_losses
 from drprune.models.decoder import PrunableDecoder
 from drprune.data.shards import ShardReader
+from drprune.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ def row_losses(decoder: PrunableDecoder, rows: np.ndarray, batch_size: int = 8, 
     device = next(decoder.parameters()).device
     loss_sums = np.zeros(len(rows), dtype=np.float64)
     counts = np.zeros(len(rows), dtype=np.int64)
-    for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False, disable=desc is None):
+    starts = range(0, len(rows), batch_size)
+    for start in starts if desc is None else track(starts, desc, unit="batches"):
         ids = torch.from_numpy(np.ascontiguousarray(rows[start:start + batch_size], dtype=np.int64)).to(device)
         labels = ids
         if loss_mask is not None:

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -119,8 +120,8 @@ class MaskGenerator(nn.Module, abc.ABC):
         """Masks for the next forward pass (sampled when `self.training`)."""
 
     @abc.abstractmethod
-    def regularization(self, masks: MaskSet) -> tuple[Tensor, dict[str, float]]:
-        """(loss added to cross-entropy, scalar stats to log)."""
+    def regularization(self, masks: MaskSet) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """(loss added to cross-entropy, scalar stats to log: 0-d tensors, read only when logged)."""
 
     @abc.abstractmethod
     def hard_masks(self) -> MaskSet:
@@ -142,6 +143,16 @@ class MaskGenerator(nn.Module, abc.ABC):
     def param_groups(self, lag_lr: float) -> list[dict[str, Any]]:
         """Optimizer groups for the generator's own parameters."""
         return [{"params": list(self.parameters()), "lr": lag_lr, "weight_decay": 0.0}]
+
+
+def keyed_generator(device: torch.device, seed: int, step: int, draw: int) -> torch.Generator:
+    """A generator on `device` seeded from (seed, step, rank, draw): noise that a resumed run draws again
+    exactly, whatever else consumed the global RNG, and that differs between ranks (each rank samples its
+    own masks, as dropout would). Composer does not restore its RNG state when a self-resuming dataset
+    restarts mid-epoch, so the global RNG could not give this."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    key = int(np.random.SeedSequence([seed, step, rank, draw]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(key)
 
 
 def config_keys(generator: type[MaskGenerator]) -> list[str]:

@@ -16,13 +16,12 @@ import logging
 import math
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from drprune.errors import ConfigError, check_keys
-from drprune.masks.base import MaskGenerator, MaskSet, config_keys
+from drprune.masks.base import MaskGenerator, MaskSet, config_keys, keyed_generator
 from drprune.masks.l0 import L0MaskGenerator
 from drprune.models.shapes import RESIDUAL_SELECTIONS, config_params, expected_params, mask_shape
 from drprune.models.config import ModelConfig
@@ -119,15 +118,9 @@ class HypernetworkMaskGenerator(MaskGenerator):
         self._step, self._draws = step, 0
 
     def _uniform(self, like: Tensor) -> Tensor:
-        """Noise as a pure function of (seed, step, rank, draw).
-
-        Composer does not restore its RNG state when a self-resuming dataset restarts mid-epoch, so
-        noise from the global RNG would make a resumed run diverge from the uninterrupted one.
-        """
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        seed = int(np.random.SeedSequence([self.seed, self._step, rank, self._draws]).generate_state(1)[0])
+        """Noise as a pure function of (seed, step, rank, draw), drawn on the logits' device."""
+        gen = keyed_generator(like.device, self.seed, self._step, self._draws)
         self._draws += 1
-        gen = torch.Generator(device=like.device).manual_seed(seed)
         return torch.rand(like.shape, generator=gen, device=like.device, dtype=like.dtype)
 
     def _sample(self, logits: Tensor) -> Tensor:
@@ -153,17 +146,21 @@ class HypernetworkMaskGenerator(MaskGenerator):
         """Noise-free 0/1 masks: the same weights always compact to the same model."""
         return MaskSet({k: _deterministic(v) for k, v in self.logits().items()})
 
-    def regularization(self, masks: MaskSet) -> tuple[Tensor, dict[str, float]]:
-        """lambda * |ln(P / P_target)|, P from the last training forward's budget masks (see `forward`)."""
+    def regularization(self, masks: MaskSet) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """lambda * |ln(P / P_target)|, P from the last training forward's budget masks (see `forward`).
+
+        Stats stay tensors (no host sync in the step) until a logger reads them.
+        """
         budget = self._budget_masks if self.training and self._budget_masks is not None else masks
         kept = expected_params(self.cfg, budget, embeddings=False)
         loss = self.budget_weight * torch.log(kept / self.target_params).abs()
         with torch.no_grad():
-            sampled = float(expected_params(self.cfg, masks, embeddings=False))
-        sizes = {f"expected_size/{k}": float(v.detach().sum(-1).mean()) for k, v in budget.items()}  # per layer
-        return loss, {"expected_params": float(kept), "kept_ratio": float(kept) / self.full_params,
+            sampled = expected_params(self.cfg, masks, embeddings=False)
+            sizes = {f"expected_size/{k}": v.detach().sum(-1).mean() for k, v in budget.items()}  # per layer
+            kept = kept.detach()
+        return loss, {"expected_params": kept, "kept_ratio": kept / self.full_params,
                       "sampled_ratio": sampled / self.full_params,
-                      "target_ratio": self.target_params / self.full_params, "budget_loss": float(loss), **sizes}
+                      "target_ratio": self.target_params / self.full_params, "budget_loss": loss.detach(), **sizes}
 
     def get_extra_state(self) -> dict[str, Any]:
         """The generator's config rides in checkpoints, so `drprune compact` can rebuild it alone."""

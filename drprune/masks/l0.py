@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from drprune.errors import ConfigError, UserError, check_keys
-from drprune.masks.base import MaskGenerator, MaskSet, config_keys
+from drprune.masks.base import MaskGenerator, MaskSet, config_keys, keyed_generator
 from drprune.models.shapes import expected_params
 from drprune.models.config import ModelConfig
 from drprune.registry import MASK_GENERATORS
@@ -50,7 +50,9 @@ class HardConcrete(nn.Module):
         return 1 - self.keep_prob().sum(-1) / self.n
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        u = torch.rand(self.log_alpha.shape, generator=generator).to(self.log_alpha)
+        """A hard-concrete sample, with noise drawn on the logits' device (no host copy)."""
+        u = torch.rand(self.log_alpha.shape, generator=generator, device=self.log_alpha.device,
+                       dtype=self.log_alpha.dtype)
         u = u * (1 - 2 * EPS) + EPS
         s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + self.log_alpha) / BETA)
         return (s * (LIMIT_R - LIMIT_L) + LIMIT_L).clamp(0, 1)
@@ -59,14 +61,11 @@ class HardConcrete(nn.Module):
         """Soft keep values with the smallest `n - kept` of each row zeroed."""
         soft = torch.sigmoid(self.log_alpha / BETA * EVAL_SHARPEN)
         if to_target:
-            n_zero = torch.full((soft.shape[0],), self.n - self.target_size)
+            n_zero = torch.full((soft.shape[0], 1), self.n - self.target_size, device=soft.device)
         else:
-            n_zero = torch.round(self.n - self.keep_prob().sum(-1)).long()
-        out = soft.clone()
-        for row, k in enumerate(n_zero.tolist()):
-            if k > 0:
-                out[row, torch.topk(soft[row], k, largest=False).indices] = 0
-        return out
+            n_zero = torch.round(self.n - self.keep_prob().sum(-1, keepdim=True)).long()
+        rank = soft.argsort(dim=-1, stable=True).argsort(dim=-1)  # 0 = smallest of its row, all rows at once
+        return torch.where(rank < n_zero, torch.zeros_like(soft), soft)
 
 
 def resolve_targets(cfg: ModelConfig, modules: list[str], target: Mapping[str, Any], prefix: str) -> dict[str, int]:
@@ -152,7 +151,8 @@ class L0MaskGenerator(MaskGenerator):
             eval_target_model=eval_target_model, droprate_init=droprate_init, seed=seed,
         )
         self.seed = seed
-        self._draws_this_step = 0
+        self._step, self._draws_this_step = 0, 0
+        self._eval_masks: tuple[tuple[int, ...], MaskSet] | None = None  # (logits' versions, masks)
         self.start_sparsity = start_sparsity
         self.eval_target_model = eval_target_model
         shapes = {  # module -> (rows, gates per row)
@@ -167,7 +167,6 @@ class L0MaskGenerator(MaskGenerator):
         self.lambda_1 = nn.ParameterDict({m: nn.Parameter(torch.zeros(1)) for m in self.sizes})
         self.lambda_2 = nn.ParameterDict({m: nn.Parameter(torch.zeros(1)) for m in self.sizes})
         self._register_load_state_dict_pre_hook(_scalar_multipliers_to_vectors)
-        self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=False)
         if init_masks is not None:
             self._warm_start(init_masks, f"{config_prefix}.init_masks")
 
@@ -194,14 +193,14 @@ class L0MaskGenerator(MaskGenerator):
         log.info("L0 logits warm-started from %s (%s)", path, ", ".join(n for n in self.gates if n in masks))
 
     def set_step(self, step: int) -> None:
-        self.step.fill_(step)
-        self._draws_this_step = 0
+        self._step, self._draws_this_step = step, 0
 
     def _noise(self) -> torch.Generator:
         """Noise keyed by (seed, step, draw within the step): a resumed run samples the same masks
         as an uninterrupted one, whatever else consumed the global RNG in between."""
         self._draws_this_step += 1
-        return torch.Generator().manual_seed(hash((self.seed, int(self.step), self._draws_this_step)) % 2**63)
+        return keyed_generator(self.gates[next(iter(self.gates))].log_alpha.device, self.seed, self._step,
+                               self._draws_this_step)
 
     def get_extra_state(self) -> dict[str, Any]:
         """The generator's config rides in checkpoints, so `drprune compact` can rebuild it alone."""
@@ -230,7 +229,13 @@ class L0MaskGenerator(MaskGenerator):
         if self.training:
             noise = self._noise()
             return self._as_maskset({m: g.sample(noise) for m, g in self.gates.items()})
-        return self._as_maskset({m: g.deterministic(self.eval_target_model) for m, g in self.gates.items()})
+        key = tuple(g.log_alpha._version for g in self.gates.values())  # bumped by every in-place update
+        if torch.is_grad_enabled() or self._eval_masks is None or self._eval_masks[0] != key:
+            masks = self._as_maskset({m: g.deterministic(self.eval_target_model) for m, g in self.gates.items()})
+            if torch.is_grad_enabled():
+                return masks
+            self._eval_masks = (key, masks)  # one computation per evaluation, not per eval batch
+        return self._eval_masks[1]
 
     def hard_masks(self) -> MaskSet:
         with torch.no_grad():
@@ -239,26 +244,28 @@ class L0MaskGenerator(MaskGenerator):
     def target_sparsity(self, module: str) -> float:
         """Linear warm-up from start_sparsity to the module's target sparsity."""
         final = self.gates[module].target_sparsity
-        frac = 1.0 if self.warmup <= 0 else min(1.0, int(self.step) / self.warmup)
+        frac = 1.0 if self.warmup <= 0 else min(1.0, self._step / self.warmup)
         return self.start_sparsity + (final - self.start_sparsity) * frac
 
-    def regularization(self, masks: MaskSet) -> tuple[Tensor, dict[str, float]]:
+    def regularization(self, masks: MaskSet) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """The Lagrangian; its stats stay tensors (no host sync in the step) until a logger reads them."""
         loss = torch.zeros((), device=self.lambda_1[next(iter(self.sizes))].device)
-        stats: dict[str, float] = {}
+        stats: dict[str, Tensor | float] = {}
         for m, gate in self.gates.items():
             expected = gate.expected_sparsity()
             target = self.target_sparsity(m)
             gap = expected - target
             lam_1, lam_2 = ascend(self.lambda_1[m]), ascend(self.lambda_2[m])
             loss = loss + (lam_1 * gap + lam_2 * gap.pow(2)).mean()
-            stats[f"expected_sparsity/{m}"] = float(expected.mean())
-            stats[f"expected_size/{m}"] = float((1 - expected.detach()).mean()) * gate.n  # kept units per row
+            expected = expected.detach()
+            stats[f"expected_sparsity/{m}"] = expected.mean()
+            stats[f"expected_size/{m}"] = (1 - expected).mean() * gate.n  # kept units per row
             stats[f"target_sparsity/{m}"] = target
-            stats[f"lambda_1/{m}"] = float(self.lambda_1[m])
-            stats[f"lambda_2/{m}"] = float(self.lambda_2[m])
+            stats[f"lambda_1/{m}"] = self.lambda_1[m].detach()[0]
+            stats[f"lambda_2/{m}"] = self.lambda_2[m].detach()[0]
         with torch.no_grad():
-            stats["expected_params"] = float(expected_params(self.cfg, self.keep_probs(), embeddings=False))
-        stats["lagrangian_loss"] = float(loss)
+            stats["expected_params"] = expected_params(self.cfg, self.keep_probs(), embeddings=False)
+        stats["lagrangian_loss"] = loss.detach()
         return loss, stats
 
     @property

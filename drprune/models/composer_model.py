@@ -1,17 +1,18 @@
 """Composer wrapper: cross-entropy (+ distillation KL) + mask regularisation, overall and per-domain metrics."""
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from composer.models import ComposerModel
 from torch import Tensor, nn
 from torchmetrics import Metric
 
 from drprune.models.config import ModelConfig
 from drprune.models.decoder import PrunableDecoder
-from drprune.models.distill import IGNORE_INDEX, DistillConfig, kd_token_losses
+from drprune.models.distill import DistillConfig
+from drprune.models.losses import kd_token_losses, token_losses
 from drprune.precision import cpu_autocast, fp32_region
 
 if TYPE_CHECKING:  # a type only: masks sit above models in the package graph
@@ -34,33 +35,25 @@ class DomainCrossEntropy(Metric):
 
     def update(self, loss_sum: Tensor, tokens: Tensor, set_ids: Tensor | None) -> None:
         """loss_sum, tokens: per sample [B]; set_ids: domain of each sample [B]."""
+        loss_sum, tokens = loss_sum.double(), tokens.double()
         if self.domain is not None:
             if set_ids is None:
                 return
-            keep = set_ids == self.domain
-            loss_sum, tokens = loss_sum[keep], tokens[keep]
-        self.loss_sum += loss_sum.double().sum()
-        self.tokens += tokens.double().sum()
+            keep = set_ids == self.domain  # a select, not boolean indexing: no host sync
+            loss_sum, tokens = torch.where(keep, loss_sum, 0.0), torch.where(keep, tokens, 0.0)
+        self.loss_sum += loss_sum.sum()
+        self.tokens += tokens.sum()
 
     def compute(self) -> Tensor:
-        if self.tokens == 0:
-            return torch.tensor(float("nan"))
-        return (self.loss_sum / self.tokens).float()
+        """NaN for a domain with no tokens yet (a tensor choice, not a Python branch: no host sync)."""
+        nan = torch.full_like(self.loss_sum, math.nan)
+        return torch.where(self.tokens > 0, self.loss_sum / self.tokens, nan).float()
 
 
 class DomainKLDivergence(DomainCrossEntropy):
     """Mean token KL(teacher || student) (times T^2) over the samples of one domain, or all of them."""
 
     output_key = "kd_sum"
-
-
-def token_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-sample summed next-token loss and token count, [B] each."""
-    targets = labels[:, 1:]
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view_as(targets)
-    return loss.sum(-1), (targets != IGNORE_INDEX).sum(-1)
 
 
 class PrunableLM(ComposerModel):
@@ -87,7 +80,7 @@ class PrunableLM(ComposerModel):
         self.model = PrunableDecoder(cfg)
         self.mask_generator = mask_generator
         self.set_names = list(set_names or [])
-        self.last_stats: dict[str, float] = {}
+        self.last_stats: dict[str, Tensor | float] = {}  # the mask generator's, tensors until logged
         frozen = mask_generator is not None and mask_generator.model_parameters_frozen()
         if frozen:
             self.model.requires_grad_(False)

@@ -3,6 +3,11 @@
 A compact (pruned) model is the same config with smaller values; when layers differ from each other
 (a sub-layer removed from some layers, per-layer widths, dimension-independent residual selections)
 `layers` holds one `LayerSpec` per layer.
+
+`context_length` is the model's context (HF `max_position_embeddings`, what vLLM and llama.cpp size
+their context from, and what RoPE scaling is computed from); it is never the length a run trains
+at (the run config's top-level `max_seq_len`). `dtype` is the dtype the source's weights came in,
+which exports default to.
 """
 from __future__ import annotations
 
@@ -10,9 +15,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from drprune.dtypes import DTYPES
 from drprune.errors import ConfigError, check_keys
 
 FAMILIES = ("llama", "qwen2", "pythia")
+# Checkpoints written before the context length was kept apart store it as `max_seq_len` (the
+# value the run trained at when it overrode it); read it as the context length, as it was used.
+LEGACY_CONTEXT_KEY = "max_seq_len"
 
 
 @dataclass
@@ -53,7 +62,7 @@ class ModelConfig:
     n_kv_heads: int | None = None
     head_dim: int | None = None
     intermediate_size: int = 11008
-    max_seq_len: int = 4096
+    context_length: int = 4096
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     norm_eps: float = 1e-5
     mlp: str = "gated"  # gated (SwiGLU, 3 matrices) | plain (2 matrices)
@@ -68,12 +77,14 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     init_std: float = 0.02
     attn_impl: str = "sdpa"  # sdpa | flash
+    dtype: str | None = None  # float32 | bfloat16 | float16 the source came in; None = unknown
     layers: list[LayerSpec] | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "max_seq_len"):
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "intermediate_size",
+                    "context_length"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"model.{key}={value!r} is invalid: set it to a positive integer "
@@ -97,6 +108,7 @@ class ModelConfig:
             (self.activation in ("silu", "gelu", "gelu_tanh"), "activation", "silu, gelu or gelu_tanh"),
             (self.attn_impl in ("sdpa", "flash"), "attn_impl", "sdpa or flash"),
             (0.0 < self.rotary_pct <= 1.0, "rotary_pct", "a fraction in (0, 1]"),
+            (self.dtype is None or self.dtype in DTYPES, "dtype", f"one of {DTYPES} or null"),
         ]
         for ok, key, expected in checks:
             if not ok:
@@ -119,6 +131,12 @@ class ModelConfig:
         return LayerSpec(self.n_heads, self.n_kv_heads, self.intermediate_size)
 
     @property
+    def rope_type(self) -> str:
+        """HF's name of the RoPE scaling (`default` without any): yarn, dynamic, llama3, linear, ..."""
+        scaling = self.rope_scaling or {}
+        return scaling.get("rope_type", scaling.get("type", "default"))
+
+    @property
     def is_uniform(self) -> bool:
         """True when every layer has the source shape, so a stock HF class can hold the model."""
         return self.layers is None
@@ -131,7 +149,22 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """The config of a dict (a checkpoint's, a mask file's); an older dict's `max_seq_len` is its context length."""
+        data = dict(data)
+        if LEGACY_CONTEXT_KEY in data and "context_length" not in data:
+            data["context_length"] = data.pop(LEGACY_CONTEXT_KEY)
         check_keys(data, [f.name for f in dataclasses.fields(cls)], "model")
         return cls(**data)
 
 
+def with_context_length(cfg: ModelConfig, context_length: int) -> ModelConfig:
+    """`cfg` advertising another context length, with the RoPE frequencies its weights were trained with.
+
+    YaRN without `original_max_position_embeddings` computes its frequencies from the context length
+    (HF falls back to max_position_embeddings), so that value is pinned to the old context. Linear and
+    LLaMA-3 scaling do not read it; dynamic NTK's frequencies only change for sequences longer than it.
+    """
+    scaling = cfg.rope_scaling
+    if cfg.rope_type == "yarn" and "original_max_position_embeddings" not in scaling:
+        scaling = {**scaling, "original_max_position_embeddings": cfg.context_length}
+    return dataclasses.replace(cfg, context_length=context_length, rope_scaling=scaling)

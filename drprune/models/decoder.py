@@ -66,21 +66,27 @@ class Norm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary embedding on the first `rotary_pct` of each head (all of it for LLaMA/Qwen2)."""
+    """Rotary embedding on the first `rotary_pct` of each head (all of it for LLaMA/Qwen2).
+
+    With RoPE scaling the frequencies and the cos/sin factor (YaRN's `attention_factor`) are HF's,
+    computed from the model's context length, so a scaled model computes what transformers does.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.dim = int(cfg.head_dim * cfg.rotary_pct)
-        self.register_buffer("inv_freq", _inv_freq(cfg, self.dim), persistent=False)
+        inv_freq, self.attention_scaling = _inv_freq(cfg, self.dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
         pos = torch.arange(seq_len, device=device, dtype=torch.float32)
         freqs = torch.outer(pos, self.inv_freq.to(device))
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
+        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
 
 
-def _inv_freq(cfg: ModelConfig, dim: int) -> Tensor:
+def _inv_freq(cfg: ModelConfig, dim: int) -> tuple[Tensor, float]:
+    """(inverse frequencies, cos/sin scale) of the model's RoPE."""
     if cfg.rope_scaling:
         from transformers import PretrainedConfig
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -88,12 +94,12 @@ def _inv_freq(cfg: ModelConfig, dim: int) -> Tensor:
         hf_like = PretrainedConfig(
             rope_theta=cfg.rope_theta, rope_scaling=dict(cfg.rope_scaling), head_dim=cfg.head_dim,
             hidden_size=cfg.d_model, num_attention_heads=cfg.n_heads,
-            partial_rotary_factor=cfg.rotary_pct, max_position_embeddings=cfg.max_seq_len,
+            partial_rotary_factor=cfg.rotary_pct, max_position_embeddings=cfg.context_length,
         )
-        rope_type = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type", "default"))
-        inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](hf_like, "cpu")
-        return inv_freq.float()
-    return 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        with torch.device("cpu"):  # real numbers even when the model is built on the meta device
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[cfg.rope_type](hf_like, "cpu")
+        return inv_freq.float(), float(scaling)
+    return 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), 1.0
 
 
 def _rotate_half(x: Tensor) -> Tensor:

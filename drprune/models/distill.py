@@ -18,17 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from drprune.errors import ConfigError, UserError, check_keys
 from drprune.models.config import ModelConfig
 
-IGNORE_INDEX = -100  # label value excluded from every loss (re-exported by composer_model)
 NODE = "distillation"
 # runtime knobs a teacher takes from the student instead of from its checkpoint
-RUNTIME_KEYS = ("attn_impl", "max_seq_len")
+RUNTIME_KEYS = ("attn_impl",)
 
 
 @dataclass(frozen=True)
@@ -111,21 +107,3 @@ def check_teacher(teacher_cfg: ModelConfig, student_cfg: ModelConfig, path: str)
         )
 
 
-def kd_token_losses(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
-                    temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Per-sample summed forward KL(teacher || student) and token count, [B] each.
-
-    Over the positions `token_losses` scores (position t predicts labels[t + 1]; IGNORE_INDEX targets
-    excluded), on softmax(logits / T) in fp32, times T^2 (so gradients keep their scale across T).
-    """
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    t = float(temperature)
-    student, teacher = student_logits[:, :-1].float(), teacher_logits[:, :-1].float()
-    if t != 1.0:
-        student, teacher = student / t, teacher / t
-    log_s = F.log_softmax(student, dim=-1)
-    log_t = F.log_softmax(teacher, dim=-1)
-    kl = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)  # [B, T-1]
-    kl = torch.where(keep, kl, torch.zeros_like(kl)) * (t * t)
-    return kl.sum(-1), keep.sum(-1)

@@ -18,6 +18,7 @@ from drprune.data.identity import model_tokenizer
 from drprune.data.shards import ShardReader
 from drprune.data.sources import Tokenizer, iter_documents
 from drprune.eval.perplexity import read_token_rows
+from drprune.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def _text_tokens(path: Path, tokenizer: str | None, max_tokens: int | None) -> n
         )
     tok = Tokenizer(tokenizer)
     out: list[int] = []
-    for doc in iter_documents(path):
+    for doc in track(iter_documents(path), f"calibration text {path.name}", unit="docs"):
         out.extend(tok.encode([doc])[0])
         out.append(tok.eos_id)
         if max_tokens is not None and len(out) >= max_tokens:

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from drprune.cli_options import add_registry_option, add_trust_pickle
+from drprune.cli_options import add_compute_options, add_registry_option, add_trust_pickle
 from drprune.errors import UserError, nearest
 from drprune.oneshot.options import OneshotOptions
 from drprune.registry import IMPORTANCE, LAYER_METRICS
@@ -73,6 +73,7 @@ def _common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--eval-max-rows", type=int, help="eval rows per domain")
     p.add_argument("--out", help="output folder (model.pt, hf/, removed.json)")
     p.add_argument("--overwrite", action="store_true", default=None)
+    add_compute_options(p, default=None)
     add_trust_pickle(p, default=None)
     p.set_defaults(func=run)
     return p

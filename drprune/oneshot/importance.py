@@ -30,8 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from drprune.errors import UserError
-from drprune.models.composer_model import token_losses
+from drprune.models.losses import token_losses
 from drprune.models.decoder import PrunableDecoder
+from drprune.progress import track
 from drprune.registry import IMPORTANCE
 
 TAYLOR_MODES = ("element", "vector")
@@ -49,10 +50,11 @@ class Scores:
     hidden: Tensor
 
 
-def _zeros(cfg) -> Scores:
-    return Scores(torch.zeros(cfg.n_layers, cfg.n_kv_heads, dtype=torch.float64),
-                  torch.zeros(cfg.n_layers, cfg.intermediate_size, dtype=torch.float64),
-                  torch.zeros(cfg.d_model, dtype=torch.float64))
+def _zeros(cfg, device: torch.device) -> Scores:
+    """Score accumulators on the model's device (sums of GPU tensors stay on the GPU)."""
+    return Scores(torch.zeros(cfg.n_layers, cfg.n_kv_heads, dtype=torch.float64, device=device),
+                  torch.zeros(cfg.n_layers, cfg.intermediate_size, dtype=torch.float64, device=device),
+                  torch.zeros(cfg.d_model, dtype=torch.float64, device=device))
 
 
 def aggregate(decoder: PrunableDecoder, element: Callable[[nn.Parameter], Tensor],
@@ -66,8 +68,8 @@ def aggregate(decoder: PrunableDecoder, element: Callable[[nn.Parameter], Tensor
     if not cfg.is_uniform:
         raise UserError("width pruning applies to a full model, not an already compacted one")
     post = per_row or (lambda v: v)
-    out = _zeros(cfg)
     t = decoder.transformer
+    out = _zeros(cfg, t["wte"].weight.device)
 
     def rows(w: Tensor) -> Tensor:
         """Per output row of a matrix (or per element of a vector)."""
@@ -139,7 +141,7 @@ def accumulate_gradients(decoder: PrunableDecoder, rows: np.ndarray, batch_size:
     decoder.eval()
     device = next(decoder.parameters()).device
     decoder.zero_grad(set_to_none=True)
-    for start in range(0, len(rows), batch_size):
+    for start in track(range(0, len(rows), batch_size), "calibration: taylor gradients", unit="batches"):
         ids = torch.from_numpy(rows[start:start + batch_size]).long().to(device)
         loss_sum, tokens = token_losses(decoder(ids), ids)
         (loss_sum.sum() / tokens.sum()).backward()
@@ -168,7 +170,8 @@ def taylor(decoder: PrunableDecoder, rows: np.ndarray, taylor_mode: str = "eleme
 def activation(decoder: PrunableDecoder, rows: np.ndarray, batch_size: int = 8) -> Scores:
     """Mean |activation| per head (context), channel (gated activation) and hidden dim (norm outputs)."""
     cfg = decoder.cfg
-    out = _zeros(cfg)
+    device = next(decoder.parameters()).device
+    out = _zeros(cfg, device)
     tokens = 0
     hooks = []
 
@@ -185,9 +188,8 @@ def activation(decoder: PrunableDecoder, rows: np.ndarray, batch_size: int = 8) 
         on(block.attn.wq, lambda x: out.hidden.add_(x.reshape(-1, x.shape[-1]).sum(0)))
         on(block.mlp.up_proj, lambda x: out.hidden.add_(x.reshape(-1, x.shape[-1]).sum(0)))
     decoder.eval()
-    device = next(decoder.parameters()).device
     try:
-        for start in range(0, len(rows), batch_size):
+        for start in track(range(0, len(rows), batch_size), "calibration: activations", unit="batches"):
             ids = torch.from_numpy(rows[start:start + batch_size]).long().to(device)
             decoder(ids)
             tokens += ids.numel()
@@ -221,4 +223,5 @@ def importance_scores(decoder: PrunableDecoder, rows: np.ndarray | None, importa
     if "rows" in wanted and (rows is None or len(rows) == 0):
         raise UserError(f"importance {importance!r} needs calibration data (--calib)")
     offered = {"rows": rows, "seed": seed, "taylor_mode": taylor_mode, "batch_size": batch_size}
-    return scorer(decoder, **{k: v for k, v in offered.items() if k in wanted})
+    scores = scorer(decoder, **{k: v for k, v in offered.items() if k in wanted})
+    return Scores(scores.head.cpu(), scores.intermediate.cpu(), scores.hidden.cpu())  # masks are built on CPU

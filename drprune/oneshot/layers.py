@@ -24,6 +24,7 @@ from torch import Tensor
 from drprune.errors import UserError
 from drprune.masks.base import MaskSet
 from drprune.models.decoder import PrunableDecoder
+from drprune.progress import track
 from drprune.registry import LAYER_METRICS
 
 TOKENS = ("all", "last")
@@ -151,7 +152,7 @@ def score_blocks(decoder: PrunableDecoder, rows: np.ndarray, *, method: str, num
     decoder.eval()
     device = next(decoder.parameters()).device
     total, count = None, 0
-    for start in range(0, len(rows), batch_size):
+    for start in track(range(0, len(rows), batch_size), f"calibration: {method} scores", unit="batches"):
         ids = torch.from_numpy(rows[start:start + batch_size]).long().to(device)
         sums, n = state_scores(residual_states(decoder, ids), method, num_blocks, token)
         total = sums if total is None else total + sums

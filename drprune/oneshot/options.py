@@ -20,6 +20,8 @@ class OneshotOptions:
     eval_max_rows: int | None = None
     overwrite: bool = False
     trust_pickle: bool = False
+    device: str = "auto"  # where the model is scored and evaluated (drprune.compute)
+    dtype: str = "auto"   # its weights' dtype meanwhile; model.pt holds them in it, the HF export the source's
     # layers
     num_blocks_to_prune: int | None = None
     pruning_method: str = "angular"

@@ -26,6 +26,7 @@ from drprune.oneshot.options import OneshotOptions
 from drprune.atomic import atomic_output, visible
 from drprune.compact.export import export_hf as export_compact
 from drprune.compact.fold import compact_decoder
+from drprune.compute import resolve_compute
 from drprune.convert.checkpoint import decoder_checkpoint_state, load_any_decoder, save_checkpoint
 from drprune.data.identity import check_data_tokenizer, check_token_ids
 from drprune.eval.perplexity import domain_perplexity, perplexity, read_token_rows
@@ -41,15 +42,17 @@ _HF_TO_OURS = {"hidden_size": "d_model", "num_attention_heads": "n_heads", "num_
 
 
 def load_model(opts: OneshotOptions) -> tuple[PrunableDecoder, dict[str, Any]]:
-    """The decoder and the source config.json (empty for a checkpoint), for its special token ids; then
-    --calib and --eval-data are checked against the model's tokenizer and vocabulary."""
+    """The decoder on --device in --dtype and the source config.json (empty for a checkpoint), for its special
+    token ids; then --calib and --eval-data are checked against the model's tokenizer and vocabulary."""
 
     model = opts.model
     path = Path(model)
     if not path.exists():
         raise UserError(f"MODEL {model} does not exist (a HF model folder or a Composer checkpoint; "
                         "hub:NAME downloads NAME from the Hugging Face Hub)")
-    decoder = load_any_decoder(model, opts.trust_pickle).eval()
+    compute = resolve_compute(opts.device, opts.dtype)
+    decoder = compute.place(load_any_decoder(model, opts.trust_pickle)).eval()
+    log.info("scoring on %s in %s", compute.device, compute.dtype_name)
     config_file = path / "config.json"  # a HF folder's; a checkpoint (file or sharded folder) has none
     hf_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     check_data(opts, decoder.cfg.vocab_size)
@@ -122,6 +125,7 @@ def write_outputs(decoder: PrunableDecoder, opts: OneshotOptions, removed: dict[
 
     if token_ids is None:  # same vocabulary: the source's special token ids carry over unchanged
         token_ids = {k: v for k, v in hf_config.items() if k.endswith("_token_id") and v is not None}
+    decoder = decoder.cpu()  # a checkpoint of GPU tensors would load only where that GPU is
     with atomic_output(opts.out, overwrite=opts.overwrite, folder=True) as tmp:
         save_checkpoint(decoder_checkpoint_state(decoder), tmp / "model.pt")
         export_hf(decoder, tmp / "hf", tokenizer_dir, token_ids, replace(card, evaluation=eval_tables(evals)))

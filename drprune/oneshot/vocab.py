@@ -25,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from drprune.compute import Compute
 from drprune.errors import UserError
 from drprune.models.decoder import PrunableDecoder
 from drprune.convert.checkpoint import TOKENIZER_FILES
@@ -254,16 +255,18 @@ def choose_tokens(counts: np.ndarray, keep: int, files: list[VocabFile]) -> tupl
 
 
 def slice_vocab(decoder: PrunableDecoder, keep: list[int]) -> PrunableDecoder:
-    """A copy of `decoder` whose embedding and output rows are `keep` (tied embeddings sliced once)."""
+    """A copy of `decoder` whose embedding and output rows are `keep` (tied embeddings sliced once), on its
+    device and in its dtype."""
     if max(keep) >= decoder.cfg.vocab_size:
         raise UserError(f"the tokenizer has ids up to {max(keep)} but the model's vocab_size is "
                         f"{decoder.cfg.vocab_size}: model and tokenizer do not match")
-    index = torch.tensor(keep)
+    weight = decoder.transformer["wte"].weight
+    index = torch.tensor(keep, device=weight.device)
     state = decoder.state_dict()
     for key in ("transformer.wte.weight", "transformer.output.weight"):
         if key in state:
             state[key] = state[key].index_select(0, index).clone()
-    new = PrunableDecoder(replace(decoder.cfg, vocab_size=len(keep)))
+    new = Compute(weight.device, weight.dtype).place(PrunableDecoder(replace(decoder.cfg, vocab_size=len(keep))))
     state["_extra_state"] = new.get_extra_state()
     new.load_state_dict(state, strict=True)
     return new.eval()
