@@ -5,7 +5,7 @@
 #   docker run --gpus all --rm drprune python -m pytest -q           # the tests
 # PyPI's torch 2.7.0 wheel carries its own CUDA 12.6 runtime, cuDNN and NCCL, so the base image needs no
 # CUDA toolkit: only the driver, which `--gpus` mounts. No flash-attn: torch's SDPA already runs
-# FlashAttention-2 kernels on CUDA (README, "GPU install", says why and how to add it).
+# FlashAttention-2 kernels on CUDA (the README's "Docker" says why, "GPU install" how to add it).
 FROM nvidia/cuda:12.6.3-base-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1

@@ -17,12 +17,13 @@ pruning run continues with another draw of its masks. A warning names both world
 from __future__ import annotations
 
 import logging
+import zipfile
 from pathlib import Path
 
 from composer.utils import dist
 
 from drprune.convert.integrity import torch_load
-from drprune.convert.sharded import looks_sharded, saved_world_size
+from drprune.convert.sharded import incomplete_reason, looks_sharded, saved_world_size
 from drprune.errors import UserError
 from drprune.run_config import RunConfig
 from drprune.run_files import local_save_folder
@@ -75,3 +76,22 @@ def _world_size(source: Path, sharded: bool) -> int | None:
         return None
     size = obj.get("state", {}).get("metadata", {}).get("world_size") if isinstance(obj, dict) else None
     return size if isinstance(size, int) else None
+
+
+def check_load_path(load_path: str | None) -> None:
+    """A local load_path must be a complete checkpoint: a file (torch.save writes a zip archive, its directory
+    last) or a sharded checkpoint folder (its `.metadata` written last, naming every shard)."""
+    if load_path is None or "://" in load_path:
+        return
+    path = Path(load_path)
+    if looks_sharded(path):
+        reason = incomplete_reason(path)
+        if reason is not None:
+            raise UserError(f"load_path: {reason}")
+        return
+    if not path.is_file():
+        raise UserError(f"load_path={path} does not exist (or is not a checkpoint): give a checkpoint written by a "
+                        "run, e.g. save_folder/latest-rank0.pt, or drop load_path")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"load_path={path} is not a complete checkpoint (truncated, or another kind of file): "
+                        "give another checkpoint of the run")

@@ -17,17 +17,14 @@ import dataclasses
 import math
 import types
 import typing
-import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Mapping, Union
 
 from composer.core import Precision, Time
 from composer.utils.parallelism import FSDPConfig
 from omegaconf import DictConfig, OmegaConf
 
-from drprune.convert.sharded import incomplete_reason, looks_sharded
-from drprune.errors import ConfigError, UserError, check_keys
+from drprune.errors import ConfigError, check_keys
 from drprune.mixture import DRO_CLAMP_MODES, UpdateType, parse_update_type
 from drprune.models.config import ModelConfig
 from drprune.models.distill import DistillConfig
@@ -391,7 +388,6 @@ class RunConfig:
         if self.precision not in precisions:
             raise ConfigError(f"precision={self.precision!r} is unknown; use one of {', '.join(precisions)} "
                               "(amp_bf16 runs bf16 autocast on GPU and CPU)")
-        _check_load_path(self.load_path)
         if self.fsdp_config is not None:
             check_keys(self.fsdp_config, [f.name for f in dataclasses.fields(FSDPConfig) if f.init], "fsdp_config")
         if self.max_seq_len is not None:
@@ -449,20 +445,3 @@ def _duration(key: str, value: Any) -> None:
                           "or 100000tok (tokens)")
 
 
-def _check_load_path(load_path: str | None) -> None:
-    """A local load_path must be a complete checkpoint: a file (torch.save writes a zip archive, its directory
-    last) or a sharded checkpoint folder (its `.metadata` written last, naming every shard)."""
-    if load_path is None or "://" in load_path:
-        return
-    path = Path(load_path)
-    if looks_sharded(path):
-        reason = incomplete_reason(path)
-        if reason is not None:
-            raise UserError(f"load_path: {reason}")
-        return
-    if not path.is_file():
-        raise UserError(f"load_path={path} does not exist (or is not a checkpoint): give a checkpoint written by a "
-                        "run, e.g. save_folder/latest-rank0.pt, or drop load_path")
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"load_path={path} is not a complete checkpoint (truncated, or another kind of file): "
-                        "give another checkpoint of the run")

@@ -29,13 +29,14 @@ from drprune.models.composer_model import PrunableLM
 from drprune.models.config import ModelConfig, with_context_length
 from drprune.models.decoder import PrunableDecoder
 from drprune.models.distill import RUNTIME_KEYS, DistillConfig, check_teacher, same_file
+from drprune.node_checks import agreed, start_distributed
 from drprune.parallel import plan_sharding, prepare_model, sharding_algorithms
 from drprune.paths import packaged_config
 from drprune.precision import resolve_precision
 from drprune.progress import composer_console
 from drprune.registry import SCHEDULERS, check_options
 from drprune.run_config import ModelSection, Optimizer, RunConfig, Scheduler
-from drprune.resume import check_resume_source
+from drprune.resume import check_load_path, check_resume_source
 from drprune.run_files import uploader_for
 from drprune.run_guard import guard_save_folder
 
@@ -196,7 +197,8 @@ def _build_teacher(distill: DistillConfig, init_path: str | None, init_state: di
     (hypernetwork) and the teacher is the model.path checkpoint, so no second copy is needed.
     """
     same = same_file(distill.teacher, init_path)
-    state = init_state if same else load_model_state(distill.teacher, trust_pickle)
+    state = init_state if same else agreed(lambda leader: load_model_state(distill.teacher, trust_pickle,
+                                                                          verify=leader))
     teacher_cfg = teacher_config(state, distill.teacher, mcfg if same else None)
     check_teacher(teacher_cfg, mcfg, distill.teacher)
     recipe = (f"loss = {distill.ce_weight:g} * CE + {distill.kl_weight:g} * KL(teacher || student), "
@@ -232,23 +234,26 @@ def build_trainer(cfg: DictConfig | RunConfig) -> Trainer:
 
 def _build_trainer(run: RunConfig, guards: list) -> Trainer:
     data = run.data
-    validate_data_config(data)
-    check_callbacks(run.callbacks)
-    loggers = build_loggers(run.loggers)  # an unknown logger or a missing package fails here, before the model
-    loggers += uploader_for(run.save_folder, loggers)  # drprune's own files reach an object-store save_folder
-    scheduler = build_scheduler(run.scheduler)  # its options are checked before the model too
-    train_bs, eval_bs = _batch_sizes(run)  # layout checks before any checkpoint is read
+    train_bs, eval_bs = _batch_sizes(run)  # layout checks before any data or checkpoint is read
     sharding = plan_sharding(run.fsdp_config, has_mask_generator=run.model.mask_generator is not None)
     composer_precision, autocast = resolve_precision(run.precision, torch.cuda.is_available())
     if autocast is not None:
         log.info("precision=%s on CPU: torch's CPU autocast to %s (Composer's CPU device only runs fp32)",
                  run.precision, autocast)
+    check_load_path(run.load_path)
+    start_distributed(run.dist_timeout, torch.cuda.is_available())  # so one rank per node verifies hashes
+    agreed(lambda leader: validate_data_config(data, hashes=leader))
+    check_callbacks(run.callbacks)
+    loggers = build_loggers(run.loggers)  # an unknown logger or a missing package fails here, before the model
+    loggers += uploader_for(run.save_folder, loggers)  # drprune's own files reach an object-store save_folder
+    scheduler = build_scheduler(run.scheduler)  # its options are checked before the model too
     init_path = run.model.path
     distill = run.distill()
-    init_state = load_model_state(init_path, run.trust_pickle) if init_path else None
+    init_state = (agreed(lambda leader: load_model_state(init_path, run.trust_pickle, verify=leader))
+                  if init_path else None)
     mcfg = model_config(run.model, init_state, run.max_seq_len)
     run.check_model_fits_data(mcfg.context_length)
-    check_data_vocab(data, mcfg.vocab_size)  # another tokenizer's data, ids beyond the vocabulary
+    agreed(lambda leader: check_data_vocab(data, mcfg.vocab_size, scan=leader))  # another tokenizer's data
     reproducibility.seed_all(run.seed)  # before any generator: fresh runs are bit-identical
     mask_generator = build_mask_generator(mcfg, run.model.mask_generator, run.model.mask_prefix)
     set_names = list(run.callbacks.data_loading.set_names or [])

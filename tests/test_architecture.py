@@ -15,7 +15,7 @@ import drprune
 PACKAGE = Path(drprune.__file__).parent
 LAYERS = [
     {"drprune", "errors", "paths", "registry", "atomic", "plots", "cli_options", "precision", "run_files", "progress",
-     "dtypes", "compute"},
+     "dtypes", "compute", "node_checks"},
     {"models"},
     {"mixture"},
     {"run_config"},

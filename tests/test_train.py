@@ -41,15 +41,16 @@ def run(args: list[str]):
 
 def test_pruning_run_learns_prunes_and_resumes(tmp_path, data_dir):
     save = tmp_path / "run"
-    trainer, memory = run(overrides(data_dir, save, "max_duration=20ba"))
+    trainer, memory = run(overrides(data_dir, save, "max_duration=20ba", "console_log_interval=1ba"))
     ce = [float(v) for _, v in memory.data["loss/train/ce_loss"]]
     assert sum(ce[-3:]) / 3 < sum(ce[:3]) / 3 - 0.5
     gen = trainer.state.model.mask_generator
     for module in ("head", "intermediate", "hidden", "layer"):
-        first = float(memory.data[f"pruning/expected_sparsity/{module}"][0][1])
-        last = float(memory.data[f"pruning/expected_sparsity/{module}"][-1][1])
+        # the Lagrangian pulls the expected sparsity to its target; in 20 steps it may overshoot (the 4 layer
+        # gates often do), so the test is that it reached the target's neighbourhood, not where it ended
+        path = [float(v) for _, v in memory.data[f"pruning/expected_sparsity/{module}"]]
         target = gen.gates[module].target_sparsity
-        assert abs(last - target) < abs(first - target), module
+        assert min(abs(s - target) for s in path) < abs(path[0] - target) / 2, (module, path)
     assert (save / "latest-rank0.pt").exists() and (save / "zs_s20.safetensors").exists()
     masks = MaskSet.load(save / "zs_s20.safetensors")
     assert int((masks["hidden"] != 0).sum()) == 48 and int((masks["layer"] != 0).sum()) == 3

@@ -55,12 +55,13 @@ def save_checkpoint(model_state: dict[str, Any], path: str | Path, overwrite: bo
     return Path(path)
 
 
-def load_model_state(path: str | Path, trust_pickle: bool = False) -> dict[str, Any]:
+def load_model_state(path: str | Path, trust_pickle: bool = False, verify: bool = True) -> dict[str, Any]:
     """The model state dict of a Composer checkpoint (a file, or a sharded checkpoint folder), or of a
     plain state-dict file.
 
     Read without running code from the file unless `trust_pickle` (see `integrity`); the checksums of
-    a checkpoint from `save_checkpoint` are verified.
+    a checkpoint from `save_checkpoint` are verified unless `verify` is false (a rank whose node leader
+    verifies them: `drprune.node_checks`).
     """
     path = Path(path)
     if looks_sharded(path):
@@ -73,7 +74,7 @@ def load_model_state(path: str | Path, trust_pickle: bool = False) -> dict[str, 
     obj = torch_load(path, trust_pickle=trust_pickle)
     if isinstance(obj, dict) and isinstance(obj.get("state"), dict) and "model" in obj["state"]:
         state = obj["state"]["model"]
-        if STATE_CHECKSUMS_KEY in obj:
+        if verify and STATE_CHECKSUMS_KEY in obj:
             verify_state(state, obj[STATE_CHECKSUMS_KEY], path, mapped_releaser(state))
         return state
     if isinstance(obj, dict) and any(k.startswith("model.transformer.") for k in obj):

@@ -4,8 +4,9 @@ Layers all alike are written as llama.cpp's own converter writes `llama` (LLaMA,
 models, so transformers' GGUF reader loads them too. Layers of different shapes are written as
 llama.cpp's `deci` architecture (Nemotron / DeciLM), whose loader and graph read `head_count`,
 `head_count_kv` and `feed_forward_length` per layer (the `llama` graph takes layer 0's values for all
-layers); transformers cannot read those files. Two gaps of `deci` (llama.cpp 0.3.36's vendored tree)
-are bridged with exact stand-ins instead of refusing the model:
+layers); transformers cannot read those files. Two gaps of `deci` (in llama.cpp 0c1e570, the one
+llama-cpp-python 0.3.36 ships; tests/test_gguf_llamacpp.py) are bridged with exact stand-ins instead of
+refusing the model:
 - layer 0 without attention: llama.cpp derives the head size from layer 0's head count, so layer 0
   gets one head whose output projection is zero;
 - a layer with attention but no MLP: for `feed_forward_length` 0 the graph skips the layer's residual
@@ -23,12 +24,6 @@ from drprune.models.config import ModelConfig
 
 UNIFORM_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}  # drprune family -> general.architecture (Mistral: llama)
 PER_LAYER_ARCHITECTURE = "deci"
-_ATTN = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
-         "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
-         "self_attn.o_proj.weight": "attn_output.weight"}
-_QKV_BIAS = {f"self_attn.{p}_proj.bias": f"attn_{p}.bias" for p in "qkv"}
-_MLP = {"post_attention_layernorm.weight": "ffn_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
-        "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
 
 
 class PerLayerShapes(UserError):

@@ -170,8 +170,11 @@ def _eval_folders(data: DataSection) -> list[Path]:
     return _split_folders(_data_local(data), data.eval_loader.dataset.split, "eval_loader.dataset.split", ("eval",))
 
 
-def validate_data_config(data: DataSection) -> None:
-    """Every data problem as a ConfigError/UserError naming the key or file, before any model is built."""
+def validate_data_config(data: DataSection, hashes: bool = True) -> None:
+    """Every data problem as a ConfigError/UserError naming the key or file, before any model is built.
+
+    Shard hashes are checked when `hashes` (and `data_verify_hashes`); sizes always.
+    """
     seq_len = _seq_len(data)
     set_names = set_names_of(data)
     folders = _data_folders(data)
@@ -179,7 +182,7 @@ def validate_data_config(data: DataSection) -> None:
         proportion_of(data, set_names)
         data.data_loading.check_domains(set_names)
     for folder in folders:
-        verify_split(folder, hashes=data.verify_hashes)
+        verify_split(folder, hashes=data.verify_hashes and hashes)
         have = ShardReader(folder).seq_len()
         if have < seq_len:
             raise ConfigError(f"max_seq_len={seq_len} but {folder} holds {have}-token sequences")
@@ -207,9 +210,10 @@ def _data_folders(data: DataSection) -> list[Path]:
     return folders
 
 
-def check_data_vocab(data: DataSection, vocab_size: int) -> None:
+def check_data_vocab(data: DataSection, vocab_size: int, scan: bool = True) -> None:
     """Refuse data made with another tokenizer than the run's `tokenizer` (when set), or whose ids do not
-    fit the model's vocab_size, before the model is built. Data that records no tokenizer is scanned."""
+    fit the model's vocab_size, before the model is built. Data that records no tokenizer is scanned
+    (when `scan`: one rank per node does it)."""
     root = _data_local(data)
     tokenizer = data.tokenizer
     if tokenizer is not None and not Path(str(tokenizer)).exists():
@@ -219,7 +223,7 @@ def check_data_vocab(data: DataSection, vocab_size: int) -> None:
         return
     log.info("%s records no tokenizer (older data or another tool): scanning its token ids%s", root,
              f"; tokenizer={tokenizer} cannot be compared" if tokenizer is not None else "")
-    for folder in _data_folders(data):
+    for folder in _data_folders(data) if scan else ():
         check_token_ids(max_token_id(folder), vocab_size, folder)
 
 
