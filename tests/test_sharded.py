@@ -29,6 +29,11 @@ CONTINUE = str(ROOT / "configs" / "tiny" / "continue_pretrain.yaml")
 SOURCE = dict(family="llama", vocab_size=49152, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2,
               intermediate_size=128, context_length=64, norm_eps=1e-5, tie_word_embeddings=True)
 STEPS = 10
+# Adam's eps: with the default 1e-8, rows of the tied 49k embedding whose tokens never occur get gradients of
+# ~1e-9, where rounding-level differences between DDP's and FSDP's reductions flip signs that Adam turns into
+# lr-sized steps: measured 7 of 2.4M embedding entries 2.7e-4 apart after 10 steps (mean 5e-8; every other
+# tensor within 2.5e-6). 1e-6 puts that noise floor above those gradients, so the test compares the models.
+ADAM_EPS = 1.0e-6
 # how each run is sharded: (environment, overrides)
 LAYOUTS = {
     "ddp": ({}, []),
@@ -61,7 +66,7 @@ def train(world: dict[str, Path], name: str, layout: str, config: str, extra: li
     record = world["root"] / f"{name}-{layout}.rec"
     args = [f"data_local={world['data']}", "callbacks.data_loading.set_names=[a,b]", f"save_folder={save}",
             f"max_duration={STEPS}ba", "eval_interval=5ba", f"save_interval={STEPS}ba", "log_to_console=false",
-            "precision=fp32",
+            "precision=fp32", f"optimizer.eps={ADAM_EPS}",
             *extra, *sharding]
     cmd = [str(Path(sys.executable).parent / "composer"), "-n", "2", "--stdout", f"{record}-out{{rank}}",
            "--stderr", f"{record}-err{{rank}}", str(ROOT / "tests" / "scripts" / "train_recorded.py"), str(record),
