@@ -56,7 +56,8 @@ def test_tensorboard_logger_receives_masks_lambdas_mixture_and_domain_losses(tmp
     assert sorted(weights[0]) == [1, 2, 3, 4]
     for step in weights[0]:
         assert weights[0][step] + weights[1][step] == pytest.approx(1.0, abs=1e-6)
-    assert got["metrics/train/b_reference_loss"] == [(2, pytest.approx(11.0)), (4, pytest.approx(11.0))]  # console interval
+    reference = got["metrics/train/b_reference_loss"]  # the rule's inputs, at the console interval
+    assert reference == [(2, pytest.approx(11.0)), (4, pytest.approx(11.0))]
     for split in ("train", "eval"):
         for d in ("a", "b"):
             losses = [v for _, v in got[f"metrics/{split}/{d}_LanguageCrossEntropy"]]
