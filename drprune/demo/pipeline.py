@@ -332,7 +332,8 @@ def export_hf(ckpt: Path, tokenizer_dir: Path, out: Path, card: ModelCard, dtype
 
 
 def export_gguf(hf_dir: Path, out: Path) -> None:
-    """OUT/pruned.gguf (f16) for llama.cpp-style runtimes; a model whose layers differ in shape has no GGUF form."""
+    """OUT/pruned.gguf (f16) for llama.cpp; per-layer shapes go to llama.cpp's `deci` architecture, and only
+    layers that select their own residual dimensions (hypernetwork masks) have no GGUF form."""
 
     try:
         hf_to_gguf(hf_dir, out, overwrite=True)
