@@ -27,7 +27,7 @@ from composer.utils import dist
 
 from drprune.atomic import write_json
 from drprune.plots import plot_eval_losses, plot_weights
-from drprune.callbacks.pruning import unwrap_model
+from drprune.callbacks.pruning import logging_step, unwrap_model
 from drprune.errors import ConfigError
 from drprune.mixture import ReferenceLossFitter, RuleInputs, UpdateType, apply_rule
 from drprune.models.shapes import config_params
@@ -106,7 +106,7 @@ class DynamicLoadingCallback(Callback):
         step = int(state.timestamp.batch)
         self.weight_history.append((step, list(self.p)))
         logger.log_metrics({f"metrics/train/{name}_weight": w for name, w in zip(self.set_names, self.p)})
-        if step % self.log_interval:
+        if not logging_step(state, self.log_interval):
             return  # no host sync between logging steps
         self._fold()
         losses = {f"{name}_ema_loss": v for name, v in zip(self.set_names, self.ema_loss) if v is not None}

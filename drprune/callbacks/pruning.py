@@ -26,6 +26,12 @@ def unwrap_model(state: State) -> Any:
     return state.model.module if hasattr(state.model, "module") else state.model
 
 
+def logging_step(state: State, interval: int) -> bool:
+    """Every `interval` batches, and the last batch of training (so short runs log too)."""
+    elapsed = state.get_elapsed_duration()
+    return int(state.timestamp.batch) % interval == 0 or (elapsed is not None and float(elapsed) >= 1.0)
+
+
 def stats_to_floats(stats: dict[str, Any]) -> dict[str, float]:
     """Logged values as floats: every 0-d tensor read in one transfer (one host sync, not one per stat)."""
     tensors = {k: v for k, v in stats.items() if torch.is_tensor(v)}
@@ -51,7 +57,7 @@ class PruningCallback(Callback):
         unwrap_model(state).mask_generator.after_optimizer_step()
         stats = unwrap_model(state).last_stats
         step = int(state.timestamp.batch)
-        if not stats or step % self.log_interval:
+        if not stats or not logging_step(state, self.log_interval):
             return  # the stats stay tensors: read (one host sync) only on logging steps
         stats = stats_to_floats(stats)
         logger.log_metrics({f"pruning/{k}": v for k, v in stats.items()})
