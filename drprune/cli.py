@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "drprune.eval.cli",
     "drprune.oneshot.cli",
     "drprune.demo.cli",
+    "drprune.plan.cli",
 )
 
 

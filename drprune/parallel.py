@@ -12,6 +12,9 @@ before the model is built:
   kilobytes to megabytes: it is never an FSDP unit (`_fsdp_wrap = False`, honoured by both Composer
   paths), so it stays fp32 and identical on every rank, and its gradients are averaged over ranks by
   a hook on each of its parameters, as DDP would.
+- **Weights are loaded once.** Only global rank 0 reads checkpoint weights; the other ranks build
+  the student and the teacher on the meta device, and Composer broadcasts rank 0's weights as it
+  shards (FSDP2 detects the mixed start; FSDP1 gets `sync_module_states`, on by default here).
 - **Activation checkpointing is non-reentrant**: masks reach blocks in a dict, which reentrant
   checkpointing does not track (it breaks L0 and silently starves the hypernetwork of gradient).
 """
@@ -98,6 +101,7 @@ def plan_sharding(fsdp_config: Mapping[str, Any] | None, *, has_mask_generator: 
             "fsdp_config to train with DDP")
     if version == 1:
         cfg.setdefault("activation_checkpointing_reentrant", False)
+        cfg.setdefault("sync_module_states", True)  # rank 0 loads the weights, the others start on meta
         return ShardingPlan(1, FSDPConfig(sharding_strategy=strategy, **cfg))
     unused = sorted(k for k in cfg if k in FSDP1_ONLY_KEYS)
     if unused:

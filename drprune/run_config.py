@@ -133,7 +133,7 @@ class TrainLoader:
     name: str | None = None  # Sheared-LLaMA's loader name (text); informational
     num_workers: int = 0
     prefetch_factor: int | None = None
-    pin_memory: bool = False
+    pin_memory: bool | None = None  # None: on when CUDA is available
     drop_last: bool = True
     dataset: TrainDataset = field(default_factory=TrainDataset)
 
@@ -314,6 +314,8 @@ class DataSection:
     data_loading: DataLoading
     train_loader: TrainLoader
     eval_loader: EvalLoader | None
+    data_remote: str | None = None  # data_local is then a cache of it (drprune.data.remote)
+    data_remote_folders: dict[str, str] = field(default_factory=dict)  # {folder under data_local: its remote}
 
 
 # ---------------------------------------------------------------- the run config
@@ -324,6 +326,8 @@ class RunConfig:
 
     model: ModelSection = field(default_factory=ModelSection)
     data_local: str | None = None
+    data_remote: str | None = None
+    data_remote_folders: dict[str, str] = field(default_factory=dict)
     max_seq_len: int | None = None
     tokenizer: str | None = None
     data_verify_hashes: bool = True
@@ -397,6 +401,7 @@ class RunConfig:
             raise ConfigError(f"model.max_seq_len={legacy} differs from max_seq_len={self.max_seq_len}: both name the "
                               "training sequence length (the model's context is model.context_length); drop "
                               "model.max_seq_len")
+        _check_remotes(self.data_remote, self.data_remote_folders)
         if self.callbacks.data_loading.dynamic and str(self.max_duration).endswith("ep"):
             raise ConfigError(f"max_duration={self.max_duration}: a dynamic mixture has no epochs; "
                               "use batches (e.g. 3200ba)")
@@ -404,7 +409,8 @@ class RunConfig:
     @property
     def data(self) -> DataSection:
         return DataSection(self.data_local, self.max_seq_len, self.tokenizer, self.data_verify_hashes, self.seed,
-                           self.callbacks.data_loading, self.train_loader, self.eval_loader)
+                           self.callbacks.data_loading, self.train_loader, self.eval_loader, self.data_remote,
+                           self.data_remote_folders)
 
     def distill(self) -> DistillConfig | None:
         """The checked `distillation:` node (its teacher defaults to model.path); None when off."""
@@ -431,6 +437,22 @@ def _container(node: Any, what: str) -> Mapping[str, Any]:
 def _at_least(key: str, value: Any, low: int, extra: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{key}={value!r} must be an integer >= {low}{extra}")
+
+
+def _check_remotes(root: str | None, folders: Mapping[str, Any]) -> None:
+    """data_remote is a URL or path; data_remote_folders maps folders under data_local to theirs."""
+    if root is not None and not root.strip():
+        raise ConfigError("data_remote='' is empty: give the remote copy of data_local (e.g. s3://bucket/prepared) "
+                          "or drop the key")
+    for folder, url in folders.items():
+        key = f"data_remote_folders.{folder}"
+        parts = str(folder).split("/")
+        if str(folder).startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise ConfigError(f"{key}: the key must be a folder under data_local written as a relative path, such as "
+                              "train/wiki or eval/eval_merge")
+        if not isinstance(url, str) or not url.strip():
+            raise ConfigError(f"{key}={url!r} must be the remote of that MDS folder (a URL such as "
+                              "s3://bucket/wiki/train, or a path)")
 
 
 def _duration(key: str, value: Any) -> None:

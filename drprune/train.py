@@ -22,7 +22,8 @@ from omegaconf.errors import MissingMandatoryValue
 
 from drprune.callbacks import build_callbacks, build_loggers, check_callbacks
 from drprune.convert.checkpoint import config_of_state, decoder_state, load_decoder_weights, load_model_state
-from drprune.data.loaders import build_eval_dataloader, build_train_dataloader, check_data_vocab, validate_data_config
+from drprune.data.loaders import (build_eval_dataloader, build_train_dataloader, check_data_vocab, fetch_data,
+                                  validate_data_config)
 from drprune.errors import ConfigError, UserError
 from drprune.masks import build_mask_generator
 from drprune.models.composer_model import PrunableLM
@@ -30,7 +31,7 @@ from drprune.models.config import ModelConfig, with_context_length
 from drprune.models.decoder import PrunableDecoder
 from drprune.models.distill import RUNTIME_KEYS, DistillConfig, check_teacher, same_file
 from drprune.node_checks import agreed, start_distributed
-from drprune.parallel import plan_sharding, prepare_model, sharding_algorithms
+from drprune.parallel import ShardingPlan, plan_sharding, prepare_model, sharding_algorithms
 from drprune.paths import packaged_config
 from drprune.precision import resolve_precision
 from drprune.progress import composer_console
@@ -180,17 +181,44 @@ def teacher_config(state: Mapping[str, Any], path: str, fallback: ModelConfig | 
 
 
 def build_teacher(state: Mapping[str, Any], teacher_cfg: ModelConfig, student_cfg: ModelConfig,
-                  path: str) -> PrunableDecoder:
-    """A frozen, eval-mode PrunableDecoder with the teacher's weights (runtime knobs from the student)."""
+                  path: str, dtype: torch.dtype = torch.float32, load: bool = True) -> PrunableDecoder:
+    """A frozen, eval-mode PrunableDecoder with the teacher's weights (runtime knobs from the student).
+
+    Built on the meta device and stored in `dtype`; `load=False` leaves it there for a rank that
+    receives the weights from rank 0 (`weights_from_rank0`). Buffers (RoPE) stay fp32.
+    """
     cfg = dataclasses.replace(teacher_cfg, **{k: getattr(student_cfg, k) for k in RUNTIME_KEYS})
-    teacher = PrunableDecoder(cfg)
-    load_decoder_weights(teacher, decoder_state(dict(state)), path)
+    with torch.device("meta"):
+        teacher = PrunableDecoder(cfg)
+    for param in teacher.parameters():
+        param.data = param.data.to(dtype)
+    if load:
+        load_decoder_weights(teacher, decoder_state(dict(state)), path)
     teacher.requires_grad_(False)
     return teacher.eval()
 
 
+def weights_from_rank0(sharding: ShardingPlan) -> bool:
+    """Whether only global rank 0 loads checkpoint weights, the other ranks building on the meta device.
+
+    Composer's FSDP start then shards rank 0's model and broadcasts it (FSDP2 detects the mixed start
+    itself; FSDP1 needs `sync_module_states`, which drprune turns on). Without FSDP every rank loads.
+    """
+    if not sharding.sharded or dist.get_world_size() == 1:
+        return False
+    return sharding.version == 2 or bool(getattr(sharding.config, "sync_module_states", False))
+
+
+def teacher_dtype(distill: DistillConfig, autocast: torch.dtype | None, precision: str) -> torch.dtype:
+    """The teacher's storage dtype: `distillation.teacher_dtype`, or for `auto` the run's compute dtype."""
+    if distill.teacher_dtype != "auto":
+        return getattr(torch, distill.teacher_dtype)
+    return torch.bfloat16 if autocast == torch.bfloat16 or precision == "amp_bf16" else torch.float32
+
+
 def _build_teacher(distill: DistillConfig, init_path: str | None, init_state: dict | None, mcfg: ModelConfig,
-                   mask_generator: Any, trust_pickle: bool = False) -> Any:
+                   mask_generator: Any, trust_pickle: bool = False, dtype: torch.dtype = torch.float32,
+                   load: bool = True) -> Any:
     """Check the teacher against the student (before either is built), then load it.
 
     None when the student's own unmasked weights are the teacher: the mask generator freezes the LLM
@@ -211,9 +239,9 @@ def _build_teacher(distill: DistillConfig, init_path: str | None, init_state: di
         log.warning("distillation.teacher is model.path (%s): the teacher is the student's own initial weights; "
                     "set distillation.teacher to the uncompressed source checkpoint to distil from it",
                     distill.teacher)
-    teacher = build_teacher(state, teacher_cfg, mcfg, distill.teacher)
-    log.info("distillation from %s (%.2fM parameters, frozen, not trained, not checkpointed); %s",
-             distill.teacher, teacher.num_params() / 1e6, recipe)
+    teacher = build_teacher(state, teacher_cfg, mcfg, distill.teacher, dtype, load)
+    log.info("distillation from %s (%.2fM parameters in %s, frozen, not trained, not checkpointed); %s",
+             distill.teacher, teacher.num_params() / 1e6, str(dtype).removeprefix("torch."), recipe)
     return teacher
 
 
@@ -242,6 +270,7 @@ def _build_trainer(run: RunConfig, guards: list) -> Trainer:
                  run.precision, autocast)
     check_load_path(run.load_path)
     start_distributed(run.dist_timeout, torch.cuda.is_available())  # so one rank per node verifies hashes
+    agreed(lambda leader: fetch_data(data, leader=leader))  # data_remote: one process per node fills data_local
     agreed(lambda leader: validate_data_config(data, hashes=leader))
     check_callbacks(run.callbacks)
     loggers = build_loggers(run.loggers)  # an unknown logger or a missing package fails here, before the model
@@ -260,13 +289,21 @@ def _build_trainer(run: RunConfig, guards: list) -> Trainer:
     guard = guard_save_folder(run, set_names)  # lock, half-written checkpoints, resume fingerprint
     guards.extend(guard)
     check_resume_source(run, sharded_state_dict=getattr(sharding.config, "state_dict_type", None) == "sharded")
-    teacher = (_build_teacher(distill, init_path, init_state, mcfg, mask_generator, run.trust_pickle)
+    # Checkpoint weights are loaded into storage-less (meta) models: nothing is drawn at random only to
+    # be overwritten, and under FSDP only rank 0 loads them (Composer broadcasts them as it shards).
+    load_here = not weights_from_rank0(sharding) or dist.get_global_rank() == 0
+    teacher = (_build_teacher(distill, init_path, init_state, mcfg, mask_generator, run.trust_pickle,
+                              teacher_dtype(distill, autocast, run.precision), load_here)
                if distill else None)
 
-    model = PrunableLM(mcfg, mask_generator, set_names, distill=distill, teacher=teacher, cpu_autocast=autocast)
-    if init_state is not None:
+    model = PrunableLM(mcfg, mask_generator, set_names, distill=distill, teacher=teacher, cpu_autocast=autocast,
+                       on_meta=init_state is not None)
+    if init_state is not None and load_here:
         load_decoder_weights(model.model, decoder_state(init_state), init_path)
         log.info("loaded weights from %s", init_path)
+    elif init_state is not None:
+        log.info("rank %d: weights of %s arrive from rank 0 as the model is sharded", dist.get_global_rank(),
+                 init_path)
     # The weights are copied: drop the memory-mapped checkpoint now. A traceback cached by some
     # optional import can keep this frame alive, and with it the whole mapped file (a model's size).
     del init_state

@@ -29,6 +29,7 @@ LAYERS = [
     {"run_guard"},
     {"resume", "parallel"},
     {"train"},
+    {"plan"},
     {"demo"},
     {"cli"},
 ]

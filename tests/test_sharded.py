@@ -141,7 +141,17 @@ def l0_runs(world) -> dict[str, Path]:
     return {layout: train(world, "l0", layout, PRUNE, extra) for layout in LAYOUTS}
 
 
+def assert_loaded_once(runs: dict[str, Path]) -> None:
+    """Under FSDP rank 1 read no weights and started on the meta device (equal losses with DDP then prove
+    that rank 0's broadcast gave it the student's and the teacher's weights); under DDP it loads them."""
+    for layout, save in runs.items():
+        log = Path(f"{save}.rec-err1").read_text()  # rank 0 logs to the launcher's own stderr
+        assert ("arrive from rank 0" in log) == (layout != "ddp"), layout
+        assert ("loaded weights from" in log) == (layout == "ddp"), layout
+
+
 def test_l0_dro_distillation_matches_ddp(l0_runs):
+    assert_loaded_once(l0_runs)
     assert_sharded_as_designed(l0_runs)
     assert {"model", "mask_generator", "teacher"} <= set(sharding_layout(l0_runs["fsdp2-full"]))
     states = assert_same_training(l0_runs, "mask_generator.")

@@ -167,9 +167,14 @@ def load_decoder(path: str | Path, fallback: ModelConfig | None = None, trust_pi
 
 
 def load_decoder_weights(decoder: PrunableDecoder, tensors: dict[str, Tensor], source: str) -> None:
-    """Strictly load `tensors` into `decoder`; missing or extra keys are a UserError naming `source`."""
+    """Strictly load `tensors` into `decoder`; missing or extra keys are a UserError naming `source`.
+
+    A decoder built on the meta device gets its storage here (`materialize`), keys checked first.
+    """
     expected = {k for k in decoder.state_dict() if not k.endswith("_extra_state")}
     check_state_keys(expected, set(tensors), source, "is the checkpoint from a different model config?")
+    if decoder.is_meta:
+        decoder.materialize("cpu")
     decoder.load_state_dict({**tensors, "_extra_state": decoder.get_extra_state()}, strict=True)
 
 

@@ -26,7 +26,8 @@ def _prepare(args: argparse.Namespace) -> int:
                     eval_fraction=args.eval_fraction, eval_sources=_pairs(args.eval_domain, "--eval-domain"),
                     max_tokens=args.max_tokens, seed=args.seed, text_field=args.text_field,
                     token_width=args.token_width, overwrite=args.overwrite,
-                    eval_only=_pairs(args.eval_only_domain, "--eval-only-domain"))
+                    eval_only=_pairs(args.eval_only_domain, "--eval-only-domain"),
+                    repeats_from=args.repeats_from, repeats_name=args.repeats_name)
     print(summary_table(stats))
     return 0
 
@@ -51,6 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-only-domain", action="append", metavar="NAME=PATH",
                    help="a held-out domain (repeatable), same source kinds: all of its text goes to DIR/eval/NAME "
                         "only, never to train/ nor eval/eval_merge; DIR/domains.json lists it under eval_only")
+    p.add_argument("--repeats-from", action="append", metavar="DOMAIN",
+                   help="also build a synthetic training domain from DOMAIN's train text (repeatable): spans of "
+                        "it repeated at a distance within each row, to teach copying; written to DIR/train only")
+    p.add_argument("--repeats-name", default="repeats", help="name of that domain (default: repeats)")
     p.add_argument("--tokenizer", required=True, help="HF tokenizer folder or SentencePiece .model")
     p.add_argument("--max-seq-len", type=int, required=True)
     p.add_argument("--out", required=True,
@@ -59,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-domain", action="append", metavar="NAME=PATH",
                    help="take NAME's eval data from PATH instead of holding out")
     p.add_argument("--max-tokens", type=int, default=None, help="train-token budget per domain")
-    p.add_argument("--seed", type=int, default=0, help="seed of the eval holdout")
+    p.add_argument("--seed", type=int, default=0, help="seed of the eval holdout and of the repeats domain")
     p.add_argument("--text-field", default="text", help="text field of .jsonl/.json/HF dataset rows")
     p.add_argument("--token-width", choices=("auto", "uint16", "uint32"), default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

@@ -12,6 +12,14 @@ Eval-only (held-out) domains, written by `prepare(eval_only=...)` (listed under 
 data_local/domains.json, or having eval/<name> but no train/<name>), are never trained on: a
 set_names entry naming one is a ConfigError; without set_names the train/ folders define the domains,
 which leaves them out.
+
+Remote data: `data_remote` (any URL mosaicml-streaming downloads, or a path) names a copy of the whole
+prepared folder, and `data_remote_folders` {folder under data_local: its remote} one MDS folder each
+(e.g. {train/wiki: s3://other/wiki}; it wins over data_remote). data_local is then the cache:
+`fetch_data` (one process per node, before the model is built) fetches domains.json and the index.json
+of every folder the run reads, plus the shards read before step 0; other shards are fetched, verified,
+the first time the run reads one of their samples (drprune.data.remote). Without set_names, a remote's
+domains.json lists the training domains.
 """
 from __future__ import annotations
 
@@ -20,16 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from composer.utils import dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from drprune.atomic import visible
 from drprune.data.collate import collate
-from drprune.data.identity import check_data_tokenizer, check_token_ids, max_token_id
+from drprune.data.identity import DOMAINS_FILE, check_data_tokenizer, check_token_ids, max_token_id
 from drprune.data.mixture_dataset import MixtureDataset, check_proportion
+from drprune.data.remote import ATTEMPTS, fetch_file, join, remote_of, sync_index
 from drprune.data.shards import ShardReader, verify_split
 from drprune.data.prepare import EVAL_MERGE, read_domains
-from drprune.errors import ConfigError, UserError
+from drprune.errors import ConfigError, UserError, nearest
 from drprune.run_config import DataSection
 
 log = logging.getLogger(__name__)
@@ -118,6 +128,9 @@ def set_names_of(data: DataSection) -> list[str]:
     names = data.data_loading.set_names
     if names is None:
         root = _data_local(data)
+        listed = read_domains(root) if data.data_remote is not None else None
+        if listed is not None:  # a cache may hold folders of other runs: the remote's list is the truth
+            return listed["train"]
         held_out = set(eval_only_domains(root))
         return [n for n in _domain_folders(root / "train") if n not in held_out]
     _refuse_eval_only(data, names)
@@ -178,6 +191,7 @@ def validate_data_config(data: DataSection, hashes: bool = True) -> None:
     seq_len = _seq_len(data)
     set_names = set_names_of(data)
     folders = _data_folders(data)
+    _check_remote_folders(data, folders)
     if data.data_loading.dynamic:
         proportion_of(data, set_names)
         data.data_loading.check_domains(set_names)
@@ -200,6 +214,161 @@ def _check_eval_domains(folders: list[Path], set_names: list[str]) -> None:
                 f"{folder} holds eval data of domain(s) {missing}, which callbacks.data_loading.set_names "
                 f"{set_names} does not list: add them to set_names (and to proportion), or point "
                 "eval_loader.dataset.split at data of the listed domains only")
+
+
+def _check_remote_folders(data: DataSection, folders: list[Path]) -> None:
+    """Every data_remote_folders key must be a folder the run reads (a misspelt one would be ignored)."""
+    if data.data_remote_folders:
+        root = _data_local(data)
+        _refuse_unread(data, [f.relative_to(root).as_posix() for f in folders])
+
+
+def _refuse_unread(data: DataSection, read: list[str], parents: tuple[str, ...] = ()) -> None:
+    """A ConfigError for the first data_remote_folders key neither in `read` nor directly under `parents`."""
+    for key in data.data_remote_folders:
+        if key in read or key.rpartition("/")[0] in parents:
+            continue
+        near = nearest(key, read)
+        raise ConfigError(f"data_remote_folders.{key}: this run reads no folder {key} under data_local "
+                          f"({'did you mean ' + near + '? ' if near else ''}folders it can read: {', '.join(read)}); "
+                          "fix or remove the key")
+
+
+def _check_remote_keys(data: DataSection) -> None:
+    """Before fetching: the data_remote_folders keys must fit the folders the config can read."""
+    loading = data.data_loading
+    read: list[str] = []  # folders the run reads
+    parents: list[str] = []  # folders whose domain sub-folders it may read
+    if loading.dynamic and loading.set_names:
+        read += [f"train/{name}" for name in loading.set_names]
+    elif loading.dynamic:
+        parents.append("train")
+    elif data.train_loader.dataset.split:
+        split = str(data.train_loader.dataset.split)
+        read += [split, f"train/{split}"]
+        parents += [split, f"train/{split}"]
+    if data.eval_loader is not None:
+        split = data.eval_loader.dataset.split
+        read += [split, f"eval/{split}"]
+        parents += [split, f"eval/{split}"]
+    _refuse_unread(data, read, tuple(parents))
+
+
+# ----- remote data ------------------------------------------------------------------------------
+def fetch_data(data: DataSection, leader: bool = True) -> None:
+    """Fill the data_local cache from data_remote / data_remote_folders (a no-op without them).
+
+    The node's leader fetches domains.json, the index.json of every folder the run reads, the first
+    shard of each (validation reads it on every rank) and every eval shard; the other ranks return at
+    once and the caller's `agreed` holds them until it is done. An unreachable remote or a missing
+    index is a UserError naming it, raised here, before the model is built.
+    """
+    if data.data_remote is None and not data.data_remote_folders:
+        return
+    if data.data_local is None:
+        raise ConfigError("data_local is required with data_remote: the local cache folder (empty at first; the "
+                          "shards the run reads are fetched into it)")
+    root = Path(data.data_local)
+    if data.data_remote is not None and "://" not in data.data_remote and \
+            root.resolve() == Path(data.data_remote).resolve():
+        raise ConfigError(f"data_remote={data.data_remote} is data_local itself: drop data_remote to read the folder "
+                          "directly, or give another folder as data_local, the cache")
+    _check_remote_keys(data)
+    if not leader:
+        return
+    fetcher = _Fetcher(data, root)
+    fetcher.sync_all()
+    evals = _eval_folders(data) if data.eval_loader is not None else []
+    for folder in [*_train_folders(data, set_names_of(data)), *evals]:
+        if remote_of(folder) is not None:
+            reader = ShardReader(folder)
+            for k in range(len(reader.infos)) if folder in evals else (0,):
+                reader.fetch(k)
+    log.info("data cache %s: index files of %s fetched from %s; training shards are fetched as first read",
+             root, sorted(fetcher.synced), data.data_remote or "data_remote_folders")
+
+
+class _Fetcher:
+    """Finds the folders a run reads on its remote by fetching their index.json into the cache."""
+
+    def __init__(self, data: DataSection, root: Path):
+        self.data, self.root = data, root
+        self.synced: set[str] = set()
+        self.errors: dict[str, str] = {}  # why a probed file could not be fetched
+
+    def remote(self, rel: str) -> str | None:
+        """rel's remote: its data_remote_folders entry, else its place under data_remote."""
+        if rel in self.data.data_remote_folders:
+            return self.data.data_remote_folders[rel]
+        return None if self.data.data_remote is None else join(self.data.data_remote, rel)
+
+    def sync(self, rel: str, probe: bool = False) -> bool:
+        """Fetch rel/index.json; when `probe`, a failure returns False (and is kept for the message)."""
+        url = self.remote(rel)
+        if url is None or rel in self.synced:
+            return url is not None
+        try:
+            sync_index(self.root / rel, url, attempts=1 if probe else ATTEMPTS)
+        except UserError as err:
+            self._prune(self.root / rel)
+            if not probe:
+                raise
+            self.errors[rel] = str(err)
+            return False
+        self.synced.add(rel)
+        return True
+
+    def _prune(self, path: Path) -> None:
+        """Remove the empty folders a failed fetch created under the cache root."""
+        while path != self.root and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+            path = path.parent
+
+    def sync_all(self) -> None:
+        for rel in self.data.data_remote_folders:
+            self.sync(rel)
+        if self.data.data_remote is None:
+            return  # the folders without a remote are local ones
+        listed = self._domains()
+        loading = self.data.data_loading
+        if loading.dynamic:
+            names = loading.set_names or (listed or {}).get("train")
+            if not names:
+                raise ConfigError(f"callbacks.data_loading.set_names is required: data_remote={self.data.data_remote} "
+                                  f"has no domains.json to list its domains ({self.errors[DOMAINS_FILE]})")
+            for name in names:
+                self.sync(f"train/{name}")
+        elif self.data.train_loader.dataset.split:
+            self._split(str(self.data.train_loader.dataset.split), "train", "train_loader.dataset.split", listed)
+        if self.data.eval_loader is not None:
+            self._split(self.data.eval_loader.dataset.split, "eval", "eval_loader.dataset.split", listed)
+
+    def _domains(self) -> dict[str, list[str]] | None:
+        """data_remote's domains.json, copied into the cache (older data has none: then neither has the cache)."""
+        local = self.root / DOMAINS_FILE
+        try:
+            fetch_file(join(str(self.data.data_remote), DOMAINS_FILE), local)
+        except UserError as err:
+            self.errors[DOMAINS_FILE] = str(err)
+            local.unlink(missing_ok=True)  # a stale copy would describe another dataset
+            log.info("no %s at %s: the domains are set_names and token ids are scanned", DOMAINS_FILE,
+                     self.data.data_remote)
+            return None
+        return read_domains(self.root)
+
+    def _split(self, split: str, parent: str, key: str, listed: dict[str, list[str]] | None) -> None:
+        """The MDS folder `split` or parent/split, or else the domain folders under one of them."""
+        bases = [split, f"{parent}/{split}"]
+        if any(self.sync(rel, probe=True) for rel in bases):
+            return
+        names = sorted({*(listed or {}).get("train", []), *(listed or {}).get("eval_only", []), EVAL_MERGE,
+                        *(self.data.data_loading.set_names or [])})
+        for base in bases:
+            if [name for name in names if self.sync(f"{base}/{name}", probe=True)]:
+                return
+        tried = ", ".join(str(self.remote(rel)) for rel in bases)
+        raise UserError(f"{key}={split!r}: no MDS data at {tried} (nor domain folders under them) on the remote: "
+                        f"{self.errors[bases[-1]]}")
 
 
 def _data_folders(data: DataSection) -> list[Path]:
@@ -237,8 +406,9 @@ def build_train_dataloader(data: DataSection, device_batch_size: int) -> DataLoa
     workers, prefetch = _workers(node.num_workers, node.prefetch_factor)
     set_names, seq_len = set_names_of(data), _seq_len(data)
     folders = _train_folders(data, set_names)
+    pin = torch.cuda.is_available() if node.pin_memory is None else node.pin_memory
     common = dict(batch_size=device_batch_size, num_workers=workers, prefetch_factor=prefetch,
-                  collate_fn=collate, pin_memory=node.pin_memory)
+                  collate_fn=collate, pin_memory=pin)
     if data.data_loading.dynamic:
         lag = workers * (prefetch or 0)
         dataset = MixtureDataset(folders[0].parent, set_names, proportion_of(data, set_names),

@@ -10,6 +10,13 @@ training-time evaluator of the training domains. OUT/domains.json ({"train": [..
 [...]}, read back with `read_domains`) tells the two kinds apart for users, the loaders (which
 refuse an eval-only domain in set_names) and `drprune eval`; its "tokenizer" entry records which
 tokenizer made the ids (drprune.data.identity), so training and eval refuse a model with another one.
+
+A synthetic "repeats" domain (`repeats_from=` / `--repeats-from DOMAIN`, named by `--repeats-name`)
+is built from the train split of training domains: their text with spans of it repeated at a
+distance within each row (drprune.data.repeats, which says how it differs from the copy probe). It
+is written to OUT/train/<name> only, never to eval/ nor eval/eval_merge, so the copy probe and every
+eval split stay held out; domains.json lists it under "train" (the mixture samples it like any other
+domain) and describes it under "repeats".
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from drprune.atomic import atomic_output, check_output
+from drprune.data.repeats import limits_for, repeat_rows
 from drprune.data.shards import Packer, ShardReader, finish, open_writer, token_dtype
 from drprune.data.identity import DOMAINS_FILE, IDENTITY_KEY, tokenizer_identity
 from drprune.data.sources import Tokenizer, check_source, iter_documents
@@ -46,18 +54,39 @@ class SplitStats:
     sequences: int
     dropped: int
     eval_only: bool = False  # a held-out domain (split "eval", never trained on)
+    repeats_of: tuple[str, ...] = ()  # a synthetic repeats domain: the domains its text came from
 
 
 def _check_names(names: list[str], eval_only: list[str] | None = None) -> None:
     eval_only = eval_only or []
     for name in [*names, *eval_only]:
-        if not name or "/" in name or name.startswith(".") or name == EVAL_MERGE:
-            raise UserError(f"invalid domain name {name!r} (no '/', no leading '.', not {EVAL_MERGE!r})")
+        _check_name(name)
     if both := sorted(set(names) & set(eval_only)):
         raise UserError(f"domains {both} are given both as training (--domain) and eval-only "
                         "(--eval-only-domain) domains; a domain is one or the other")
     if len(set(names)) != len(names) or len(set(eval_only)) != len(eval_only):
         raise UserError(f"duplicate domain names in {[*names, *eval_only]}")
+
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or name.startswith(".") or name == EVAL_MERGE:
+        raise UserError(f"invalid domain name {name!r} (no '/', no leading '.', not {EVAL_MERGE!r})")
+
+
+def _check_repeats(repeats_from: list[str], name: str, domains: list[str], eval_only: list[str]) -> None:
+    """The repeats domain draws on training domains only and takes a name no other domain has."""
+    if not repeats_from:
+        return
+    _check_name(name)
+    if held_out := sorted(set(repeats_from) & set(eval_only)):
+        raise UserError(f"--repeats-from {held_out}: eval-only domains are never trained on, so their text cannot "
+                        "feed the repeats domain; name training (--domain) domains")
+    if unknown := sorted(set(repeats_from) - set(domains)):
+        raise UserError(f"--repeats-from names {unknown}, which are not among the --domain names {domains}")
+    if len(set(repeats_from)) != len(repeats_from):
+        raise UserError(f"--repeats-from {repeats_from} names a domain twice")
+    if name in domains or name in eval_only:
+        raise UserError(f"--repeats-name {name!r} is already a domain's name; pick another one")
 
 
 def read_domains(root: Path) -> dict[str, list[str]] | None:
@@ -79,16 +108,23 @@ def prepare(domains: dict[str, Path], tokenizer: str, max_seq_len: int, out: Pat
             eval_fraction: float = 0.01, eval_sources: dict[str, Path] | None = None,
             max_tokens: int | None = None, seed: int = 0, text_field: str = "text",
             token_width: str = "auto", overwrite: bool = False,
-            eval_only: dict[str, Path] | None = None) -> list[SplitStats]:
+            eval_only: dict[str, Path] | None = None, repeats_from: list[str] | None = None,
+            repeats_name: str = "repeats") -> list[SplitStats]:
     """Tokenize, pack and write every domain; `max_tokens` caps the train tokens of each domain.
 
     `eval_only` {name: source}: held-out domains, all of their documents packed into OUT/eval/<name>
     only (reported with split "eval" and eval_only=True), never in train/ nor in eval/eval_merge.
+    `repeats_from` [training domain names]: also write OUT/train/<repeats_name>, made from their train
+    split (module docstring), seeded by `seed`.
     """
     eval_sources = {k: Path(v) for k, v in (eval_sources or {}).items()}
     domains = {k: Path(v) for k, v in domains.items()}
     held_out = {k: Path(v) for k, v in (eval_only or {}).items()}
     _check_names(list(domains), list(held_out))
+    repeats_from = list(repeats_from or [])
+    _check_repeats(repeats_from, repeats_name, list(domains), list(held_out))
+    if repeats_from:
+        limits_for(max_seq_len)  # rows too short for a span and its copy fail here, before tokenizing
     if not domains:
         raise UserError("every domain is eval-only: at least one training domain is needed (--domain NAME=PATH)"
                         if held_out else "no --domain NAME=PATH given")
@@ -122,10 +158,15 @@ def prepare(domains: dict[str, Path], tokenizer: str, max_seq_len: int, out: Pat
                                      eval_fraction, max_tokens, seed, text_field)
         for name, path in held_out.items():
             stats.append(_prepare_eval_only(name, path, tok, dtype, max_seq_len, tmp, text_field))
-        merged = merge(tmp / "eval", tmp / "eval", EVAL_MERGE, list(domains))  # training domains only
+        listing = {"train": list(domains), "eval_only": list(held_out)}
+        if repeats_from:
+            stats.append(_prepare_repeats(repeats_name, repeats_from, tmp, dtype, max_seq_len, seed))
+            listing["train"].append(repeats_name)
+            listing["repeats"] = {repeats_name: {"from": repeats_from, "seed": seed,
+                                                 **limits_for(max_seq_len).as_dict()}}
+        merged = merge(tmp / "eval", tmp / "eval", EVAL_MERGE, list(domains))  # natural training domains only
         stats.append(SplitStats("(all)", f"eval/{EVAL_MERGE}", 0, merged * max_seq_len, merged, 0))
-        (tmp / DOMAINS_FILE).write_text(json.dumps({"train": list(domains), "eval_only": list(held_out),
-                                                    IDENTITY_KEY: tokenizer_identity(tok, tokenizer)},
+        (tmp / DOMAINS_FILE).write_text(json.dumps({**listing, IDENTITY_KEY: tokenizer_identity(tok, tokenizer)},
                                                    indent=2) + "\n")
     seconds = time.perf_counter() - start
     total = sum(s.tokens for s in stats if s.domain != "(all)")
@@ -188,6 +229,31 @@ def _prepare_eval_only(name: str, path: Path, tok: Tokenizer, dtype: np.dtype, s
     return SplitStats(name, "eval", evals.documents, evals.tokens, evals.sequences, evals.dropped, eval_only=True)
 
 
+def _prepare_repeats(name: str, sources: list[str], root: Path, dtype: np.dtype, seq_len: int,
+                     seed: int) -> SplitStats:
+    """root/train/<name>: repeats rows from the train split of each source domain (read back from root, so
+    no eval document is ever used), domain by domain; each row's tokens come from one domain."""
+    writer = open_writer(root / "train" / name, dtype)
+    rng = np.random.default_rng([seed, zlib.crc32(f"repeats/{name}".encode())])
+    rows = copies = 0
+    with Progress(f"prepare {name} (repeats of {', '.join(sources)})", unit="rows") as progress:
+        for source in sources:
+            reader = ShardReader(root / "train" / source)
+            chunks = (reader[i]["tokens"] for i in range(len(reader)))
+            for row, row_copies in repeat_rows(chunks, seq_len, rng):
+                writer.write({"tokens": row.astype(dtype), "set": name})
+                rows += 1
+                copies += len(row_copies)
+                progress.update(1)
+    finish(writer)
+    if rows == 0:
+        raise UserError(f"repeats domain {name}: the train text of {sources} is too short for one {seq_len}-token "
+                        "row; give more text or a smaller --max-seq-len")
+    log.info("repeats domain %s from %s: %d rows, %d copied spans (%.1f per row)", name, sources, rows, copies,
+             copies / rows)
+    return SplitStats(name, "train", 0, rows * seq_len, rows, 0, repeats_of=tuple(sources))
+
+
 def _batches(docs, size: int = BATCH_DOCS):
     batch: list[str] = []
     for doc in docs:
@@ -229,11 +295,19 @@ def merge(input_dir: Path, output_dir: Path, output_split: str, split_names: lis
     return total
 
 
+def _split_label(s: SplitStats) -> str:
+    if s.eval_only:
+        return f"{s.split} (eval-only)"
+    if s.repeats_of:
+        return f"{s.split} (repeats of {', '.join(s.repeats_of)})"
+    return s.split
+
+
 def summary_table(stats: list[SplitStats]) -> str:
     """The stats as an aligned text table, for the CLI to print (the library only logs)."""
     rows = [("domain", "split", "documents", "tokens", "sequences", "dropped")]
-    rows += [(s.domain, f"{s.split} (eval-only)" if s.eval_only else s.split, str(s.documents), str(s.tokens),
-              str(s.sequences), str(s.dropped)) for s in stats]
+    rows += [(s.domain, _split_label(s), str(s.documents), str(s.tokens), str(s.sequences), str(s.dropped))
+             for s in stats]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      for r in rows)

@@ -5,6 +5,8 @@ when complete, so a failed or killed run never leaves a half-written dataset; ev
 gets a completion marker (`finish`), which the readers check. Reading goes through streaming's own
 shard readers (`reader_from_json`), which gives cheap random access without StreamingDataset's
 shared-memory machinery; `verify_split` catches truncated or corrupted shards by size and hash.
+A folder cached from a remote (drprune.data.remote) may lack shards: the reader fetches one, verified,
+the first time one of its samples is read, and `verify_split` leaves absent ones to that check.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import numpy as np
 from streaming import MDSWriter
 
 from drprune.atomic import check_complete, kill_point, mark_complete
+from drprune.data.remote import fetch_shard, remote_of
 from drprune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -57,21 +60,22 @@ def finish(writer) -> None:
     mark_complete(Path(writer.local))
 
 
-def _check_shard(folder: Path, info: dict[str, Any], hashes: bool) -> None:
+def _check_shard(folder: Path, info: dict[str, Any], hashes: bool, remote: str | None = None) -> None:
     """One shard against its index.json entry: present, of the recorded size, and (`hashes`) of the recorded hash."""
     from streaming.base.hashing import get_hash
 
     raw = info["raw_data"]
     path = Path(folder) / raw["basename"]
+    fix = f" (delete it to fetch it again from {remote})" if remote else ""
     if not path.is_file():
         raise UserError(f"shard {path} listed in {Path(folder) / 'index.json'} is missing")
     if path.stat().st_size != raw["bytes"]:
         raise UserError(f"shard {path} is truncated or corrupted: {path.stat().st_size} bytes, "
-                        f"index.json says {raw['bytes']}")
+                        f"index.json says {raw['bytes']}{fix}")
     if hashes:
         for algo, expected in (raw.get("hashes") or {}).items():
             if get_hash(algo, path.read_bytes()) != expected:
-                raise UserError(f"shard {path} is corrupted: its {algo} hash does not match index.json")
+                raise UserError(f"shard {path} is corrupted: its {algo} hash does not match index.json{fix}")
 
 
 def verify_split(folder: Path, hashes: bool = True) -> int:
@@ -83,11 +87,15 @@ def verify_split(folder: Path, hashes: bool = True) -> int:
         shards = json.loads(index.read_text())["shards"]
     except (ValueError, KeyError) as err:
         raise UserError(f"{index} is corrupted: {err}") from err
+    remote = remote_of(Path(folder))
     total = 0
     for info in shards:
-        _check_shard(Path(folder), info, hashes)
         total += int(info["samples"])
-    check_complete(folder, "MDS folder")  # after the shard checks, whose messages name the shard
+        if remote is not None and not (Path(folder) / info["raw_data"]["basename"]).is_file():
+            continue  # not fetched yet: verified on arrival
+        _check_shard(Path(folder), info, hashes, remote)
+    if remote is None:  # a cache holds some shards by design; its remote's index is the whole list
+        check_complete(folder, "MDS folder")  # after the shard checks, whose messages name the shard
     return total
 
 
@@ -96,19 +104,24 @@ class ShardReader:
 
     `verify=True` checks each shard's size and hash the first time one of its samples is read, for
     readers that take a few rows (eval, calibration) without a `verify_split` of the whole folder.
+    In a folder cached from a remote, a shard not there yet is fetched (and verified) at that moment.
     """
 
     def __init__(self, folder: Path, verify: bool = False):
         from streaming.base.format import reader_from_json
 
         self.folder = Path(folder)
-        check_complete(self.folder, "MDS folder")
+        self.remote = remote_of(self.folder)
+        if self.remote is None:
+            check_complete(self.folder, "MDS folder")
         index = self.folder / "index.json"
         if not index.is_file():
             raise UserError(f"{self.folder} is not an MDS folder: {index} is missing")
         obj = json.loads(index.read_text())
         self.infos = obj["shards"]
         self.unverified = set(range(len(self.infos))) if verify else set()
+        self.absent = ({k for k, info in enumerate(self.infos)
+                        if not (self.folder / info["raw_data"]["basename"]).is_file()} if self.remote else set())
         self.shards = [reader_from_json(str(self.folder), None, info) for info in obj["shards"]]
         for shard in self.shards:
             shard.validate(allow_unsafe_types=False)
@@ -123,8 +136,10 @@ class ShardReader:
     def __getitem__(self, idx: int) -> dict[str, Any]:
         k = bisect.bisect_right(self.starts, idx) - 1
         shard = self.shards[k]
+        if k in self.absent:
+            self.fetch(k)
         if k in self.unverified:
-            _check_shard(self.folder, self.infos[k], hashes=True)
+            _check_shard(self.folder, self.infos[k], hashes=True, remote=self.remote)
             self.unverified.discard(k)
         try:
             return shard.decode_sample(shard.get_sample_data(idx - self.starts[k]))
@@ -134,6 +149,16 @@ class ShardReader:
 
     def seq_len(self) -> int:
         return len(self[0]["tokens"])
+
+    def fetch(self, k: int) -> None:
+        """Make shard `k` local: fetched from the remote, verified, unless another process already did."""
+        if k not in self.absent:
+            return
+        if not (self.folder / self.infos[k]["raw_data"]["basename"]).is_file():
+            assert self.remote is not None
+            fetch_shard(self.folder, self.remote, self.infos[k])
+        self.absent.discard(k)
+        self.unverified.discard(k)  # verified on arrival, here or by the process that renamed it into place
 
 
 class Packer:

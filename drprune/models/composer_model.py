@@ -1,6 +1,7 @@
 """Composer wrapper: cross-entropy (+ distillation KL) + mask regularisation, overall and per-domain metrics."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -67,6 +68,9 @@ class PrunableLM(ComposerModel):
     leaves it out. `teacher=None` with `distill` means the student's own unmasked weights are the
     teacher, which only holds when the mask generator freezes the LLM (hypernetwork): no second copy.
 
+    `on_meta` builds the decoder without storage: its weights come from a checkpoint (loaded into
+    it, or broadcast from rank 0 by Composer's FSDP start, which sees a meta model on a rank).
+
     `cpu_autocast` (a dtype, from `drprune.precision.resolve_precision`) is torch's CPU autocast
     around forward and loss, which Composer does not apply on CPU. Whatever the autocast, the mask
     generator and its regularizer run in fp32 (`fp32_region`).
@@ -74,10 +78,14 @@ class PrunableLM(ComposerModel):
 
     def __init__(self, cfg: ModelConfig, mask_generator: MaskGenerator | None = None,
                  set_names: list[str] | None = None, distill: DistillConfig | None = None,
-                 teacher: PrunableDecoder | None = None, cpu_autocast: torch.dtype | None = None) -> None:
+                 teacher: PrunableDecoder | None = None, cpu_autocast: torch.dtype | None = None,
+                 on_meta: bool = False) -> None:
         super().__init__()
         self.cpu_autocast = cpu_autocast
-        self.model = PrunableDecoder(cfg)
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            self.model = PrunableDecoder(cfg)
+        # Checkpoints leave the teacher out; Composer's FSDP2 start clears this to broadcast all of it
+        self.should_save_peft_only = True
         self.mask_generator = mask_generator
         self.set_names = list(set_names or [])
         self.last_stats: dict[str, Tensor | float] = {}  # the mask generator's, tensors until logged
@@ -221,7 +229,13 @@ def _is_teacher_key(key: str) -> bool:
 
 
 def _drop_teacher_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    """state_dict post-hook: the teacher is read from its own checkpoint, never saved with the run."""
+    """state_dict post-hook: the teacher is read from its own checkpoint, never saved with the run.
+
+    Except while Composer broadcasts rank 0's weights to ranks built on the meta device: it asks for
+    the whole state by clearing `should_save_peft_only` (its switch for "trainable part only").
+    """
+    if not getattr(module, "should_save_peft_only", True):
+        return
     for key in [k for k in state_dict if k.startswith(f"{prefix}{TEACHER}.")]:
         del state_dict[key]
 

@@ -74,9 +74,15 @@ class Rotary(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.cfg = cfg
         self.dim = int(cfg.head_dim * cfg.rotary_pct)
         inv_freq, self.attention_scaling = _inv_freq(cfg, self.dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def reset_buffers(self) -> None:
+        """Recompute the frequencies where the module now lives (after `to_empty` from the meta device)."""
+        with torch.device(self.inv_freq.device):
+            self.inv_freq.copy_(_inv_freq(self.cfg, self.dim)[0])
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
         pos = torch.arange(seq_len, device=device, dtype=torch.float32)
@@ -189,6 +195,9 @@ class MLP(nn.Module):
         return self.down_proj(h)
 
 
+_INDEX_LISTS = ("attn_in", "attn_out", "mlp_in", "mlp_out")  # a compact layer's residual index lists
+
+
 class Block(nn.Module):
     """One decoder layer; either sub-layer may be absent in a compact model."""
 
@@ -196,7 +205,8 @@ class Block(nn.Module):
         super().__init__()
         self.parallel = cfg.parallel_residual
         d = cfg.d_model
-        for name in ("attn_in", "attn_out", "mlp_in", "mlp_out"):
+        self.spec = spec
+        for name in _INDEX_LISTS:
             idx = getattr(spec, name)
             self.register_buffer(f"{name}_idx", None if idx is None else torch.tensor(idx), persistent=False)
         if spec.has_attn:
@@ -209,6 +219,13 @@ class Block(nn.Module):
             d_out = d if spec.mlp_out is None else len(spec.mlp_out)
             self.ln_2 = Norm(cfg.norm, d_in, cfg.norm_eps)
             self.mlp = MLP(cfg, spec.intermediate_size, d_in, d_out)
+
+    def reset_buffers(self) -> None:
+        """Refill the residual index lists (after `to_empty` from the meta device)."""
+        for name in _INDEX_LISTS:
+            buffer = getattr(self, f"{name}_idx")
+            if buffer is not None:
+                buffer.copy_(torch.tensor(getattr(self.spec, name)))
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], z: LayerMasks) -> Tensor:
         attn_out = self._attn_branch(x, rope, z) if hasattr(self, "attn") else None
@@ -267,6 +284,36 @@ class PrunableDecoder(nn.Module):
             nn.init.normal_(module.weight, std=self.cfg.init_std)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
+
+    def param_init_fn(self, module: nn.Module) -> None:
+        """Initialise one module moved off the meta device (Composer's FSDP1 calls it per module).
+
+        Parameters get their fresh-model values (rank 0's checkpoint weights then replace them when
+        `sync_module_states` broadcasts); buffers are recomputed, as `materialize` does.
+        """
+        self._init_weights(module)
+        if isinstance(module, Norm):
+            nn.init.ones_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        if isinstance(module, (Rotary, Block)):
+            module.reset_buffers()
+
+    def materialize(self, device: torch.device | str = "cpu") -> None:
+        """Storage for a decoder built on the meta device, buffers computed, parameters left unset.
+
+        For a decoder whose every weight is about to be loaded from a checkpoint: no random
+        initialisation is drawn only to be overwritten (minutes for an 8B model).
+        """
+        self.to_empty(device=device)
+        for module in self.modules():
+            if isinstance(module, (Rotary, Block)):
+                module.reset_buffers()
+
+    @property
+    def is_meta(self) -> bool:
+        """Whether the weights have no storage yet (built under `torch.device("meta")`)."""
+        return self.transformer["wte"].weight.is_meta
 
     def fsdp_wrap_fn(self, module: nn.Module) -> bool:
         """Composer's FSDP auto-wrap: one shard unit per block."""

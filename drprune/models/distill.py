@@ -5,6 +5,8 @@
       kl_weight: 0.5       # loss = ce_weight * CE + kl_weight * KL(teacher || student) (+ mask loss)
       ce_weight: 0.5
       temperature: 1.0     # KL on softmax(logits / T), multiplied by T^2
+      teacher_dtype: auto  # storage of the frozen teacher: auto = the run's compute dtype (bfloat16
+                           # under amp_bf16, else float32), or float32 / bfloat16 / float16
 
 Everything here is checked before any model is built or data is read (`DistillConfig.from_node`,
 `check_teacher`); `build_teacher` then loads the frozen teacher decoder.
@@ -19,12 +21,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
+from drprune.dtypes import DTYPES
 from drprune.errors import ConfigError, UserError, check_keys
 from drprune.models.config import ModelConfig
 
 NODE = "distillation"
 # runtime knobs a teacher takes from the student instead of from its checkpoint
 RUNTIME_KEYS = ("attn_impl",)
+TEACHER_DTYPES = ("auto", *DTYPES)
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class DistillConfig:
     kl_weight: float = 0.5
     ce_weight: float = 0.5
     temperature: float = 1.0
+    teacher_dtype: str = "auto"
 
     @classmethod
     def from_node(cls, node: Mapping[str, Any] | None, model_path: str | None) -> "DistillConfig | None":
@@ -55,6 +60,9 @@ class DistillConfig:
                               f"(set one of them > 0, or drop the {NODE} node)")
         if not values["temperature"] > 0:
             raise ConfigError(f"{NODE}.temperature={values['temperature']} must be > 0 (1.0 is plain KL)")
+        dtype = str(node.get("teacher_dtype") or "auto")
+        if dtype not in TEACHER_DTYPES:
+            raise ConfigError(f"{NODE}.teacher_dtype={dtype!r} is not one of {', '.join(TEACHER_DTYPES)}")
         teacher = node.get("teacher")
         if teacher is None:
             if not model_path:
@@ -65,7 +73,7 @@ class DistillConfig:
         if not Path(teacher).is_file():
             raise UserError(f"{NODE}.teacher: checkpoint {teacher} does not exist: point {NODE}.teacher at a "
                             f"Composer checkpoint (e.g. one written by `drprune convert hf-to-composer`)")
-        return cls(teacher=teacher, **values)
+        return cls(teacher=teacher, teacher_dtype=dtype, **values)
 
 
 def _fields() -> list[str]:

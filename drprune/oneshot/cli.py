@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {"width": {"max_rows": 64}}
 # integer options and their smallest valid value (checked before the model is read)
 POSITIVE = {"seq_len": 2, "max_rows": 1, "batch_size": 1, "eval_max_rows": 1, "keep": 1, "hidden_size": 1,
-            "num_attention_heads": 1, "num_key_value_heads": 1, "intermediate_size": 1}
+            "num_attention_heads": 1, "num_key_value_heads": 1, "intermediate_size": 1, "protect_copy_heads": 0,
+            "protect_copy_layers": 0}
 KEY_ALIASES = {"model_name": "model", "save_directory": "out", "hidden_size_remain": "hidden_size",
                "num_attention_heads_remain": "num_attention_heads", "ffn_hidden_size_remain": "intermediate_size",
                "intermediate_size_remain": "intermediate_size", "pruner_type": "importance"}
@@ -44,14 +45,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "block metric (angular removes a window of consecutive blocks, cosine single blocks)")
     layers.add_argument("--pruning-token", choices=("all", "last"), help="tokens the scores average over")
     layers.add_argument("--skip-blocks", type=int, nargs="*", help="blocks never removed (negative = from the end)")
+    layers.add_argument("--protect-copy-layers", type=int, metavar="K",
+                        help="never remove the K blocks whose removal hurts copying most (scored on --calib text "
+                             "with repeated spans)")
 
     width = _common(sub.add_parser("width", help="prune heads / channels / hidden dims to a shape or a ratio"))
     add_registry_option(width, "--importance", IMPORTANCE, "importance scorer")
     width.add_argument("--taylor", help="element (sum |w g|) | vector (sum over rows of |sum_row w g|)")
-    width.add_argument("--seed", type=int, help="seed of the random importance")
+    width.add_argument("--seed", type=int, help="seed of the random importance and of the copy-scoring text")
     for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"):
         width.add_argument("--" + key.replace("_", "-"), type=int, help="target shape")
     width.add_argument("--drop-layers", type=int, nargs="*", help="blocks removed outright")
+    width.add_argument("--protect-copy-heads", type=int, metavar="K",
+                       help="keep the K KV groups whose removal hurts copying most, whatever --importance says "
+                            "(scored on --calib text with repeated spans)")
+    width.add_argument("--copy-score", choices=("induction", "ablation"),
+                       help="how --protect-copy-heads ranks KV groups: induction (attention to the token after an "
+                            "earlier occurrence; one pass; default) or ablation (loss increase when masked)")
     width.add_argument("--pruning-ratio", type=float, help="LLM-Pruner style: fraction of groups/channels removed")
     for key in ("block_attention_layer_start", "block_attention_layer_end", "block_mlp_layer_start",
                 "block_mlp_layer_end"):

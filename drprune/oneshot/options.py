@@ -27,6 +27,7 @@ class OneshotOptions:
     pruning_method: str = "angular"
     pruning_token: str = "all"
     skip_blocks: list[int] = field(default_factory=list)
+    protect_copy_layers: int = 0  # the K blocks copying needs most are never removed (copy_importance)
     # width
     importance: str = "taylor"
     taylor: str = "element"
@@ -35,6 +36,8 @@ class OneshotOptions:
     num_attention_heads: int | None = None
     num_key_value_heads: int | None = None
     intermediate_size: int | None = None
+    protect_copy_heads: int = 0  # the K KV groups copying needs most are kept whatever the importance says
+    copy_score: str = "induction"  # how protect_copy_heads ranks them: induction | ablation (copy_importance)
     drop_layers: list[int] | None = None
     pruning_ratio: float | None = None
     block_attention_layer_start: int | None = None

@@ -30,8 +30,10 @@ from drprune.compute import resolve_compute
 from drprune.convert.checkpoint import decoder_checkpoint_state, load_any_decoder, save_checkpoint
 from drprune.data.identity import check_data_tokenizer, check_token_ids
 from drprune.eval.perplexity import domain_perplexity, perplexity, read_token_rows
+from drprune.oneshot.copy_importance import (check_copy_score, check_protect_heads, check_protect_layers,
+                                             top_copy_groups, top_copy_layers)
 from drprune.oneshot.importance import needs_calibration
-from drprune.oneshot.layers import check_request, layer_masks, metric, score_table, select_blocks
+from drprune.oneshot.layers import check_request, layer_masks, metric, normalize_skip, score_table, select_blocks
 from drprune.oneshot.vocab import choose_tokens, load_vocab_files, prune_tokenizer_folder, remap_token_ids, slice_vocab
 from drprune.oneshot.width import TARGET_KEYS, plan_target, removed_structures, taylor_ratio_defaults, width_prune
 
@@ -203,34 +205,64 @@ def run_layers(opts: OneshotOptions) -> list[str]:
     if n is None:
         raise UserError("`oneshot layers` needs --num-blocks-to-prune")
     check_request(decoder.cfg.n_layers, n, opts.pruning_method, opts.pruning_token, opts.skip_blocks)
+    if opts.protect_copy_layers:
+        check_protect_layers(decoder.cfg, opts.protect_copy_layers)
     rows = calibration_rows(opts, required=True, vocab_size=decoder.cfg.vocab_size)
     before = evaluate(decoder, opts)
+    skip, protected = copy_protected_skip(decoder, rows, opts)
     sel = select_blocks(decoder, rows, num_blocks=n, method=opts.pruning_method, token=opts.pruning_token,
-                        skip_blocks=opts.skip_blocks, batch_size=opts.batch_size)
+                        skip_blocks=skip, batch_size=opts.batch_size)
     lines = [score_table(sel, n)]
     masks = layer_masks(decoder.cfg.n_layers, sel.blocks)
     small = compact(decoder, masks)
     removed = {"method": sel.method, "pruning_token": opts.pruning_token, "removed_blocks": sel.blocks,
                "scores": sel.scores, "skip_blocks": list(opts.skip_blocks), **sizes(decoder, small)}
-    card = source_card(opts, decoder, f"{sel.method} layer removal",
-                       {"removed_blocks": sel.blocks, "pruning_token": opts.pruning_token,
-                        "skip_blocks": list(opts.skip_blocks)}, {"n_layers": decoder.cfg.n_layers - n})
+    options = {"removed_blocks": sel.blocks, "pruning_token": opts.pruning_token, "skip_blocks": list(opts.skip_blocks)}
+    if protected:
+        removed["copy_protected_blocks"] = options["copy_protected_blocks"] = protected
+        lines.insert(0, f"copy-protected blocks (kept): {protected}")
+    card = source_card(opts, decoder, f"{sel.method} layer removal", options, {"n_layers": decoder.cfg.n_layers - n})
     return lines + _finish(small, opts, removed, before, hf_config, card, masks, decoder)
+
+
+def copy_protected_skip(decoder: PrunableDecoder, rows: np.ndarray,
+                        opts: OneshotOptions) -> tuple[list[int], list[int]]:
+    """(skip_blocks with the --protect-copy-layers blocks added, those blocks); a UserError when no
+    allowed choice of blocks is left."""
+    if not opts.protect_copy_layers:
+        return list(opts.skip_blocks), []
+    n_layers = decoder.cfg.n_layers
+    protected = top_copy_layers(decoder, rows, opts.protect_copy_layers, seed=opts.seed, batch_size=opts.batch_size)
+    skip = sorted(normalize_skip(opts.skip_blocks, n_layers) | set(protected))
+    try:
+        check_request(n_layers, opts.num_blocks_to_prune, opts.pruning_method, opts.pruning_token, skip)
+    except UserError as err:
+        raise UserError(f"{err} (skip_blocks include the copy-protected blocks {sorted(protected)}: lower "
+                        "--protect-copy-layers)") from err
+    return skip, protected
 
 
 def run_width(opts: OneshotOptions) -> list[str]:
     """Prune heads/channels/hidden dims to a shape or a ratio; returns the lines the CLI prints."""
 
-    calib_required = needs_calibration(opts.importance)  # an unknown name fails before the model is read
+    # an unknown name fails before the model is read; copy protection scores on calibration text
+    calib_required = needs_calibration(opts.importance) or opts.protect_copy_heads > 0
+    check_copy_score(opts.copy_score)
     decoder, hf_config = load_model(opts)
     target = {k: getattr(opts, k) for k in TARGET_KEYS if getattr(opts, k) not in (None, [])}
     if opts.importance == "taylor":
         target = taylor_ratio_defaults(decoder.cfg, target)
     plan_target(decoder.cfg, target)
+    if opts.protect_copy_heads:
+        check_protect_heads(decoder.cfg, opts.protect_copy_heads)
     rows = calibration_rows(opts, required=calib_required, vocab_size=decoder.cfg.vocab_size)
     before = evaluate(decoder, opts)
+    protected: list[tuple[int, int]] = []
+    if opts.protect_copy_heads:
+        protected = top_copy_groups(decoder, rows, opts.protect_copy_heads, score=opts.copy_score, seed=opts.seed,
+                                    batch_size=opts.batch_size)
     masks = width_prune(decoder, rows, importance=opts.importance, target=target, seed=opts.seed,
-                        taylor_mode=opts.taylor, batch_size=opts.batch_size)
+                        taylor_mode=opts.taylor, batch_size=opts.batch_size, protect=protected)
     small = compact(decoder, masks)
     removed = {"importance": opts.importance, "target": target, **removed_structures(decoder.cfg, masks),
                **sizes(decoder, small)}
@@ -238,6 +270,11 @@ def run_width(opts: OneshotOptions) -> list[str]:
         removed["taylor"] = opts.taylor
     lines = [f"params {decoder.num_params():,} -> {small.num_params():,}"]
     options = {**target, **({"taylor": opts.taylor} if opts.importance == "taylor" else {})}
+    if protected:
+        removed["copy_protected_kv_groups"] = [list(p) for p in protected]
+        removed["copy_score"] = opts.copy_score
+        options.update(protect_copy_heads=opts.protect_copy_heads, copy_score=opts.copy_score)
+        lines.insert(0, "copy-protected KV groups (layer, group): " + ", ".join(f"{a}.{b}" for a, b in protected))
     card = source_card(opts, decoder, f"{opts.importance} width pruning", options,
                        {_HF_TO_OURS[k]: v for k, v in target.items() if k in _HF_TO_OURS})
     return lines + _finish(small, opts, removed, before, hf_config, card, masks, decoder)

@@ -10,12 +10,14 @@ The target is met exactly by keeping the highest-scoring structures (see `import
          the result has per-layer shapes. With taylor importance the ranges default to LLM-Pruner's
          block-wise ones: the first 4 and the last 2 blocks keep their width.
 The output is a hard MaskSet (1 = keep unscaled, 0 = drop) for the shared compaction path.
+`protect` (layer, KV group) pairs, e.g. the best copy-scoring ones (`copy_importance.top_copy_groups`),
+are kept before any other group of their layer, whatever the importance says.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -151,11 +153,32 @@ def _top(scores: Tensor, k: int) -> Tensor:
     return keep
 
 
-def masks_from_scores(cfg: ModelConfig, scores: Scores, plan: WidthPlan) -> MaskSet:
-    """Hard masks meeting `plan` exactly; only structures that lose something get a mask."""
+def protected_head_scores(head: Tensor, protect: Sequence[tuple[int, int]], plan: WidthPlan) -> Tensor:
+    """`head` [L, H_kv] with the `protect` pairs (best first) raised above every score, in their order, so
+    they are kept first; a layer that keeps fewer groups than it has protected keeps the best-ranked ones."""
+    out = head.clone().double()
+    if not protect:
+        return out
+    above = float(out.max()) + 1.0
+    for rank, (layer, group) in enumerate(protect):
+        out[layer, group] = above + len(protect) - rank
+    for layer in sorted({layer for layer, _ in protect}):
+        wanted = sum(1 for lay, _ in protect if lay == layer)
+        if layer in plan.drop_layers:
+            log.warning("layer %d holds %d protected KV group(s) but drop_layers removes it", layer, wanted)
+        elif wanted > plan.kv_groups[layer]:
+            log.warning("layer %d holds %d protected KV groups but keeps %d: the best-ranked ones stay", layer,
+                        wanted, plan.kv_groups[layer])
+    return out
+
+
+def masks_from_scores(cfg: ModelConfig, scores: Scores, plan: WidthPlan,
+                      protect: Sequence[tuple[int, int]] = ()) -> MaskSet:
+    """Hard masks meeting `plan` exactly, `protect` groups first; only structures that lose something get a mask."""
     masks = MaskSet()
     if any(k < cfg.n_kv_heads for k in plan.kv_groups):
-        masks["head"] = torch.stack([_top(scores.head[i], k) for i, k in enumerate(plan.kv_groups)])
+        head = protected_head_scores(scores.head, protect, plan)
+        masks["head"] = torch.stack([_top(head[i], k) for i, k in enumerate(plan.kv_groups)])
     if any(k < cfg.intermediate_size for k in plan.intermediate):
         masks["intermediate"] = torch.stack([_top(scores.intermediate[i], k) for i, k in enumerate(plan.intermediate)])
     if plan.hidden < cfg.d_model:
@@ -169,14 +192,15 @@ def masks_from_scores(cfg: ModelConfig, scores: Scores, plan: WidthPlan) -> Mask
 
 def width_prune(decoder: PrunableDecoder, calib_rows: np.ndarray | None, *, importance: str,
                 target: Mapping[str, Any], seed: int = 0, taylor_mode: str = "element",
-                batch_size: int = 4) -> MaskSet:
-    """Hard masks pruning `decoder` to `target` by `importance` (a name in drprune.registry.IMPORTANCE)."""
+                batch_size: int = 4, protect: Sequence[tuple[int, int]] = ()) -> MaskSet:
+    """Hard masks pruning `decoder` to `target` by `importance` (a name in drprune.registry.IMPORTANCE),
+    keeping the `protect` (layer, KV group) pairs first."""
     if importance == "taylor":
         target = taylor_ratio_defaults(decoder.cfg, target)
     plan = plan_target(decoder.cfg, target)
     scores = importance_scores(decoder, calib_rows, importance, seed=seed, taylor_mode=taylor_mode,
                                batch_size=batch_size)
-    return masks_from_scores(decoder.cfg, scores, plan)
+    return masks_from_scores(decoder.cfg, scores, plan, protect)
 
 
 def removed_structures(cfg: ModelConfig, masks: MaskSet) -> dict[str, Any]:

@@ -14,6 +14,7 @@ can be compared bit for bit. Kill switches (environment, rank 0 only):
 """
 import hashlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -27,6 +28,9 @@ from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.tensor import DTensor
 
 from drprune.train import build_trainer, load_config
+
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+logging.getLogger("drprune").setLevel(logging.INFO)  # what each rank decided (e.g. where its weights came from)
 
 
 def digest(module: torch.nn.Module) -> str:
