@@ -7,13 +7,14 @@ how Composer wrapped the model (the FSDP units, whether every block is one) and,
 the mask generator, its type, dtype, shape and whether FSDP owns it, so a test can check that the
 pruning state stayed whole, fp32 and out of FSDP.
 
-Without CUDA (DRPRUNE_FSDP1_ON_CPU=1) three things are patched in this process only, so that Composer's
+Without CUDA (DRPRUNE_FSDP1_ON_CPU=1) four things are patched in this process only, so that Composer's
 real `prepare_fsdp_module` runs over gloo: `torch.cuda.current_device`, which Composer passes to FSDP as
 `device_id` (torch's FSDP1 accepts the CPU device); drprune's "FSDP1 needs CUDA" refusal (the `cuda`
 argument of `drprune.parallel.plan_sharding`); and torch's `FlatParamHandle.to_cpu`, which a full
 state dict with `offload_to_cpu` (how Composer saves a full checkpoint) enters: it "moves" the gathered
 parameter to the CPU, a no-op there, then frees the gathered storage it still points to, and the
-checkpoint's clone of it segfaults.
+checkpoint's clone of it segfaults; and torch's refusal to `sync_module_states` CPU tensors (the
+broadcast from rank 0 that drprune turns on, so that only rank 0 loads the weights, runs over gloo).
 """
 import contextlib
 import functools
@@ -26,6 +27,7 @@ import torch
 from composer.core import Callback
 from composer.utils import dist
 from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp import _init_utils as fsdp_init
 from torch.distributed.fsdp._flat_param import FlatParameter, FlatParamHandle
 
 import drprune.train
@@ -35,10 +37,11 @@ from train_recorded import Record
 
 
 def run_fsdp1_on_cpu() -> None:
-    """Let Composer's CUDA-only FSDP1 path run on CPU (see the module docstring for the three patches)."""
+    """Let Composer's CUDA-only FSDP1 path run on CPU (see the module docstring for the four patches)."""
     torch.cuda.current_device = lambda: torch.device("cpu")
     drprune.train.plan_sharding = functools.partial(plan_sharding, cuda=True)
     FlatParamHandle.to_cpu = already_on_cpu
+    fsdp_init._check_module_states_for_sync_module_states = lambda states: None
 
 
 @contextlib.contextmanager
