@@ -18,6 +18,7 @@ drprune_copy,drprune_cloze` adds lm-eval task scores of every candidate (a table
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from drprune.demo.cli import parse_target as parse_target_spec
 from drprune.demo.compare import fmt, head_to_head
 from drprune.demo.options import DemoOptions
 from drprune.demo.pipeline import evaluate_model, import_composer_first, preflight, run_candidates, task_scores
@@ -34,6 +36,11 @@ from drprune.eval.harness import parse_tasks
 MODELS = ("source", "baseline", "pruned")
 ABLATIONS = {"layers only": ("layer",), "KV groups only": ("head",), "MLP channels only": ("intermediate",),
              "whole selection": ("layer", "head", "intermediate")}
+
+
+def parse_target(text: str) -> dict[str, int]:
+    """'default' (the demo's target) or target overrides as `drprune demo --target` takes them."""
+    return {} if text == "default" else parse_target_spec(text)
 
 
 def ablate(opts: DemoOptions, shared: Path) -> list[list[str]]:
@@ -63,6 +70,13 @@ def main() -> None:
     p.add_argument("--kd", type=float, nargs="+", default=[0.0, 0.5], help="distillation weights to compare")
     p.add_argument("--prune-fraction", type=float, default=2 / 3,
                    help="share of the budget the learned candidate spends on L0 masks")
+    p.add_argument("--selection", nargs="+", default=["activation"], choices=DemoOptions.SELECTIONS,
+                   help="one-shot selections to compare (copy: copy-reading KV groups and blocks protected)")
+    p.add_argument("--repeats", type=int, nargs="+", default=[0], choices=[0, 1],
+                   help="train without (0) / with (1) the repeats domain")
+    p.add_argument("--target", nargs="+", default=["default"],
+                   help="target shapes: 'default' (the demo's) or overrides such as "
+                        "n_layers=30,n_heads=9,n_kv_heads=3,intermediate_size=576 (width-first)")
     p.add_argument("--eval-rows", type=int, default=64)
     p.add_argument("--ablate", action="store_true", help="also score each part of the one-shot selection alone")
     p.add_argument("--tasks", help="also score every candidate on these lm-eval tasks, comma-separated "
@@ -74,33 +88,38 @@ def main() -> None:
 
     tasks = tuple(parse_tasks(args.tasks)) if args.tasks is not None else ()
     rows, lines, results, task_table = [], [], [], []
-    for budget in args.budgets:
-        for kd in args.kd:
-            opts = DemoOptions(out=args.out, steps=budget, prune_steps=max(1, round(budget * args.prune_fraction)),
-                               kd=kd, eval_rows=args.eval_rows, tasks=tasks)
-            gguf = preflight(opts)
-            start = time.perf_counter()
-            c = run_candidates(opts, gguf, args.out / f"budget{budget}-kd{kd:g}", {}, shared=args.out / "shared")
-            print(f"budget {budget}, kd {kd:g}: {time.perf_counter() - start:.0f}s", flush=True)
-            results.append({"budget": budget, "kd": kd, "evals": c.evals,
-                            "budgets": {m: vars(b) for m, b in c.budgets.items()}})
-            for m in MODELS:
-                b, e = c.budgets[m], c.evals[m]
-                rows.append([str(budget), f"{kd:g}", b.label, f"{b.tokens:,}", f"{b.wall_s:.0f}", f"{b.cpu_s:.0f}",
-                             fmt(e["in_domain"]["geomean"]),
-                             fmt(e["held_out"]["geomean"]) if e.get("held_out") else "n/a", fmt(e["copy"], 2)])
-            lines += [f"budget {budget}, kd {kd:g}:", *head_to_head(c.evals, "pruned", "baseline")]
-            if tasks:
-                ckpts = {"source": c.source.dir / "model.pt", "baseline": c.baseline_continued.dir / "model.pt",
-                         "pruned": c.pruned_continued.dir / "model.pt"}
-                scores = task_scores(ckpts, opts, args.out / "shared" / "data" / "mds", c.source.dir / "hf")
-                results[-1]["tasks"] = scores
-                task_table += [[str(budget), f"{kd:g}", *r] for r in task_rows(scores, list(MODELS))]
+    arms = itertools.product(args.budgets, args.kd, args.target, args.selection, args.repeats)
+    for budget, kd, target, selection, repeats in arms:
+        opts = DemoOptions(out=args.out, steps=budget, prune_steps=max(1, round(budget * args.prune_fraction)),
+                           kd=kd, eval_rows=args.eval_rows, tasks=tasks, target=parse_target(target),
+                           selection=selection, repeats=bool(repeats))
+        gguf = preflight(opts)
+        start = time.perf_counter()
+        name = f"budget{budget}-kd{kd:g}" + (f"-{target}" if target != "default" else "") + (
+            f"-{selection}" if selection != "activation" else "") + ("-repeats" if repeats else "")
+        c = run_candidates(opts, gguf, args.out / name, {}, shared=args.out / "shared")
+        print(f"{name}: {time.perf_counter() - start:.0f}s", flush=True)
+        results.append({"budget": budget, "kd": kd, "target": c.target, "selection": selection,
+                        "repeats": bool(repeats), "evals": c.evals,
+                        "budgets": {m: vars(b) for m, b in c.budgets.items()}})
+        shape = target
+        for m in MODELS:
+            b, e = c.budgets[m], c.evals[m]
+            rows.append([str(budget), f"{kd:g}", shape, b.label, f"{b.tokens:,}", f"{b.wall_s:.0f}",
+                         f"{b.cpu_s:.0f}", fmt(e["in_domain"]["geomean"]),
+                         fmt(e["held_out"]["geomean"]) if e.get("held_out") else "n/a", fmt(e["copy"], 2)])
+        lines += [f"{name}:", *head_to_head(c.evals, "pruned", "baseline")]
+        if tasks:
+            ckpts = {"source": c.source.dir / "model.pt", "baseline": c.baseline_continued.dir / "model.pt",
+                     "pruned": c.pruned_continued.dir / "model.pt"}
+            scores = task_scores(ckpts, opts, args.out / "shared" / "data" / "mds", c.source.dir / "hf")
+            results[-1]["tasks"] = scores
+            task_table += [[str(budget), f"{kd:g}", *r] for r in task_rows(scores, list(MODELS))]
     if args.ablate:
         print("\n| selection applied to the source (no training) | in-domain ppl | held-out ppl | copying ppl |")
         print("|---|---|---|---|")
         print("\n".join("| " + " | ".join(r) + " |" for r in ablate(opts, args.out / "shared")))
-    header = ["budget (steps)", "KD", "model", "training tokens", "wall s", "CPU s", "in-domain ppl [95% CI]",
+    header = ["budget (steps)", "KD", "shape", "model", "training tokens", "wall s", "CPU s", "in-domain ppl [95% CI]",
               "held-out ppl [95% CI]", "copying ppl [95% CI]"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     print("\n".join("| " + " | ".join(r) + " |" for r in rows))

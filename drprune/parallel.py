@@ -17,6 +17,9 @@ before the model is built:
   shards (FSDP2 detects the mixed start; FSDP1 gets `sync_module_states`, on by default here).
 - **Activation checkpointing is non-reentrant**: masks reach blocks in a dict, which reentrant
   checkpointing does not track (it breaks L0 and silently starves the hypernetwork of gradient).
+  The run-level `activation_checkpointing: true` asks for it with or without FSDP: under FSDP it is
+  `fsdp_config.activation_checkpointing`; without, drprune applies Composer's own `apply_ac` (one
+  wrapper per block, as Composer's FSDP2 path does), which Composer only does for sharded runs.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from typing import Any, Mapping
 import torch
 from composer.algorithms import GradientClipping
 from composer.core import Algorithm, Event, State
+from composer.distributed.activation_checkpointing import apply_ac, generate_composer_model_check_fn
 from composer.loggers import Logger
 from composer.utils import FSDP2Config, FSDPConfig, dist
 from torch import Tensor, nn
@@ -55,6 +59,7 @@ class ShardingPlan:
 
     version: int = 0
     config: FSDPConfig | FSDP2Config | None = None
+    checkpoint_blocks: bool = False  # unsharded: drprune wraps each block (sharded: Composer, from `config`)
 
     @property
     def sharded(self) -> bool:
@@ -74,11 +79,19 @@ def fsdp_version() -> int:
 
 
 def plan_sharding(fsdp_config: Mapping[str, Any] | None, *, has_mask_generator: bool,
-                  cuda: bool | None = None) -> ShardingPlan:
-    """Check `fsdp_config` against this machine and the run, and translate it for the chosen FSDP version."""
+                  cuda: bool | None = None, activation_checkpointing: bool = False) -> ShardingPlan:
+    """Check `fsdp_config` against this machine and the run, and translate it for the chosen FSDP version.
+
+    `activation_checkpointing` is the run-level key: without FSDP, drprune checkpoints the blocks itself.
+    """
     if not fsdp_config:
-        return ShardingPlan()
+        return ShardingPlan(checkpoint_blocks=activation_checkpointing)
     cfg = dict(fsdp_config)
+    if activation_checkpointing:
+        if cfg.get("activation_checkpointing", True) is False:
+            raise ConfigError("activation_checkpointing=true contradicts fsdp_config.activation_checkpointing=false: "
+                              "set one of them")
+        cfg["activation_checkpointing"] = True
     cuda = torch.cuda.is_available() if cuda is None else cuda
     version = fsdp_version()
     checkpointing = bool(cfg.get("activation_checkpointing", False))
@@ -112,7 +125,13 @@ def plan_sharding(fsdp_config: Mapping[str, Any] | None, *, has_mask_generator: 
 
 
 def prepare_model(model: nn.Module, plan: ShardingPlan) -> None:
-    """Keep the mask generator out of FSDP and average its gradients over ranks (a no-op without FSDP)."""
+    """Unsharded: checkpoint the blocks when asked. Sharded: keep the mask generator out of FSDP and
+    average its gradients over ranks."""
+    if plan.checkpoint_blocks:
+        apply_ac(model, activation_checkpointing=True, activation_cpu_offload=False,
+                 check_fn=generate_composer_model_check_fn(model))
+        log.info("activation checkpointing: each decoder block's activations are recomputed in backward "
+                 "(non-reentrant, Composer's apply_ac)")
     generator = getattr(model, "mask_generator", None)
     if not plan.sharded or generator is None:
         return

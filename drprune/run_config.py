@@ -363,6 +363,7 @@ class RunConfig:
     autoresume: bool = False
     python_log_level: str | None = None
     dist_timeout: float = 600.0
+    activation_checkpointing: bool = False  # recompute each block's activations in backward, with or without FSDP
 
     CUSTOM = {"model": ModelSection.read, "callbacks": Callbacks.read, "scheduler": Scheduler.read}
     REQUIRED = ("max_duration", "global_train_batch_size")

@@ -263,7 +263,8 @@ def build_trainer(cfg: DictConfig | RunConfig) -> Trainer:
 def _build_trainer(run: RunConfig, guards: list) -> Trainer:
     data = run.data
     train_bs, eval_bs = _batch_sizes(run)  # layout checks before any data or checkpoint is read
-    sharding = plan_sharding(run.fsdp_config, has_mask_generator=run.model.mask_generator is not None)
+    sharding = plan_sharding(run.fsdp_config, has_mask_generator=run.model.mask_generator is not None,
+                             activation_checkpointing=run.activation_checkpointing)
     composer_precision, autocast = resolve_precision(run.precision, torch.cuda.is_available())
     if autocast is not None:
         log.info("precision=%s on CPU: torch's CPU autocast to %s (Composer's CPU device only runs fp32)",

@@ -126,3 +126,18 @@ def test_dy_timing_follows_the_reference(monkeypatch):
         assert cb.p0[1] > 0.4  # domain b is 1 nat above its reference: p0 moves toward it
     finally:
         cb.fitter.close()
+
+
+def test_a_train_only_domain_is_steered_by_its_training_loss():
+    """A domain with no eval rows (a repeats domain) computes a NaN eval loss: eval-loss rules use its
+    EMA training loss instead (its reference before it was sampled), so its weight still moves."""
+    from drprune.mixture import parse_update_type
+
+    cb = DynamicLoadingCallback(["text", "repeats"], [0.5, 0.5], parse_update_type("dro+Eval"), _Dataset(),
+                                reference_loss=[2.0, 2.0])
+    assert cb._stand_in_for_missing([2.5, float("nan")]) == [2.5, 2.0]  # not sampled yet: its reference
+    cb.ema_loss = [2.5, 4.0]
+    losses = cb._stand_in_for_missing([2.5, float("nan")])
+    assert losses == [2.5, 4.0]
+    new_p = cb._apply_rule(losses, elapsed=0.5)
+    assert new_p[1] > 0.5 and abs(sum(new_p) - 1) < 1e-9  # 2 nats above its reference: repeats gains weight

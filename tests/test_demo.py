@@ -138,3 +138,22 @@ def test_second_run_reuses_valid_stages_and_rebuilds_the_rest(demo):
     assert second["perplexity"]["source"] == first["perplexity"]["source"]
     assert second["perplexity"]["baseline"] == pytest.approx(first["perplexity"]["baseline"], rel=1e-4)
     assert json.loads((work / "baseline_continued" / "stage.json").read_text())["fingerprint"]
+
+
+def test_copy_aware_selection_and_repeats_domain(demo):
+    """`--selection copy --repeats`: the selection protects copy-reading units, every training run mixes
+    the repeats domain (train-only: never evaluated, never in an eval split), the source is reused."""
+    out, first = demo
+    s = _run(out, "--selection", "copy", "--repeats")
+    assert s["options"]["selection"] == "copy" and s["options"]["repeats"] is True
+    mds = out / "work" / "data_repeats" / "mds"
+    assert (mds / "train" / "repeats").is_dir()
+    assert not (mds / "eval" / "repeats").exists() and "repeats" not in s["domains"]
+    for model in MODELS:
+        assert set(s["perplexity"][model]) == set(first["domains"])
+    assert s["perplexity"]["source"] == pytest.approx(first["perplexity"]["source"], rel=1e-6)
+    weights = s["mixture"]["weights"]
+    assert all(len(w) == len(s["domains"]) + 1 for _, w in weights)  # the repeats domain is mixed in
+    assert "induction" in s["baseline_method"]["width"]
+    for model in ("pruned", "baseline"):
+        assert "copy-aware selection" in s["budget"][model]["label"] and "repeats" in s["budget"][model]["label"]

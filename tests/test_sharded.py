@@ -159,6 +159,10 @@ def test_l0_dro_distillation_matches_ddp(l0_runs):
     assert lambdas and any(abs(v) > 1e-3 for v in lambdas.values())  # the multipliers moved
     for layout, state in states.items():
         assert not [k for k in state if k.startswith("teacher")], layout
+    for layout, save in l0_runs.items():  # under FSDP2 no teacher weight stays gathered between steps
+        gathered = {json.loads(line)["teacher_gathered"] for rank in range(2)
+                    for line in Path(f"{save}.rec-rank{rank}").read_text().splitlines()}
+        assert (gathered == {0}) == (layout != "ddp"), (layout, gathered)
     assert_same_compact_model(l0_runs)
 
 

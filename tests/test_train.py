@@ -135,3 +135,52 @@ def test_two_process_run_with_composer_launcher(tmp_path, data_dir):
     logs = "".join(p.read_text() for p in tmp_path.glob("err*.txt"))
     assert proc.returncode == 0, proc.stderr[-3000:] + logs[-3000:]
     assert (save / "ep0-ba6-rank0.pt").exists()
+
+
+def test_activation_checkpointing_without_fsdp_trains_identically(tmp_path, data_dir):
+    """`activation_checkpointing=true` on one process: every block is wrapped (Composer's apply_ac), the
+    losses, masks and saved weights equal the plain run's, and the checkpoint's keys are the same."""
+    runs = {}
+    for name, extra in (("plain", []), ("ckpt", ["activation_checkpointing=true"])):
+        trainer, memory = run(overrides(data_dir, tmp_path / name, "max_duration=6ba", "console_log_interval=1ba",
+                                        *extra))
+        wrapped = [m for m in trainer.state.model.modules() if type(m).__name__ == "CheckpointWrapper"]
+        runs[name] = ([float(v) for _, v in memory.data["loss/train/total"]], len(wrapped),
+                      drprune.train.load_model_state(str(tmp_path / name / "latest-rank0.pt"), trust_pickle=True))
+        trainer.close()
+    (plain_losses, plain_wrapped, plain_state), (losses, wrapped, state) = runs["plain"], runs["ckpt"]
+    assert plain_wrapped == 0 and wrapped == 4  # the tiny config's 4 blocks
+    assert losses == pytest.approx(plain_losses, rel=1e-5, abs=1e-6)
+    assert state.keys() == plain_state.keys()
+    for key, value in plain_state.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            assert torch.allclose(state[key], value, rtol=1e-4, atol=1e-6), key
+
+
+def test_activation_checkpointing_keeps_fewer_activations():
+    """What the forward saves for backward: with every block checkpointed, less than a third of it."""
+    from drprune.masks.l0 import L0MaskGenerator
+    from drprune.models.composer_model import PrunableLM
+    from drprune.models.config import ModelConfig
+    from drprune.parallel import plan_sharding, prepare_model
+
+    cfg = ModelConfig(family="llama", vocab_size=97, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2,
+                      intermediate_size=128)
+    batch = {"input_ids": torch.randint(0, 97, (2, 64), generator=torch.Generator().manual_seed(0))}
+    batch["labels"] = batch["input_ids"]
+    saved = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = PrunableLM(cfg, L0MaskGenerator(cfg, pruning_modules=["head", "intermediate"],
+                                                target_model={"n_heads": 2, "intermediate_size": 64}))
+        prepare_model(model, plan_sharding(None, has_mask_generator=True, activation_checkpointing=checkpointing))
+        sizes: list[int] = []
+
+        def pack(t: torch.Tensor, sizes: list[int] = sizes) -> torch.Tensor:
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.loss(model(batch), batch)["total"].backward()
+        saved[checkpointing] = sum(sizes)
+    assert saved[True] < saved[False] / 3, saved

@@ -72,6 +72,7 @@ class DynamicLoadingCallback(Callback):
         self.p0_init = list(proportion)
         self.reference_loss = list(reference_loss) if reference_loss is not None else None
         self.ema_loss: list[float | None] = [None] * k
+        self._told_train_only = False
         self.tokens_seen = [0] * k
         self.interval_loss = [0.0] * k  # training loss sums and tokens since the last evaluation
         self.interval_tokens = [0] * k
@@ -150,6 +151,8 @@ class DynamicLoadingCallback(Callback):
         self._write_outputs(state, logger)
 
     def _eval_losses(self, state: State) -> list[float] | None:
+        """Per-domain eval losses; a train-only domain (no eval rows: a repeats domain) has its EMA
+        training loss instead (its reference loss before it was sampled), so eval-loss rules can steer it."""
         metrics = state.eval_metrics.get("eval", {})
         values = []
         for name in self.set_names:
@@ -157,6 +160,19 @@ class DynamicLoadingCallback(Callback):
             if metric is None:
                 return None
             values.append(float(metric.compute()))
+        return self._stand_in_for_missing(values)
+
+    def _stand_in_for_missing(self, values: list[float]) -> list[float]:
+        missing = [i for i, v in enumerate(values) if math.isnan(v)]
+        for i in missing:
+            fallback = self.ema_loss[i] if self.ema_loss[i] is not None else (
+                self.reference_loss[i] if self.reference_loss else None)
+            if fallback is not None:
+                values[i] = fallback
+        if missing and not self._told_train_only:
+            log.info("no eval rows for %s (train-only domains): their EMA training loss stands in for the eval loss",
+                     [self.set_names[i] for i in missing])
+            self._told_train_only = True
         return values
 
     def _apply_rule(self, eval_losses: list[float] | None, elapsed: float) -> list[float]:

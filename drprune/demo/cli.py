@@ -7,7 +7,7 @@ from pathlib import Path
 from drprune.errors import UserError
 
 
-def _target(text: str) -> dict[str, int]:
+def parse_target(text: str) -> dict[str, int]:
     """'n_layers=24,n_kv_heads=2' -> {"n_layers": 24, "n_kv_heads": 2}."""
     out = {}
     for item in filter(None, text.split(",")):
@@ -38,9 +38,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="steps of the budget the learned model spends on L0 masks (default: 2/3 of --steps)")
     p.add_argument("--kd", type=float, default=d.kd,
                    help="weight of distillation from the source model in every training run, in [0, 1] (0: none)")
-    p.add_argument("--target", type=_target, default={},
+    p.add_argument("--target", type=parse_target, default={},
                    help="target shape overrides, e.g. n_layers=24,n_heads=6,n_kv_heads=2,intermediate_size=1024 "
                         "(default: 80%% of layers, 2/3 of KV groups and MLP channels)")
+    p.add_argument("--selection", choices=DemoOptions.SELECTIONS, default=d.selection,
+                   help="one-shot selection both candidates start from: activation importance, or copy (the KV "
+                        "groups and blocks the model copies from its context with are protected first)")
+    p.add_argument("--repeats", action=argparse.BooleanOptionalAction, default=d.repeats,
+                   help="also train every candidate on a repeats domain (spans of the training text repeated "
+                        "within a row, built by `data prepare --repeats-from`; never evaluated)")
     p.add_argument("--gguf", type=Path, help="another llama-family GGUF model instead of SmolLM2-135M-Instruct")
     p.add_argument("--corpus", type=Path, default=d.corpus, help="corpus YAML (domains -> files/globs)")
     p.add_argument("--source-layers", type=int, help="keep only the first N layers of the source (quick looks, tests)")
@@ -70,7 +76,8 @@ def run(args: argparse.Namespace) -> None:
     opts = DemoOptions(out=args.out, steps=args.steps, prune_steps=args.prune_steps, kd=args.kd,
                        target=args.target, source_layers=args.source_layers, gguf=args.gguf, corpus=args.corpus,
                        seq_len=args.seq_len, batch_size=args.batch_size, eval_rows=args.eval_rows,
-                       copy_rows=args.copy_rows, seed=args.seed, dtype=args.dtype,
+                       copy_rows=args.copy_rows, seed=args.seed, dtype=args.dtype, selection=args.selection,
+                       repeats=args.repeats,
                        tasks=tuple(parse_tasks(args.tasks)) if args.tasks is not None else ())
     s = run_demo(opts)
     print("\n" + comparison_table(s))

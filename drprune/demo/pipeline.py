@@ -65,6 +65,7 @@ DEMO_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model MODEL_F
 PYTHON_PACKAGES = {"gguf": "gguf", "accelerate": "accelerate", "matplotlib": "matplotlib", "yaml": "pyyaml"}
 PROMPTS = ("The history of the United States began", "def read_config(path):")
 TARGET_KEYS = ("n_layers", "n_heads", "n_kv_heads", "intermediate_size")
+REPEATS = "repeats"  # the train-only domain of repeated spans (`DemoOptions.repeats`)
 CALIBRATION_ROWS = 40  # sequences scored by the one-shot selection (activation importance: forward passes only;
 #                        40 rows give 208 vs 229 geo-mean perplexity for 10 rows before training)
 
@@ -167,8 +168,9 @@ def build_data(opts: DemoOptions, tokenizer_dir: Path, dst: Path) -> dict[str, A
     held_out, train = spec.eval_only_names(), spec.train_names()
     files = {name: dst / "corpus" / f"{name}.jsonl" for name in corpus}
     stats = prepare({n: files[n] for n in train}, str(tokenizer_dir), opts.seq_len, dst / "mds",
-                    eval_fraction=opts.eval_fraction, eval_only={n: files[n] for n in held_out}, seed=opts.seed)
-    info = {"domains": train, "held_out": held_out, "corpus": corpus,
+                    eval_fraction=opts.eval_fraction, eval_only={n: files[n] for n in held_out}, seed=opts.seed,
+                    repeats_from=train if opts.repeats else None, repeats_name=REPEATS)
+    info = {"domains": train, "held_out": held_out, "corpus": corpus, "repeats": REPEATS if opts.repeats else None,
             "splits": [{"domain": s.domain, "split": s.split, "tokens": s.tokens, "sequences": s.sequences}
                        for s in stats]}
     (dst / "data.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -184,6 +186,15 @@ def copy_token_pool(data_dir: Path, domains: list[str], rows: int) -> np.ndarray
     source model has seen in context, not never-trained rows of the embedding)."""
 
     return token_pool_of(np.concatenate([read_token_rows(data_dir / "eval" / d, rows) for d in domains]))
+
+
+def repeats_reference(ckpt: Path, data_dir: Path, opts: DemoOptions) -> float:
+    """The source's mean loss on rows of the (train-only) repeats domain: its DRO reference loss."""
+    decoder = load_decoder(ckpt).to(_device())
+    result = evaluate_domains(decoder, data_dir, [REPEATS], split="train", max_rows=opts.eval_rows, seed=opts.seed)
+    del decoder
+    release_memory()
+    return math.log(result.domains[REPEATS].ppl)
 
 
 def evaluate_model(ckpt: Path, data_dir: Path, data_info: dict[str, Any], opts: DemoOptions) -> dict[str, Any]:
@@ -223,7 +234,8 @@ def _train_values(opts: DemoOptions, data_dir: Path, domains: list[str], ref_los
         "callbacks": {"data_loading": {"set_names": domains, "reference_loss": ref_loss}},
     }
     if opts.kd > 0:
-        values["distillation"] = {"teacher": str(teacher), "kl_weight": opts.kd, "ce_weight": 1.0 - opts.kd}
+        values["distillation"] = {"teacher": str(teacher), "kl_weight": opts.kd, "ce_weight": 1.0 - opts.kd,
+                                  "teacher_dtype": "bfloat16"}  # half the teacher's memory (the L0 stage is the peak)
     return values
 
 
@@ -306,7 +318,7 @@ def build_baseline(opts: DemoOptions, source: Path, data_dir: Path, domains: lis
     decoder = load_decoder(source / "model.pt")
     per_domain = max(1, CALIBRATION_ROWS // len(domains))  # training rows: never score on the eval rows
     calib = np.concatenate([read_token_rows(data_dir / "train" / d, per_domain) for d in domains])
-    masks, method = baseline_masks(decoder, calib, target, seed=opts.seed)
+    masks, method = baseline_masks(decoder, calib, target, seed=opts.seed, selection=opts.selection)
     masks.save(dst / "masks.safetensors", source=decoder.cfg)
     save_checkpoint(decoder_checkpoint_state(compact_decoder(decoder, masks)), dst / "compact.pt")
     (dst / "method.json").write_text(json.dumps(method, indent=2) + "\n")
@@ -424,18 +436,39 @@ def cpu_seconds() -> float:
                                                    resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-def _stage_child(build: Callable[..., None], args: tuple) -> None:
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def fix_mmap_threshold(size: int = 1 << 20) -> None:
+    """Give every heap block of `size` bytes or more its own mapping, returned to the OS when freed.
+
+    glibc raises its mmap threshold each time such a block is freed, so later tensors come from the heap,
+    where a freed one stays resident between live ones: at the demo's L0 stage, 0.6 GiB of the peak
+    (3.55 against 4.17 GiB). Fixing the threshold costs page faults on every large allocation (that stage
+    measured 2:22 against 1:32 wall on 2 cores). A no-op where the C library is not glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, size)
+    except (OSError, AttributeError):
+        pass
+
+
+def _stage_child(build: Callable[..., None], args: tuple, low_memory: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if low_memory:
+        fix_mmap_threshold()
     build(*args)
+    log.info("stage %s: peak resident memory %.2f GiB", build.__name__,
+             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2)
 
 
-def in_child_process(build: Callable[..., None], *args: Any) -> None:
+def in_child_process(build: Callable[..., None], *args: Any, low_memory: bool = False) -> None:
     """Run a training stage in a fresh process: its model, optimizer and Composer state are gone when
     it exits. In-process they are not reliably freed (Composer's closures and loggers keep a State
-    reachable after `close()`), and every training stage's peak would stack on the previous ones."""
+    reachable after `close()`), and every training stage's peak would stack on the previous ones.
+    `low_memory`: trade time for memory in that process (`fix_mmap_threshold`)."""
     import multiprocessing
 
-    proc = multiprocessing.get_context("spawn").Process(target=_stage_child, args=(build, args))
+    proc = multiprocessing.get_context("spawn").Process(target=_stage_child, args=(build, args, low_memory))
     proc.start()
     proc.join()
     if proc.exitcode != 0:
@@ -544,8 +577,10 @@ def run_candidates(opts: DemoOptions, gguf_file: Path, work: Path, timings: dict
     timed("convert", lambda: src.ensure(lambda d: build_source(gguf_file, opts.source_layers, d)))
     target = resolve_target(config_of_state(load_model_state(src.dir / "model.pt")), opts.target)
 
-    data = Stage(shared, "data", {"tokenizer": model_id, "corpus": fingerprint({"yaml": opts.corpus.read_text()}),
-                                  "seq_len": opts.seq_len, "eval_fraction": opts.eval_fraction, "seed": opts.seed})
+    data = Stage(shared, "data" + ("_repeats" if opts.repeats else ""),
+                 {"tokenizer": model_id, "corpus": fingerprint({"yaml": opts.corpus.read_text()}),
+                  "seq_len": opts.seq_len, "eval_fraction": opts.eval_fraction, "seed": opts.seed,
+                  **({"repeats": REPEATS} if opts.repeats else {})})
     timed("data", lambda: data.ensure(lambda d: build_data(opts, src.dir / "hf", d)))
     data_info = json.loads((data.dir / "data.json").read_text())
     domains, mds = data_info["domains"], data.dir / "mds"
@@ -558,20 +593,35 @@ def run_candidates(opts: DemoOptions, gguf_file: Path, work: Path, timings: dict
             evaluate_model(model.dir / ckpt, mds, data_info, opts), indent=2) + "\n"))
         return json.loads((stage.dir / "eval.json").read_text())
 
-    evals: dict[str, Any] = {"source": timed("eval_source", lambda: evaluated("source", shared, src, "model.pt"))}
+    evals: dict[str, Any] = {"source": timed("eval_source", lambda: evaluated(
+        "source" + ("_repeats" if opts.repeats else ""), shared, src, "model.pt"))}
     ref_loss = [math.log(evals["source"]["in_domain"]["domains"][d]["ppl"]) for d in domains]
+    train_domains = list(domains)
+    if data_info.get("repeats"):  # trained on like any domain, never evaluated: its reference from train rows
+        ref = Stage(shared, "repeats_reference", {"data": data.fingerprint, "model": src.fingerprint,
+                                                  "rows": opts.eval_rows, "seed": opts.seed})
+        ref.ensure(lambda d: (d / "loss.json").write_text(json.dumps(repeats_reference(src.dir / "model.pt", mds,
+                                                                                       opts)) + "\n"))
+        train_domains.append(data_info["repeats"])
+        ref_loss.append(json.loads((ref.dir / "loss.json").read_text()))
 
     recipe = {"source": src.fingerprint, "data": data.fingerprint, "target": target, "seed": opts.seed,
-              "seq_len": opts.seq_len, "batch": opts.batch_size, "kd": opts.kd,
+              "seq_len": opts.seq_len, "batch": opts.batch_size, "kd": opts.kd, "teacher_dtype": "bfloat16",
               "configs": fingerprint({n: (REPO_CONFIGS / f"{n}.yaml").read_text() for n in ("prune", "continue")})}
-    base = Stage(shared, "baseline", {**{k: v for k, v in recipe.items() if k not in ("configs", "kd")},
-                                      "method": [LAYER_METHOD, WIDTH_IMPORTANCE, CALIBRATION_ROWS],
-                                      "outputs": ["compact.pt", "masks.safetensors", "cost.json"]})
+    selection = {} if opts.selection == "activation" else {"selection": opts.selection}
+    base = Stage(shared, "baseline" + "".join(f"_{v}" for v in selection.values()),
+                 {**{k: v for k, v in recipe.items() if k not in ("configs", "kd", "teacher_dtype", "data")},
+                  "data": fingerprint({"corpus": data.inputs["corpus"], "seq_len": opts.seq_len,
+                                       "eval_fraction": opts.eval_fraction, "seed": opts.seed}),
+                  "method": [LAYER_METHOD, WIDTH_IMPORTANCE, CALIBRATION_ROWS], **selection,
+                  "outputs": ["compact.pt", "masks.safetensors", "cost.json"]})
     timed("baseline", lambda: base.ensure(costed(lambda d: build_baseline(opts, src.dir, mds, domains, target, d))))
+    domains = train_domains  # what every training run mixes (the repeats domain included)
     prune_steps, budget = opts.learned_prune_steps, opts.steps
     pruned = Stage(work, "pruned", {**recipe, "steps": prune_steps, "warm_start": base.fingerprint})
     timed("prune", lambda: pruned.ensure(costed(lambda d: in_child_process(
-        build_pruned, opts, src.dir, mds, domains, ref_loss, target, base.dir / "masks.safetensors", d))))
+        build_pruned, opts, src.dir, mds, domains, ref_loss, target, base.dir / "masks.safetensors", d,
+        low_memory=True))))
     final = Stage(work, "pruned_continued", {"pruned": pruned.fingerprint, "recipe": recipe,
                                              "steps": budget - prune_steps})
     timed("continue_pruned", lambda: final.ensure(costed(lambda d: in_child_process(
@@ -587,12 +637,14 @@ def run_candidates(opts: DemoOptions, gguf_file: Path, work: Path, timings: dict
     timed("eval", evaluate)
     tokens_per_step = opts.batch_size * opts.seq_len
     kd = f" (KD {opts.kd})" if opts.kd else ""
+    recipe_note = ((", copy-aware selection" if opts.selection == "copy" else "")
+                   + (", + repeats" if opts.repeats else ""))
     budgets = {
         "source": Budget("source (no training)", 0, 0, 0, 0.0, 0.0),
-        "pruned": Budget(f"L0 + DRO{kd} + continued pretraining", prune_steps, budget - prune_steps,
+        "pruned": Budget(f"L0 + DRO{kd} + continued pretraining{recipe_note}", prune_steps, budget - prune_steps,
                          budget * tokens_per_step, **stage_cost(base, pruned, final)),
-        "baseline": Budget(f"one-shot + continued pretraining{kd}", 0, budget, budget * tokens_per_step,
-                           **stage_cost(base, base_final)),
+        "baseline": Budget(f"one-shot + continued pretraining{kd}{recipe_note}", 0, budget,
+                           budget * tokens_per_step, **stage_cost(base, base_final)),
     }
     return Comparison(src, data_info, target, base, pruned, final, base_final, evals, budgets)
 

@@ -131,7 +131,11 @@ class PrunableLM(ComposerModel):
     def teacher_logits(self, input_ids: Tensor) -> Tensor:
         if self.teacher is None:  # frozen LLM: the unmasked student is the source model
             return self.model(input_ids, None)
-        return self.teacher(input_ids)
+        logits = self.teacher(input_ids)
+        for module in self.teacher.modules():  # FSDP2 units: the root (and, under SHARD_GRAD_OP, every
+            if hasattr(module, "reshard"):     # unit) keep their gathered weights for a backward the
+                module.reshard()               # teacher never runs
+        return logits
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Any]:
         with cpu_autocast(self.cpu_autocast):

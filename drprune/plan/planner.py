@@ -248,7 +248,8 @@ def _param_bytes(mixed_precision: Any, compute_bytes: int) -> int:
 def layout_of(sharding: ShardingPlan, world: int) -> tuple[Layout, str]:
     """The Layout a sharding plan gives `world` ranks, and its name."""
     if not sharding.sharded:
-        return Layout(world, "ddp" if world > 1 else "single", False), "DDP" if world > 1 else "one process"
+        return (Layout(world, "ddp" if world > 1 else "single", sharding.checkpoint_blocks),
+                "DDP" if world > 1 else "one process")
     config = sharding.config
     if sharding.version == 1:
         full = config.sharding_strategy == "FULL_SHARD"
@@ -331,7 +332,7 @@ def plan_run(config: str, overrides: list[str], hardware: Hardware, target_param
     world = hardware.world_size
     rank_batch, micro = _rank_batches(run, hardware)
     sharding = plan_sharding(run.fsdp_config, has_mask_generator=run.model.mask_generator is not None,
-                             cuda=hardware.device == "cuda")
+                             cuda=hardware.device == "cuda", activation_checkpointing=run.activation_checkpointing)
     layout, parallelism = layout_of(sharding, world)
     if sharding.sharded and getattr(sharding.config, "activation_cpu_offload", False):
         notes.append("fsdp_config.activation_cpu_offload is on: activations are counted on the GPU all the same")
@@ -410,7 +411,10 @@ def _advice(run: RunConfig, hw: Hardware, layout: Layout, fixed: _Fixed,
         best = _largest_fitting(_divisors_below(eval_batch, eval_batch), lambda ev: memory(layout, micro, ev), hw)
         if best is not None:
             out.append(Advice(f"device_eval_batch_size={best}", memory(layout, micro, best).peak, True))
-    if not layout.checkpointing and fixed.device == "cuda":
+    if not layout.checkpointing and not layout.sharded:
+        peak = memory(dataclasses.replace(layout, checkpointing=True), micro).peak
+        out.append(Advice("activation_checkpointing=true", peak, peak <= cap))
+    if not layout.checkpointing and (layout.sharded or fixed.device == "cuda"):
         with_ckpt = dataclasses.replace(sharded, checkpointing=True)
         peak = memory(with_ckpt, micro).peak
         out.append(Advice(f"{fsdp}fsdp_config.activation_checkpointing=true", peak, peak <= cap))

@@ -72,7 +72,9 @@ class Record(Callback):
         dataset = state.train_dataloader.dataset
         row = {"batch": int(state.timestamp.batch), "loss": float(loss), "idx": state.batch["idx"].tolist(),
                "proportion": list(getattr(dataset, "proportion", [])), "model": digest(model.model),
-               "masks": digest(model.mask_generator) if model.mask_generator is not None else None}
+               "masks": digest(model.mask_generator) if model.mask_generator is not None else None,
+               "teacher_gathered": sum(p.numel() for p in model.teacher.parameters() if not isinstance(p, DTensor))
+               if getattr(model, "teacher", None) is not None else None}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if row["batch"] == self.kill_at:

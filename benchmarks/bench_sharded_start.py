@@ -1,0 +1,188 @@
+"""Per-rank memory and time to the first step: one process against 2 FSDP2 ranks, at SmolLM2-360M's shape.
+
+A synthetic checkpoint with SmolLM2-360M's shape (d_model 960, 32 layers, 15 heads in 5 KV groups, MLP 2560,
+49152-token tied vocabulary; random weights, about 362M parameters, 1.45 GB in fp32) is pruned with L0 masks
+and distilled from itself (the teacher stored in bf16) through the real path, `drprune.train.build_trainer`
+then `fit`, for a few steps on a synthetic MDS dataset:
+
+- `single`: one process (2 threads), no sharding: every tensor whole;
+- `fsdp2x2`: `composer -n 2` with FSDP2 FULL_SHARD over gloo (1 thread each): both models start on the meta
+  device, only rank 0 reads the checkpoint, Composer broadcasts its weights as it shards them;
+- `single-ckpt`, `fsdp2x2-ckpt`: the same two with `activation_checkpointing=true` (each block's activations
+  recomputed in backward), the setting for a run short of memory.
+
+Each process records its peak resident memory (VmHWM: the interpreter, torch and Composer included, the
+number a user sees in `top` or an OOM report), the same peak less its resident size before the trainer
+was built, the seconds from `build_trainer` to the end of the first batch (time to first step) and the
+seconds per later step. glibc is told to serve every block of 64 KiB or more from its own mapping and MKL
+not to cache (MALLOC_MMAP_THRESHOLD_, MKL_DISABLE_FAST_MM), so a freed activation goes back to the kernel and
+the peak is the live peak, as a GPU's caching allocator reports it. At this sequence length most activations
+are under glibc's usual 1 MiB threshold: with it (`--mmap-threshold 1048576`) heap fragmentation adds about
+half a GiB to every process. Exit code 1 when the worst rank of `fsdp2x2` peaks above 0.6 of `single`.
+
+    python benchmarks/bench_sharded_start.py               # about 6 minutes on 2 cores, 10 GB of RAM
+    python benchmarks/bench_sharded_start.py --work /tmp/b # keep the 1.5 GB checkpoint for another run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+SHAPE = dict(family="llama", vocab_size=49152, d_model=960, n_layers=32, n_heads=15, n_kv_heads=5,
+             intermediate_size=2560, tie_word_embeddings=True, context_length=2048, rope_theta=100000.0)
+TARGET = dict(d_model=640, n_layers=24, n_heads=9, n_kv_heads=3, intermediate_size=1536)
+SEQ_LEN = 128
+STEPS = 3
+CASES = {"single": (1, False), "fsdp2x2": (2, False), "single-ckpt": (1, True), "fsdp2x2-ckpt": (2, True)}
+LIMIT = 0.6
+
+
+def case_config(name: str, work: Path) -> tuple[Path, list[str]]:
+    """The case's run config (a YAML in `work`) and the overrides naming its data and checkpoint."""
+    cfg = {
+        "run_name": f"bench-sharded-start-{name}", "seed": 17, "data_local": "???", "max_seq_len": SEQ_LEN,
+        "model": {"path": "???", "mask_generator": {
+            "name": "l0", "pruning_modules": ["head", "intermediate", "layer", "hidden"],
+            "lagrangian_warmup_steps": "2ba", "target_model": TARGET}},
+        "distillation": {"teacher": "???", "kl_weight": 0.5, "ce_weight": 0.5, "teacher_dtype": "bfloat16"},
+        "train_loader": {"num_workers": 0, "drop_last": True, "dataset": {"split": "train", "shuffle": True}},
+        "optimizer": {"name": "decoupled_adamw", "lr": 1e-5, "betas": [0.9, 0.95], "eps": 1e-8,
+                      "weight_decay": 0.0, "lag_lr": 0.1},
+        "scheduler": {"name": "constant_with_warmup", "t_warmup": "0ba"},
+        "algorithms": {"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": 1.0}},
+        "max_duration": f"{STEPS}ba", "global_train_batch_size": 2, "device_train_microbatch_size": 1,
+        "precision": "fp32", "progress_bar": False, "log_to_console": False,
+        "callbacks": {"data_loading": {"dynamic": True, "set_names": ["a", "b"], "update_type": "constant"}},
+    }
+    ranks, checkpointing = CASES[name]
+    if ranks > 1:
+        cfg["fsdp_config"] = {"sharding_strategy": "FULL_SHARD"}
+    cfg["activation_checkpointing"] = checkpointing
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    checkpoint = work / "smollm2-360m-shape.pt"
+    return path, [f"data_local={work / 'data'}", f"model.path={checkpoint}", f"distillation.teacher={checkpoint}"]
+
+
+def prepare(work: Path) -> None:
+    """The synthetic dataset and the random-weight checkpoint (written once, reused with --work)."""
+    import torch
+
+    from drprune.convert.checkpoint import decoder_checkpoint_state, save_checkpoint
+    from drprune.data.testing import write_synthetic_mds
+    from drprune.models.config import ModelConfig
+    from drprune.models.decoder import PrunableDecoder
+
+    if not (work / "data").exists():
+        write_synthetic_mds(work / "data", {"a": "random", "b": "random"}, seq_len=SEQ_LEN,
+                            vocab_size=SHAPE["vocab_size"], n_train=32, n_eval=2)
+    if not (work / "smollm2-360m-shape.pt").exists():
+        torch.manual_seed(0)
+        decoder = PrunableDecoder(ModelConfig(**SHAPE))
+        save_checkpoint(decoder_checkpoint_state(decoder), work / "smollm2-360m-shape.pt")
+
+
+def _status(field: str) -> int:
+    """A /proc/self/status memory field in bytes."""
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1)) * 1024
+
+
+def measure(config: Path, overrides: list[str]) -> dict[str, float]:
+    """Build the trainer and run its steps in this process: peak memory, time to first step, step time."""
+    from composer.core import Callback
+
+    from drprune.train import build_trainer, load_config
+
+    class FirstStep(Callback):
+        """The clock and the peak at the end of each batch."""
+
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+            self.peaks: list[int] = []
+
+        def batch_end(self, state, logger) -> None:
+            self.ends.append(time.perf_counter())
+            self.peaks.append(_status("VmHWM"))
+
+    cfg = load_config(str(config), overrides)
+    baseline = _status("VmRSS")
+    start = time.perf_counter()
+    trainer = build_trainer(cfg)
+    built_seconds, built_peak = time.perf_counter() - start, _status("VmHWM")
+    clock = FirstStep()
+    trainer.state.callbacks.append(clock)
+    trainer.fit()
+    ends = clock.ends
+    return {"baseline": baseline, "peak": _status("VmHWM"), "built_peak": built_peak,
+            "first_step_peak": clock.peaks[0], "build_seconds": built_seconds,
+            "first_step_seconds": ends[0] - start,
+            "seconds_per_step": (ends[-1] - ends[0]) / max(len(ends) - 1, 1)}
+
+
+def run_case(name: str, work: Path, mmap_threshold: int) -> list[dict]:
+    """One case in fresh processes; every rank's measurement."""
+    ranks = CASES[name][0]
+    out = work / f"{name}.json"
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(mmap_threshold), "MKL_DISABLE_FAST_MM": "1",
+           "OMP_NUM_THREADS": str(2 // ranks), "FSDP_VERSION": "2"}
+    launcher = [str(Path(sys.executable).parent / "composer"), "-n", str(ranks), "--stdout", f"{out}-out{{rank}}",
+                "--stderr", f"{out}-err{{rank}}"] if ranks > 1 else [sys.executable]
+    subprocess.run([*launcher, __file__, "--case", name, "--work", str(work), "--json", str(out)], check=True,
+                   env=env, stdout=subprocess.DEVNULL)
+    return [json.loads(out.with_suffix(f".rank{r}").read_text()) for r in range(ranks)]
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    gib = 2**30
+    lines = ["| run | rank | peak RSS | of single | peak above start | after build | after step 1 | "
+             "time to first step (build) | s/step |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, ranks in results.items():
+        single = results[name.replace("fsdp2x2", "single")][0]["peak"]
+        for rank, r in enumerate(ranks):
+            lines.append(f"| {name} | {rank} | {r['peak'] / gib:.2f} GiB | {r['peak'] / single:.2f} | "
+                         f"{(r['peak'] - r['baseline']) / gib:.2f} GiB | {r['built_peak'] / gib:.2f} GiB | "
+                         f"{r['first_step_peak'] / gib:.2f} GiB | {r['first_step_seconds']:.1f} s "
+                         f"({r['build_seconds']:.1f} s) | {r['seconds_per_step']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, help="folder for the checkpoint, data and configs (default: temporary)")
+    parser.add_argument("--mmap-threshold", type=int, default=65536,
+                        help="glibc's MALLOC_MMAP_THRESHOLD_ in bytes for every measured process (default 65536)")
+    parser.add_argument("--case", choices=sorted(CASES), action="append", help="internal: the case to measure")
+    parser.add_argument("--json", type=Path, help="internal: write this process's measurement here")
+    args = parser.parse_args()
+    if args.json is not None:
+        config, overrides = case_config(args.case[0], args.work)
+        rank = os.environ.get("RANK", "0")
+        args.json.with_suffix(f".rank{rank}").write_text(json.dumps(measure(config, overrides)))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        prepare(work)
+        results = {name: run_case(name, work, args.mmap_threshold) for name in CASES}
+    print(table(results))
+    ratios = {}
+    for suffix, label in (("", "without"), ("-ckpt", "with")):
+        ratios[label] = max(r["peak"] for r in results[f"fsdp2x2{suffix}"]) / results[f"single{suffix}"][0]["peak"]
+        print(f"\nworst FSDP2 rank / single process peak, {label} activation checkpointing: {ratios[label]:.3f}")
+    print(f"target: at most {LIMIT} with checkpointing")
+    return 0 if ratios["with"] <= LIMIT else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
