@@ -342,6 +342,7 @@ def _two_ranks_fetch(rank: int, init: str, source: str, cache: str, out: str) ->
     agreed(lambda leader: validate_data_config(run.data, hashes=leader))
     rows = len(ShardReader(Path(cache) / "train" / "b"))
     Path(f"{out}{rank}").write_text(json.dumps({"fetched": fetched, "rows": rows}))
+    torch.distributed.barrier()  # neither rank tears gloo down while the other still talks to it
     torch.distributed.destroy_process_group()
 
 
