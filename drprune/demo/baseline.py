@@ -68,15 +68,15 @@ def baseline_masks(decoder: PrunableDecoder, calib_rows: np.ndarray, target: dic
     `selection="copy"` first protects what the model copies from its context with
     (drprune.oneshot.copy_importance): the COPY_GROUPS KV groups with the highest induction score are
     kept whatever activation importance says, and no block among the COPY_LAYERS whose removal costs
-    copied tokens most is removed."""
+    copied tokens most is removed. `selection="copy-heads"` protects the KV groups only."""
     masks = random_masks(decoder, target, seed)
     method = {"layers": "random", "width": "random"}
     n_layers = decoder.cfg.n_layers
     drop = n_layers - target["n_layers"]
-    copy = selection == "copy"
+    copy = selection in ("copy", "copy-heads")
     skip: list[int] = []
     if drop > 0:
-        if copy:
+        if selection == "copy":
             skip = _windowed(top_copy_layers(decoder, calib_rows, min(COPY_LAYERS, n_layers - drop), seed=seed),
                              n_layers, drop)
         blocks = select_blocks(decoder, calib_rows, num_blocks=drop, method=LAYER_METHOD, skip_blocks=skip).blocks

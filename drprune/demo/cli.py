@@ -42,8 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="target shape overrides, e.g. n_layers=24,n_heads=6,n_kv_heads=2,intermediate_size=1024 "
                         "(default: 80%% of layers, 2/3 of KV groups and MLP channels)")
     p.add_argument("--selection", choices=DemoOptions.SELECTIONS, default=d.selection,
-                   help="one-shot selection both candidates start from: activation importance, or copy (the KV "
-                        "groups and blocks the model copies from its context with are protected first)")
+                   help="one-shot selection both candidates start from: activation importance, copy (the KV "
+                        "groups and blocks the model copies from its context with are protected first) or "
+                        "copy-heads (the KV groups only)")
     p.add_argument("--repeats", action=argparse.BooleanOptionalAction, default=d.repeats,
                    help="also train every candidate on a repeats domain (spans of the training text repeated "
                         "within a row, built by `data prepare --repeats-from`; never evaluated)")

@@ -29,10 +29,11 @@ class DemoOptions:
     seed: int = 0
     tasks: tuple[str, ...] = ()          # lm-eval tasks also scored on every model (`drprune eval --tasks`)
     dtype: str | None = None             # of the exported HF folders (default: the source's, fp32 from the GGUF)
-    selection: str = "activation"        # one-shot selection: activation | copy (copy-reading units protected)
+    selection: str = "activation"        # one-shot selection: activation | copy (copy-reading KV groups and
+    #                                      blocks protected) | copy-heads (the KV groups only)
     repeats: bool = False                # train every candidate with a repeats domain (drprune.data.repeats) too
 
-    SELECTIONS = ("activation", "copy")
+    SELECTIONS = ("activation", "copy", "copy-heads")
 
     @property
     def learned_prune_steps(self) -> int:

@@ -637,7 +637,7 @@ def run_candidates(opts: DemoOptions, gguf_file: Path, work: Path, timings: dict
     timed("eval", evaluate)
     tokens_per_step = opts.batch_size * opts.seq_len
     kd = f" (KD {opts.kd})" if opts.kd else ""
-    recipe_note = ((", copy-aware selection" if opts.selection == "copy" else "")
+    recipe_note = ({"copy": ", copy-aware selection", "copy-heads": ", copy-aware KV groups"}.get(opts.selection, "")
                    + (", + repeats" if opts.repeats else ""))
     budgets = {
         "source": Budget("source (no training)", 0, 0, 0, 0.0, 0.0),
