@@ -129,7 +129,11 @@ def test_hf_folder_loads_in_transformers_and_matches_the_report(demo):
 def test_second_run_reuses_valid_stages_and_rebuilds_the_rest(demo):
     out, first = demo
     work = out / "work"
-    kept = {name: (work / name / "stage.json").stat().st_mtime_ns for name in ("source", "data", "baseline")}
+    from drprune.demo.options import DemoOptions
+    from drprune.demo.pipeline import oneshot_stage
+
+    oneshot = oneshot_stage(DemoOptions(out=out).selection)
+    kept = {name: (work / name / "stage.json").stat().st_mtime_ns for name in ("source", "data", oneshot)}
     (work / "baseline_continued" / "stage.json").unlink()  # an interrupted/invalid stage
     second = _run(out, "--prune-steps", "5")  # a new pruning recipe at the same budget
     assert {n: (work / n / "stage.json").stat().st_mtime_ns for n in kept} == kept

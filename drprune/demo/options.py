@@ -29,7 +29,7 @@ class DemoOptions:
     seed: int = 0
     tasks: tuple[str, ...] = ()          # lm-eval tasks also scored on every model (`drprune eval --tasks`)
     dtype: str | None = None             # of the exported HF folders (default: the source's, fp32 from the GGUF)
-    selection: str = "activation"        # one-shot selection: activation | copy (copy-reading KV groups and
+    selection: str = "copy-heads"        # one-shot selection: activation | copy (copy-reading KV groups and
     #                                      blocks protected) | copy-heads (the KV groups only)
     repeats: bool = False                # train every candidate with a repeats domain (drprune.data.repeats) too
 

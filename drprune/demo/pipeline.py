@@ -563,6 +563,11 @@ def import_composer_first() -> None:
     import composer  # noqa: F401
 
 
+def oneshot_stage(selection: str) -> str:
+    """The folder of the one-shot selection stage: one per selection, so runs of several share them."""
+    return "baseline" if selection == "activation" else f"baseline_{selection}"
+
+
 def run_candidates(opts: DemoOptions, gguf_file: Path, work: Path, timings: dict[str, float],
                    shared: Path | None = None) -> Comparison:
     """Build (or reuse) the source, the data, the one-shot selection and both trained candidates at
@@ -609,7 +614,7 @@ def run_candidates(opts: DemoOptions, gguf_file: Path, work: Path, timings: dict
               "seq_len": opts.seq_len, "batch": opts.batch_size, "kd": opts.kd, "teacher_dtype": "bfloat16",
               "configs": fingerprint({n: (REPO_CONFIGS / f"{n}.yaml").read_text() for n in ("prune", "continue")})}
     selection = {} if opts.selection == "activation" else {"selection": opts.selection}
-    base = Stage(shared, "baseline" + "".join(f"_{v}" for v in selection.values()),
+    base = Stage(shared, oneshot_stage(opts.selection),
                  {**{k: v for k, v in recipe.items() if k not in ("configs", "kd", "teacher_dtype", "data")},
                   "data": fingerprint({"corpus": data.inputs["corpus"], "seq_len": opts.seq_len,
                                        "eval_fraction": opts.eval_fraction, "seed": opts.seed}),
