@@ -65,6 +65,7 @@ DEMO_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model MODEL_F
 PYTHON_PACKAGES = {"gguf": "gguf", "accelerate": "accelerate", "matplotlib": "matplotlib", "yaml": "pyyaml"}
 PROMPTS = ("The history of the United States began", "def read_config(path):")
 TARGET_KEYS = ("n_layers", "n_heads", "n_kv_heads", "intermediate_size")
+TEACHER_DTYPE = "bfloat16"  # of the teacher in every demo training run: half its memory (the L0 stage is the peak)
 REPEATS = "repeats"  # the train-only domain of repeated spans (`DemoOptions.repeats`)
 CALIBRATION_ROWS = 40  # sequences scored by the one-shot selection (activation importance: forward passes only;
 #                        40 rows give 208 vs 229 geo-mean perplexity for 10 rows before training)
@@ -235,7 +236,7 @@ def _train_values(opts: DemoOptions, data_dir: Path, domains: list[str], ref_los
     }
     if opts.kd > 0:
         values["distillation"] = {"teacher": str(teacher), "kl_weight": opts.kd, "ce_weight": 1.0 - opts.kd,
-                                  "teacher_dtype": "bfloat16"}  # half the teacher's memory (the L0 stage is the peak)
+                                  "teacher_dtype": TEACHER_DTYPE}
     return values
 
 
@@ -611,7 +612,7 @@ def run_candidates(opts: DemoOptions, gguf_file: Path, work: Path, timings: dict
         ref_loss.append(json.loads((ref.dir / "loss.json").read_text()))
 
     recipe = {"source": src.fingerprint, "data": data.fingerprint, "target": target, "seed": opts.seed,
-              "seq_len": opts.seq_len, "batch": opts.batch_size, "kd": opts.kd, "teacher_dtype": "bfloat16",
+              "seq_len": opts.seq_len, "batch": opts.batch_size, "kd": opts.kd, "teacher_dtype": TEACHER_DTYPE,
               "configs": fingerprint({n: (REPO_CONFIGS / f"{n}.yaml").read_text() for n in ("prune", "continue")})}
     selection = {} if opts.selection == "activation" else {"selection": opts.selection}
     base = Stage(shared, oneshot_stage(opts.selection),
