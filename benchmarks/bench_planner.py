@@ -17,10 +17,7 @@ allocator reports it, not a heap's high-water mark. Exit code 1 when a case is o
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from rank_worker import proc_status, run_config, run_ranks, write_rank_result
 
 VOCAB = 49152
 STEPS = 3
@@ -74,19 +73,10 @@ def case_config(name: str, work: Path) -> tuple[Path, list[str]]:
     case = CASES[name]
     model = {"family": "llama", "vocab_size": VOCAB, "n_layers": 4, "tie_word_embeddings": True,
              "context_length": 2048, **case.model}
-    cfg = {
-        "run_name": f"bench-planner-{name}", "seed": 17, "data_local": "???", "max_seq_len": case.seq_len,
-        "model": {**model, "mask_generator": GENERATORS[case.generator](case.model)},
-        "train_loader": {"num_workers": 0, "drop_last": True, "dataset": {"split": "train", "shuffle": True}},
-        "optimizer": {"name": "decoupled_adamw", "lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0,
-                      "lag_lr": 0.1},
-        "scheduler": {"name": "constant_with_warmup", "t_warmup": "0ba"},
-        "algorithms": {"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": 1.0}},
-        "max_duration": f"{STEPS}ba", "global_train_batch_size": case.global_batch,
-        "device_train_microbatch_size": case.microbatch, "precision": case.precision, "progress_bar": False,
-        "log_to_console": False,
-        "callbacks": {"data_loading": {"dynamic": True, "set_names": ["a", "b"], "update_type": "constant"}},
-    }
+    cfg = run_config(f"bench-planner-{name}", seq_len=case.seq_len, steps=STEPS, global_batch=case.global_batch,
+                     microbatch=case.microbatch, precision=case.precision, lr=1e-4,
+                     mask_generator=GENERATORS[case.generator](case.model))
+    cfg["model"].update(model)
     if case.ranks > 1:
         cfg["fsdp_config"] = {"sharding_strategy": "FULL_SHARD", "activation_checkpointing": True}
     overrides = []
@@ -113,25 +103,19 @@ def prepare(work: Path) -> None:
     save_checkpoint(decoder_checkpoint_state(teacher), work / "teacher.pt")
 
 
-def _status(field: str) -> int:
-    """A /proc/self/status memory field in bytes."""
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1)) * 1024
-
-
 def measure(config: Path, overrides: list[str]) -> dict[str, float]:
     """Build the trainer and run its steps in this process; resident memory before, after building, at peak."""
     from drprune.train import build_trainer, load_config
 
     cfg = load_config(str(config), overrides)
-    baseline = _status("VmRSS")
+    baseline = proc_status("VmRSS")
     trainer = build_trainer(cfg)
-    built = _status("VmRSS")
+    built = proc_status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from the resident size now
     start = time.perf_counter()
     trainer.fit()
     seconds = time.perf_counter() - start
-    return {"baseline": baseline, "built": built - baseline, "measured": _status("VmHWM") - baseline,
+    return {"baseline": baseline, "built": built - baseline, "measured": proc_status("VmHWM") - baseline,
             "seconds_per_step": seconds / STEPS}
 
 
@@ -151,15 +135,7 @@ def run_case(name: str, work: Path) -> dict:
     """One case in fresh processes (the measurement; the largest rank's) and here (the plan)."""
     config, overrides = case_config(name, work)
     ranks = CASES[name].ranks
-    out = work / f"{name}.json"
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MKL_DISABLE_FAST_MM": "1",
-           "OMP_NUM_THREADS": str(2 // ranks), "FSDP_VERSION": "2"}
-    launcher = [str(Path(sys.executable).parent / "composer"), "-n", str(ranks), "--stdout", f"{out}-out{{rank}}",
-                "--stderr", f"{out}-err{{rank}}"] if ranks > 1 else [sys.executable]
-    subprocess.run([*launcher, __file__, "--case", name, "--work", str(work), "--json", str(out)], check=True,
-                   env=env, stdout=subprocess.DEVNULL)
-    result = max((json.loads(out.with_suffix(f".rank{r}").read_text()) for r in range(ranks)),
-                 key=lambda r: r["measured"])
+    result = max(run_ranks(__file__, name, work, ranks, mmap_threshold=1 << 20), key=lambda r: r["measured"])
     result.update(planned(config, overrides, ranks))
     result["ratio"] = result["planned"] / result["measured"]
     return result
@@ -185,9 +161,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write the measurement of the one --case here (internal)")
     args = parser.parse_args()
     if args.json is not None:
-        config, overrides = case_config(args.case[0], args.work)
-        rank = os.environ.get("RANK", "0")
-        args.json.with_suffix(f".rank{rank}").write_text(json.dumps(measure(config, overrides)))
+        write_rank_result(args.json, measure(*case_config(args.case[0], args.work)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)

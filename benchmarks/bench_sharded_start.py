@@ -28,16 +28,14 @@ too: activations and the runtime are not divided by sharding, so the ratio is hi
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
+
+from rank_worker import proc_status, run_config, run_ranks, write_rank_result
 
 SHAPE = dict(family="llama", vocab_size=49152, d_model=960, n_layers=32, n_heads=15, n_kv_heads=5,
              intermediate_size=2560, tie_word_embeddings=True, context_length=2048, rope_theta=100000.0)
@@ -50,21 +48,12 @@ LIMIT = 0.6
 
 def case_config(name: str, work: Path) -> tuple[Path, list[str]]:
     """The case's run config (a YAML in `work`) and the overrides naming its data and checkpoint."""
-    cfg = {
-        "run_name": f"bench-sharded-start-{name}", "seed": 17, "data_local": "???", "max_seq_len": SEQ_LEN,
-        "model": {"path": "???", "mask_generator": {
-            "name": "l0", "pruning_modules": ["head", "intermediate", "layer", "hidden"],
-            "lagrangian_warmup_steps": "2ba", "target_model": TARGET}},
-        "distillation": {"teacher": "???", "kl_weight": 0.5, "ce_weight": 0.5, "teacher_dtype": "bfloat16"},
-        "train_loader": {"num_workers": 0, "drop_last": True, "dataset": {"split": "train", "shuffle": True}},
-        "optimizer": {"name": "decoupled_adamw", "lr": 1e-5, "betas": [0.9, 0.95], "eps": 1e-8,
-                      "weight_decay": 0.0, "lag_lr": 0.1},
-        "scheduler": {"name": "constant_with_warmup", "t_warmup": "0ba"},
-        "algorithms": {"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": 1.0}},
-        "max_duration": f"{STEPS}ba", "global_train_batch_size": 2, "device_train_microbatch_size": 1,
-        "precision": "fp32", "progress_bar": False, "log_to_console": False,
-        "callbacks": {"data_loading": {"dynamic": True, "set_names": ["a", "b"], "update_type": "constant"}},
-    }
+    l0 = {"name": "l0", "pruning_modules": ["head", "intermediate", "layer", "hidden"],
+          "lagrangian_warmup_steps": "2ba", "target_model": TARGET}
+    cfg = run_config(f"bench-sharded-start-{name}", seq_len=SEQ_LEN, steps=STEPS, global_batch=2, microbatch=1,
+                     lr=1e-5, mask_generator=l0)
+    cfg["model"]["path"] = "???"
+    cfg["distillation"] = {"teacher": "???", "kl_weight": 0.5, "ce_weight": 0.5, "teacher_dtype": "bfloat16"}
     ranks, checkpointing = CASES[name]
     if ranks > 1:
         cfg["fsdp_config"] = {"sharding_strategy": "FULL_SHARD"}
@@ -93,12 +82,6 @@ def prepare(work: Path) -> None:
         save_checkpoint(decoder_checkpoint_state(decoder), work / "smollm2-360m-shape.pt")
 
 
-def _status(field: str) -> int:
-    """A /proc/self/status memory field in bytes."""
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1)) * 1024
-
-
 def measure(config: Path, overrides: list[str]) -> dict[str, float]:
     """Build the trainer and run its steps in this process: peak memory, time to first step, step time."""
     from composer.core import Callback
@@ -114,34 +97,21 @@ def measure(config: Path, overrides: list[str]) -> dict[str, float]:
 
         def batch_end(self, state, logger) -> None:
             self.ends.append(time.perf_counter())
-            self.peaks.append(_status("VmHWM"))
+            self.peaks.append(proc_status("VmHWM"))
 
     cfg = load_config(str(config), overrides)
-    baseline = _status("VmRSS")
+    baseline = proc_status("VmRSS")
     start = time.perf_counter()
     trainer = build_trainer(cfg)
-    built_seconds, built_peak = time.perf_counter() - start, _status("VmHWM")
+    built_seconds, built_peak = time.perf_counter() - start, proc_status("VmHWM")
     clock = FirstStep()
     trainer.state.callbacks.append(clock)
     trainer.fit()
     ends = clock.ends
-    return {"baseline": baseline, "peak": _status("VmHWM"), "built_peak": built_peak,
+    return {"baseline": baseline, "peak": proc_status("VmHWM"), "built_peak": built_peak,
             "first_step_peak": clock.peaks[0], "build_seconds": built_seconds,
             "first_step_seconds": ends[0] - start,
             "seconds_per_step": (ends[-1] - ends[0]) / max(len(ends) - 1, 1)}
-
-
-def run_case(name: str, work: Path, mmap_threshold: int) -> list[dict]:
-    """One case in fresh processes; every rank's measurement."""
-    ranks = CASES[name][0]
-    out = work / f"{name}.json"
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(mmap_threshold), "MKL_DISABLE_FAST_MM": "1",
-           "OMP_NUM_THREADS": str(2 // ranks), "FSDP_VERSION": "2"}
-    launcher = [str(Path(sys.executable).parent / "composer"), "-n", str(ranks), "--stdout", f"{out}-out{{rank}}",
-                "--stderr", f"{out}-err{{rank}}"] if ranks > 1 else [sys.executable]
-    subprocess.run([*launcher, __file__, "--case", name, "--work", str(work), "--json", str(out)], check=True,
-                   env=env, stdout=subprocess.DEVNULL)
-    return [json.loads(out.with_suffix(f".rank{r}").read_text()) for r in range(ranks)]
 
 
 def table(results: dict[str, list[dict]]) -> str:
@@ -168,15 +138,13 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="internal: write this process's measurement here")
     args = parser.parse_args()
     if args.json is not None:
-        config, overrides = case_config(args.case[0], args.work)
-        rank = os.environ.get("RANK", "0")
-        args.json.with_suffix(f".rank{rank}").write_text(json.dumps(measure(config, overrides)))
+        write_rank_result(args.json, measure(*case_config(args.case[0], args.work)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         prepare(work)
-        results = {name: run_case(name, work, args.mmap_threshold) for name in CASES}
+        results = {name: run_ranks(__file__, name, work, CASES[name][0], args.mmap_threshold) for name in CASES}
     print(table(results))
     ratios = {}
     for suffix, label in (("", "without"), ("-ckpt", "with")):

