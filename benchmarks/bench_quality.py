@@ -5,9 +5,10 @@ from that selection + continued pretraining) on SmolLM2-135M and the demo corpus
 for each recipe, then prints one table with 95% bootstrap intervals, the budget of every model
 (training tokens, wall and CPU seconds) and the verdicts (overlapping intervals are a tie).
 
-With `--ablate` it first scores the parts of the one-shot selection one at a time on the untrained
-source (layers only, KV groups only, MLP channels only, all), which says what costs held-out text and
-in-context copying before any training hides it.
+With `--ablate` it also scores the parts of the last arm's one-shot selection one at a time on the
+untrained source (layers only, KV groups only, MLP channels only, hidden dims only when the target
+prunes them, all), which says what costs held-out text and in-context copying before any training
+hides it.
 
 Usage (after `DEMO_INSTALL_ONLY=1 bash scripts/demo.sh`):
     python benchmarks/bench_quality.py --out bench-quality --budgets 36 144 --kd 0 0.5 [--ablate]
@@ -24,18 +25,18 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 
 from drprune.demo.cli import parse_target as parse_target_spec
 from drprune.demo.compare import fmt, head_to_head
 from drprune.demo.options import DemoOptions
-from drprune.demo.pipeline import evaluate_model, import_composer_first, preflight, run_candidates, task_scores
+from drprune.demo.pipeline import (evaluate_model, import_composer_first, oneshot_stage, preflight, run_candidates,
+                                   task_scores)
 from drprune.demo.report import task_rows
 from drprune.eval.harness import parse_tasks
 
 MODELS = ("source", "baseline", "pruned")
 ABLATIONS = {"layers only": ("layer",), "KV groups only": ("head",), "MLP channels only": ("intermediate",),
-             "whole selection": ("layer", "head", "intermediate")}
+             "hidden dims only": ("hidden",), "whole selection": ("layer", "head", "intermediate", "hidden")}
 
 
 def parse_target(text: str) -> dict[str, int]:
@@ -44,16 +45,19 @@ def parse_target(text: str) -> dict[str, int]:
 
 
 def ablate(opts: DemoOptions, shared: Path) -> list[list[str]]:
-    """Each part of the shared one-shot selection applied alone to the source, compacted, evaluated."""
+    """Each part of the last arm's one-shot selection (its selection and target) applied alone to the
+    source, compacted, evaluated; parts the selection does not prune are skipped."""
     from drprune.compact.fold import compact_decoder
     from drprune.convert.checkpoint import decoder_checkpoint_state, load_decoder, save_checkpoint
     from drprune.masks.base import MaskSet
 
     data_info = json.loads((shared / "data" / "data.json").read_text())
     source = load_decoder(shared / "source" / "model.pt")
-    masks = torch.load(shared / "baseline" / "masks.pt", weights_only=True)
+    masks = MaskSet.load(shared / oneshot_stage(opts.selection) / "masks.safetensors", source.cfg)
     rows, ckpt = [], shared / "ablation.pt"
     for name, parts in ABLATIONS.items():
+        if not any(p in masks for p in parts):
+            continue
         part = MaskSet({k: v for k, v in masks.items() if k in parts}).validate(source.cfg)
         save_checkpoint(decoder_checkpoint_state(compact_decoder(source, part)), ckpt, overwrite=True)
         e = evaluate_model(ckpt, shared / "data" / "mds", data_info, opts)
