@@ -92,6 +92,9 @@ def test_summary_numbers_are_finite_and_consistent(demo):
     assert [step for step, _ in weights] == [1, 2, 3, 4]  # the L0 phase
     assert all(abs(sum(w) - 1) < 1e-6 and len(w) == len(domains) for _, w in weights)
     assert s["mixture"]["sparsity"]  # expected sparsity was recorded per module
+    changes = s["mixture"]["selection_changes"]  # what the L0 phase moved from the one-shot selection
+    assert set(changes) == {"head", "intermediate", "layer"}
+    assert all(0 <= c["added"] <= c["units"] and 0 <= c["removed"] <= c["units"] for c in changes.values())
     for model in ("source", "pruned"):
         speed = s["speed"][model]
         assert speed["prefill_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0

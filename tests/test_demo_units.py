@@ -168,6 +168,22 @@ def test_one_shot_selection_meets_a_width_first_target_and_compacts_to_it():
     assert "hidden" not in masks
 
 
+def test_selection_changes_count_units_the_l0_phase_moved():
+    import torch
+
+    from drprune.demo.pipeline import selection_changes
+    from drprune.demo.report import selection_line
+    from drprune.masks.base import MaskSet
+
+    start = MaskSet(head=torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]]), layer=torch.tensor([1.0, 0.0]))
+    learned = MaskSet(head=torch.tensor([[0.7, 0.0, 0.9], [1.2, 0.0, 0.4]]), layer=torch.tensor([0.9, 0.0]))
+    changes = selection_changes(start, learned)  # scales do not count, only keep / drop
+    assert changes == {"head": {"added": 1, "removed": 1, "units": 6}, "layer": {"added": 0, "removed": 0, "units": 2}}
+    assert selection_line(changes) == ("The L0 phase changed the one-shot selection: "
+                                       "head: 1 of 6 units added, 1 removed.")
+    assert selection_line(selection_changes(start, start)).startswith("The L0 phase kept the one-shot selection")
+
+
 def test_stage_reuses_only_matching_fingerprints(tmp_path):
     calls = []
 
@@ -197,6 +213,7 @@ def test_failed_stage_leaves_nothing(tmp_path):
     ({"prune_steps": 0}, r"--prune-steps must be in \[1, --steps\)"),
     ({"kd": 1.5}, r"--kd is the weight of distillation"),
     ({"copy_rows": 0}, r"--copy-rows must be >= 1"),
+    ({"mask_lr": 0.0}, r"--mask-lr must be > 0"),
 ])
 def test_demo_preflight_refuses_bad_budgets(tmp_path, monkeypatch, change, message):
     import drprune.demo.pipeline as pipeline

@@ -46,6 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="one-shot selection both candidates start from: activation importance, copy (the KV "
                         "groups and blocks the model copies from its context with are protected first) or "
                         "copy-heads (the KV groups only)")
+    p.add_argument("--mask-lr", type=float, default=d.mask_lr,
+                   help="learning rate of the L0 mask logits and Lagrange multipliers in the learned model's "
+                        "pruning phase (default: configs/demo/prune.yaml's lag_lr 0.1, at which the warm-started "
+                        "masks keep the one-shot selection; the report counts the units that changed)")
     p.add_argument("--repeats", action=argparse.BooleanOptionalAction, default=d.repeats,
                    help="also train every candidate on a repeats domain (spans of the training text repeated "
                         "within a row, built by `data prepare --repeats-from`; never evaluated)")
@@ -79,7 +83,7 @@ def run(args: argparse.Namespace) -> None:
                        target=args.target, source_layers=args.source_layers, gguf=args.gguf, corpus=args.corpus,
                        seq_len=args.seq_len, batch_size=args.batch_size, eval_rows=args.eval_rows,
                        copy_rows=args.copy_rows, seed=args.seed, dtype=args.dtype, selection=args.selection,
-                       repeats=args.repeats,
+                       repeats=args.repeats, mask_lr=args.mask_lr,
                        tasks=tuple(parse_tasks(args.tasks)) if args.tasks is not None else ())
     s = run_demo(opts)
     print("\n" + comparison_table(s))

@@ -32,6 +32,7 @@ class DemoOptions:
     selection: str = "copy-heads"        # one-shot selection: activation | copy (copy-reading KV groups and
     #                                      blocks protected) | copy-heads (the KV groups only)
     repeats: bool = False                # train every candidate with a repeats domain (drprune.data.repeats) too
+    mask_lr: float | None = None         # optimizer.lag_lr of the L0 phase (default: configs/demo/prune.yaml's)
 
     SELECTIONS = ("activation", "copy", "copy-heads")
 

@@ -52,6 +52,7 @@ from drprune.eval.generate import greedy_samples, load_hf_model
 from drprune.eval.harness import check_tasks, run_tasks, scores
 from drprune.eval.perplexity import evaluate_domains, read_token_rows
 from drprune.eval.speed import throughput
+from drprune.masks.base import MaskSet
 from drprune.masks.l0 import resolve_targets
 from drprune.models.decoder import PrunableDecoder
 from drprune.models.shapes import config_params
@@ -108,6 +109,8 @@ def preflight(opts: DemoOptions) -> Path:
     if not 1 <= opts.learned_prune_steps < opts.steps:
         raise UserError(f"--prune-steps must be in [1, --steps) so the learned model also gets continued "
                         f"pretraining; got {opts.learned_prune_steps} with --steps {opts.steps}")
+    if opts.mask_lr is not None and not opts.mask_lr > 0:
+        raise UserError(f"--mask-lr must be > 0, got {opts.mask_lr}")
     if not 0.0 <= opts.kd <= 1.0:
         raise UserError(f"--kd is the weight of distillation from the source, in [0, 1]; got {opts.kd}")
     if opts.seq_len < 4:
@@ -307,6 +310,8 @@ def build_pruned(opts: DemoOptions, source: Path, data_dir: Path, domains: list[
     values["model"]["mask_generator"] = {"target_model": target, "init_masks": str(init_masks),
                                          "pruning_modules": pruning_modules(target),
                                          "lagrangian_warmup_steps": f"{max(1, opts.learned_prune_steps // 2)}ba"}
+    if opts.mask_lr is not None:
+        values["optimizer"] = {"lag_lr": opts.mask_lr}
     run = _fit(run_config("prune", values))
     lm = run["model"]
     masks = lm.mask_generator.hard_masks()
@@ -314,11 +319,23 @@ def build_pruned(opts: DemoOptions, source: Path, data_dir: Path, domains: list[
     compact = compact_decoder(lm.model, masks)
     save_checkpoint(decoder_checkpoint_state(compact), dst / "compact.pt")
     history = run["history"]
+    history["selection_changes"] = selection_changes(MaskSet.load(init_masks), masks)
+    log.info("the learned masks changed %s of the one-shot selection's units", history["selection_changes"])
     gen = lm.mask_generator
     history["target_sparsity"] = {m: float(g.target_sparsity) for m, g in gen.gates.items()}
     history["lagrangian_warmup_steps"] = gen.warmup
     (dst / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     _drop_composer_checkpoints(dst / "run")
+
+
+def selection_changes(start: MaskSet, learned: MaskSet) -> dict[str, dict[str, int]]:
+    """Per mask kind: how many units the learned masks keep that the warm start dropped ("added"), and
+    the reverse ("removed"). Zero in both says the L0 phase kept the one-shot selection."""
+    out = {}
+    for kind in sorted(set(start) & set(learned)):
+        was, now = start[kind] != 0, learned[kind] != 0
+        out[kind] = {"added": int((now & ~was).sum()), "removed": int((was & ~now).sum()), "units": was.numel()}
+    return out
 
 
 def build_baseline(opts: DemoOptions, source: Path, data_dir: Path, domains: list[str],
@@ -633,7 +650,8 @@ def run_candidates(opts: DemoOptions, gguf_file: Path, work: Path, timings: dict
     timed("baseline", lambda: base.ensure(costed(lambda d: build_baseline(opts, src.dir, mds, domains, target, d))))
     domains = train_domains  # what every training run mixes (the repeats domain included)
     prune_steps, budget = opts.learned_prune_steps, opts.steps
-    pruned = Stage(work, "pruned", {**recipe, "steps": prune_steps, "warm_start": base.fingerprint})
+    pruned = Stage(work, "pruned", {**recipe, "steps": prune_steps, "warm_start": base.fingerprint,
+                                    **({"mask_lr": opts.mask_lr} if opts.mask_lr is not None else {})})
     timed("prune", lambda: pruned.ensure(costed(lambda d: in_child_process(
         build_pruned, opts, src.dir, mds, domains, ref_loss, target, base.dir / "masks.safetensors", d,
         low_memory=True))))

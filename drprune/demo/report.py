@@ -42,6 +42,19 @@ def plot_domain_loss(ppl: dict[str, dict[str, float]], domains: list[str], path:
     run_plots.save_figure(fig, path)
 
 
+def selection_line(changes: dict[str, dict[str, int]]) -> str:
+    """What the L0 phase changed in the one-shot selection it was warm-started from."""
+    if not changes:
+        return "The learned masks were not compared with the one-shot selection (an older run)."
+    moved = {k: c for k, c in changes.items() if c["added"] or c["removed"]}
+    if not moved:
+        return ("The L0 phase kept the one-shot selection unit for unit (" + ", ".join(
+            f"{k}: {c['units']}" for k, c in changes.items()) + " units compared): the learned model differs from "
+                "the baseline by its training, not by what it removed (a larger `--mask-lr` lets the masks move).")
+    return "The L0 phase changed the one-shot selection: " + "; ".join(
+        f"{k}: {c['added']} of {c['units']} units added, {c['removed']} removed" for k, c in moved.items()) + "."
+
+
 def plot_sparsity(mixture: dict[str, Any], path: Path) -> None:
     """Expected sparsity per pruned module, with the warm-up ramp the Lagrangian pulls it toward."""
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -144,6 +157,7 @@ def render_markdown(s: dict[str, Any]) -> str:
     opts, method = s["options"], s["baseline_method"]
     final_p = s["mixture"].get("final_proportion")
     mixture_line = (", ".join(f"{d} {p:.2f}" for d, p in zip(domains, final_p)) if final_p else "n/a")
+    changes = s["mixture"].get("selection_changes") or {}
     checks = target_checks(s["eval"], "pruned", "baseline", "source", s["total_seconds"] / 60,
                            s["peak_memory_gb"])
     budget_note = (f"Every trained model gets the same budget: {opts['steps']} batches of {opts['batch_size']} x "
@@ -203,6 +217,8 @@ def render_markdown(s: dict[str, Any]) -> str:
         "## Data mixture and sparsity",
         "",
         f"Final DRO domain weights after pruning: {mixture_line}.",
+        "",
+        selection_line(changes),
         "",
         "![domain weights](plots/domain_weights.png)",
         "![per-domain loss](plots/domain_loss.png)",
