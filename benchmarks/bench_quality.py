@@ -31,7 +31,7 @@ from drprune.demo.compare import fmt, head_to_head
 from drprune.demo.options import DemoOptions
 from drprune.demo.pipeline import (evaluate_model, import_composer_first, oneshot_stage, preflight, run_candidates,
                                    task_scores)
-from drprune.demo.report import task_rows
+from drprune.demo.report import selection_line, task_rows
 from drprune.eval.harness import parse_tasks
 
 MODELS = ("source", "baseline", "pruned")
@@ -81,6 +81,7 @@ def main() -> None:
     p.add_argument("--target", nargs="+", default=["default"],
                    help="target shapes: 'default' (the demo's) or overrides such as "
                         "n_layers=30,n_heads=9,n_kv_heads=3,intermediate_size=576 (width-first)")
+    p.add_argument("--mask-lr", type=float, help="the L0 phase's mask learning rate (default: the demo's)")
     p.add_argument("--eval-rows", type=int, default=64)
     p.add_argument("--ablate", action="store_true", help="also score each part of the one-shot selection alone")
     p.add_argument("--tasks", help="also score every candidate on these lm-eval tasks, comma-separated "
@@ -96,11 +97,12 @@ def main() -> None:
     for budget, kd, target, selection, repeats in arms:
         opts = DemoOptions(out=args.out, steps=budget, prune_steps=max(1, round(budget * args.prune_fraction)),
                            kd=kd, eval_rows=args.eval_rows, tasks=tasks, target=parse_target(target),
-                           selection=selection, repeats=bool(repeats))
+                           selection=selection, repeats=bool(repeats), mask_lr=args.mask_lr)
         gguf = preflight(opts)
         start = time.perf_counter()
         name = f"budget{budget}-kd{kd:g}" + (f"-{target}" if target != "default" else "") + (
-            f"-{selection}" if selection != "activation" else "") + ("-repeats" if repeats else "")
+            f"-{selection}" if selection != "activation" else "") + ("-repeats" if repeats else "") + (
+            f"-masklr{args.mask_lr:g}" if args.mask_lr is not None else "")
         c = run_candidates(opts, gguf, args.out / name, {}, shared=args.out / "shared")
         print(f"{name}: {time.perf_counter() - start:.0f}s", flush=True)
         results.append({"budget": budget, "kd": kd, "target": c.target, "selection": selection,
@@ -112,7 +114,9 @@ def main() -> None:
             rows.append([str(budget), f"{kd:g}", shape, b.label, f"{b.tokens:,}", f"{b.wall_s:.0f}",
                          f"{b.cpu_s:.0f}", fmt(e["in_domain"]["geomean"]),
                          fmt(e["held_out"]["geomean"]) if e.get("held_out") else "n/a", fmt(e["copy"], 2)])
-        lines += [f"{name}:", *head_to_head(c.evals, "pruned", "baseline")]
+        changes = json.loads((c.pruned.dir / "history.json").read_text()).get("selection_changes", {})
+        results[-1]["selection_changes"] = changes
+        lines += [f"{name}:", *head_to_head(c.evals, "pruned", "baseline"), f"- {selection_line(changes)}"]
         if tasks:
             ckpts = {"source": c.source.dir / "model.pt", "baseline": c.baseline_continued.dir / "model.pt",
                      "pruned": c.pruned_continued.dir / "model.pt"}
