@@ -25,7 +25,6 @@ import logging
 import time
 from pathlib import Path
 
-
 from drprune.demo.cli import parse_target as parse_target_spec
 from drprune.demo.compare import fmt, head_to_head
 from drprune.demo.options import DemoOptions
