@@ -81,6 +81,7 @@ def main() -> None:
                    help="target shapes: 'default' (the demo's) or overrides such as "
                         "n_layers=30,n_heads=9,n_kv_heads=3,intermediate_size=576 (width-first)")
     p.add_argument("--mask-lr", type=float, help="the L0 phase's mask learning rate (default: the demo's)")
+    p.add_argument("--warm-logit", type=float, help="the L0 warm start's logit magnitude (default: the demo's)")
     p.add_argument("--eval-rows", type=int, default=64)
     p.add_argument("--ablate", action="store_true", help="also score each part of the one-shot selection alone")
     p.add_argument("--tasks", help="also score every candidate on these lm-eval tasks, comma-separated "
@@ -96,12 +97,14 @@ def main() -> None:
     for budget, kd, target, selection, repeats in arms:
         opts = DemoOptions(out=args.out, steps=budget, prune_steps=max(1, round(budget * args.prune_fraction)),
                            kd=kd, eval_rows=args.eval_rows, tasks=tasks, target=parse_target(target),
-                           selection=selection, repeats=bool(repeats), mask_lr=args.mask_lr)
+                           selection=selection, repeats=bool(repeats), mask_lr=args.mask_lr,
+                           warm_logit=args.warm_logit)
         gguf = preflight(opts)
         start = time.perf_counter()
         name = f"budget{budget}-kd{kd:g}" + (f"-{target}" if target != "default" else "") + (
             f"-{selection}" if selection != "activation" else "") + ("-repeats" if repeats else "") + (
-            f"-masklr{args.mask_lr:g}" if args.mask_lr is not None else "")
+            f"-masklr{args.mask_lr:g}" if args.mask_lr is not None else "") + (
+            f"-warm{args.warm_logit:g}" if args.warm_logit is not None else "")
         c = run_candidates(opts, gguf, args.out / name, {}, shared=args.out / "shared")
         print(f"{name}: {time.perf_counter() - start:.0f}s", flush=True)
         results.append({"budget": budget, "kd": kd, "target": c.target, "selection": selection,

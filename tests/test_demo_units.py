@@ -184,6 +184,20 @@ def test_selection_changes_count_units_the_l0_phase_moved():
     assert selection_line(selection_changes(start, start)).startswith("The L0 phase kept the one-shot selection")
 
 
+def test_prune_run_passes_the_warm_start_logit_and_mask_rate(tmp_path):
+    """--warm-logit and --mask-lr reach the L0 phase's run config; unset, prune.yaml's values hold."""
+    from drprune.demo.pipeline import prune_run
+
+    target = {"n_layers": 24, "n_heads": 6, "n_kv_heads": 2, "intermediate_size": 1024}
+    args = (tmp_path / "source", tmp_path / "mds", ["news", "code"], [2.0, 1.0], target, tmp_path / "m.safetensors",
+            tmp_path / "run")
+    default = prune_run(DemoOptions(out=tmp_path), *args)
+    assert "init_logit" not in default.model.mask_generator and default.optimizer.lag_lr == 0.1
+    assert default.model.mask_generator["init_masks"] == str(tmp_path / "m.safetensors")
+    run = prune_run(DemoOptions(out=tmp_path, warm_logit=2.0, mask_lr=0.3), *args)
+    assert run.model.mask_generator["init_logit"] == 2.0 and run.optimizer.lag_lr == 0.3
+
+
 def test_stage_reuses_only_matching_fingerprints(tmp_path):
     calls = []
 
@@ -214,6 +228,8 @@ def test_failed_stage_leaves_nothing(tmp_path):
     ({"kd": 1.5}, r"--kd is the weight of distillation"),
     ({"copy_rows": 0}, r"--copy-rows must be >= 1"),
     ({"mask_lr": 0.0}, r"--mask-lr must be > 0"),
+    ({"warm_logit": 5.0}, r"--warm-logit must be in \(0, 4.61\]"),
+    ({"warm_logit": 0.0}, r"--warm-logit must be in \(0, 4.61\]"),
 ])
 def test_demo_preflight_refuses_bad_budgets(tmp_path, monkeypatch, change, message):
     import drprune.demo.pipeline as pipeline

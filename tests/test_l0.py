@@ -169,3 +169,28 @@ def test_warm_start_from_a_hard_mask_file(tmp_path):
     torch.save({"head": torch.ones(3, 3)}, tmp_path / "bad.pt")
     with pytest.raises(ConfigError, match="init_masks: .*bad.pt.*shape"):
         make(init_masks=str(tmp_path / "bad.pt"))
+
+
+def test_warm_start_logit_sets_how_firmly_the_selection_is_held(tmp_path):
+    """init_logit puts kept units at +v and dropped ones at -v (the same hard selection), so a short
+    run can move them; it is refused without init_masks and outside the logit clamp."""
+    from drprune.masks.base import MaskSet
+
+    chosen = MaskSet(intermediate=torch.stack([(torch.arange(48) % 2 == 0) & (torch.arange(48) < 40)] * 4).float(),
+                     head=torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]),
+                     layer=torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    path = str(chosen.save(tmp_path / "masks.safetensors"))
+    firm, loose = make(init_masks=path), make(init_masks=path, init_logit=1.0)
+    for name in ("intermediate", "head", "layer"):
+        assert torch.equal(loose.hard_masks()[name] != 0, chosen[name] != 0), name
+        logits = loose.gates[name].log_alpha
+        assert set(logits.unique().tolist()) == {-1.0, 1.0}, name
+        assert firm.gates[name].log_alpha.max().item() == pytest.approx(math.log(99), rel=1e-6)
+    # a dropped unit at -1 is sampled nonzero in 64.5% of draws (at -4.6 in 4.7%): free to come back
+    dropped = chosen["intermediate"] == 0
+    assert loose.gates["intermediate"].keep_prob()[dropped].mean().item() == pytest.approx(0.645, abs=1e-3)
+    assert firm.gates["intermediate"].keep_prob()[dropped].max().item() == pytest.approx(0.047, abs=1e-3)
+    with pytest.raises(ConfigError, match="init_logit=1.0 needs model.mask_generator.init_masks"):
+        make(init_logit=1.0)
+    with pytest.raises(ConfigError, match=r"init_logit=5.0 must be in \(0, 4.605\]"):
+        make(init_masks=path, init_logit=5.0)

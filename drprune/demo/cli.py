@@ -50,6 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="learning rate of the L0 mask logits and Lagrange multipliers in the learned model's "
                         "pruning phase (default: configs/demo/prune.yaml's lag_lr 0.1, at which the warm-started "
                         "masks keep the one-shot selection; the report counts the units that changed)")
+    p.add_argument("--warm-logit", type=float, default=d.warm_logit,
+                   help="logit magnitude the learned model's masks start from (kept units +v, dropped -v; default "
+                        "4.6, which 24 steps at the default --mask-lr cannot move across; e.g. 2 lets them swap "
+                        "units)")
     p.add_argument("--repeats", action=argparse.BooleanOptionalAction, default=d.repeats,
                    help="also train every candidate on a repeats domain (spans of the training text repeated "
                         "within a row, built by `data prepare --repeats-from`; never evaluated)")
@@ -83,7 +87,7 @@ def run(args: argparse.Namespace) -> None:
                        target=args.target, source_layers=args.source_layers, gguf=args.gguf, corpus=args.corpus,
                        seq_len=args.seq_len, batch_size=args.batch_size, eval_rows=args.eval_rows,
                        copy_rows=args.copy_rows, seed=args.seed, dtype=args.dtype, selection=args.selection,
-                       repeats=args.repeats, mask_lr=args.mask_lr,
+                       repeats=args.repeats, mask_lr=args.mask_lr, warm_logit=args.warm_logit,
                        tasks=tuple(parse_tasks(args.tasks)) if args.tasks is not None else ())
     s = run_demo(opts)
     print("\n" + comparison_table(s))

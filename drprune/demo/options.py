@@ -33,6 +33,7 @@ class DemoOptions:
     #                                      blocks protected) | copy-heads (the KV groups only)
     repeats: bool = False                # train every candidate with a repeats domain (drprune.data.repeats) too
     mask_lr: float | None = None         # optimizer.lag_lr of the L0 phase (default: configs/demo/prune.yaml's)
+    warm_logit: float | None = None      # logit magnitude of the L0 warm start (default: the keep logit, 4.6)
 
     SELECTIONS = ("activation", "copy", "copy-heads")
 

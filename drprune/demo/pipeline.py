@@ -53,7 +53,7 @@ from drprune.eval.harness import check_tasks, run_tasks, scores
 from drprune.eval.perplexity import evaluate_domains, read_token_rows
 from drprune.eval.speed import throughput
 from drprune.masks.base import MaskSet
-from drprune.masks.l0 import resolve_targets
+from drprune.masks.l0 import LOG_ALPHA_MAX, resolve_targets
 from drprune.models.decoder import PrunableDecoder
 from drprune.models.shapes import config_params
 from drprune.train import build_trainer, load_config
@@ -111,6 +111,8 @@ def preflight(opts: DemoOptions) -> Path:
                         f"pretraining; got {opts.learned_prune_steps} with --steps {opts.steps}")
     if opts.mask_lr is not None and not opts.mask_lr > 0:
         raise UserError(f"--mask-lr must be > 0, got {opts.mask_lr}")
+    if opts.warm_logit is not None and not 0 < opts.warm_logit <= LOG_ALPHA_MAX:
+        raise UserError(f"--warm-logit must be in (0, {LOG_ALPHA_MAX:.2f}] (the L0 logits' clamp), got {opts.warm_logit}")
     if not 0.0 <= opts.kd <= 1.0:
         raise UserError(f"--kd is the weight of distillation from the source, in [0, 1]; got {opts.kd}")
     if opts.seq_len < 4:
@@ -300,19 +302,27 @@ def _drop_composer_checkpoints(folder: Path) -> None:
             f.unlink()
 
 
+def prune_run(opts: DemoOptions, source: Path, data_dir: Path, domains: list[str], ref_loss: list[float],
+              target: dict[str, int], init_masks: Path, save: Path) -> RunConfig:
+    """configs/demo/prune.yaml for the learned model's L0 phase, warm-started from `init_masks`."""
+    values = _train_values(opts, data_dir, domains, ref_loss, source / "model.pt", source / "model.pt",
+                           save, opts.learned_prune_steps)
+    values["model"]["mask_generator"] = {"target_model": target, "init_masks": str(init_masks),
+                                         "pruning_modules": pruning_modules(target),
+                                         "lagrangian_warmup_steps": f"{max(1, opts.learned_prune_steps // 2)}ba"}
+    if opts.warm_logit is not None:
+        values["model"]["mask_generator"]["init_logit"] = opts.warm_logit
+    if opts.mask_lr is not None:
+        values["optimizer"] = {"lag_lr": opts.mask_lr}
+    return run_config("prune", values)
+
+
 def build_pruned(opts: DemoOptions, source: Path, data_dir: Path, domains: list[str],
                  ref_loss: list[float], target: dict[str, int], init_masks: Path, dst: Path) -> None:
     """L0 + DRO pruning, its logits warm-started from the one-shot selection (`init_masks`): a CPU run
     of a few dozen steps cannot learn a selection from scratch, but it can refine a good one."""
 
-    values = _train_values(opts, data_dir, domains, ref_loss, source / "model.pt", source / "model.pt",
-                           dst / "run", opts.learned_prune_steps)
-    values["model"]["mask_generator"] = {"target_model": target, "init_masks": str(init_masks),
-                                         "pruning_modules": pruning_modules(target),
-                                         "lagrangian_warmup_steps": f"{max(1, opts.learned_prune_steps // 2)}ba"}
-    if opts.mask_lr is not None:
-        values["optimizer"] = {"lag_lr": opts.mask_lr}
-    run = _fit(run_config("prune", values))
+    run = _fit(prune_run(opts, source, data_dir, domains, ref_loss, target, init_masks, dst / "run"))
     lm = run["model"]
     masks = lm.mask_generator.hard_masks()
     masks.save(dst / "masks.safetensors", source=lm.model.cfg)
@@ -651,7 +661,8 @@ def run_candidates(opts: DemoOptions, gguf_file: Path, work: Path, timings: dict
     domains = train_domains  # what every training run mixes (the repeats domain included)
     prune_steps, budget = opts.learned_prune_steps, opts.steps
     pruned = Stage(work, "pruned", {**recipe, "steps": prune_steps, "warm_start": base.fingerprint,
-                                    **({"mask_lr": opts.mask_lr} if opts.mask_lr is not None else {})})
+                                    **({"mask_lr": opts.mask_lr} if opts.mask_lr is not None else {}),
+                                    **({"warm_logit": opts.warm_logit} if opts.warm_logit is not None else {})})
     timed("prune", lambda: pruned.ensure(costed(lambda d: in_child_process(
         build_pruned, opts, src.dir, mds, domains, ref_loss, target, base.dir / "masks.safetensors", d,
         low_memory=True))))

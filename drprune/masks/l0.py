@@ -137,6 +137,7 @@ class L0MaskGenerator(MaskGenerator):
         droprate_init: float = 0.01,
         seed: int = 0,
         init_masks: str | None = None,
+        init_logit: float | None = None,
         config_prefix: str = "model.mask_generator",
     ) -> None:
         super().__init__()
@@ -167,15 +168,23 @@ class L0MaskGenerator(MaskGenerator):
         self.lambda_1 = nn.ParameterDict({m: nn.Parameter(torch.zeros(1)) for m in self.sizes})
         self.lambda_2 = nn.ParameterDict({m: nn.Parameter(torch.zeros(1)) for m in self.sizes})
         self._register_load_state_dict_pre_hook(_scalar_multipliers_to_vectors)
+        if init_logit is not None and init_masks is None:
+            raise ConfigError(f"{config_prefix}.init_logit={init_logit} needs {config_prefix}.init_masks: it is "
+                              "the logit magnitude of the warm start")
+        if init_logit is not None and not 0 < init_logit <= LOG_ALPHA_MAX:
+            raise ConfigError(f"{config_prefix}.init_logit={init_logit} must be in (0, {LOG_ALPHA_MAX:.3f}] "
+                              "(logits are clamped to +-ln 100)")
         if init_masks is not None:
-            self._warm_start(init_masks, f"{config_prefix}.init_masks")
+            self._warm_start(init_masks, init_logit, f"{config_prefix}.init_masks")
 
-    def _warm_start(self, path: str, key: str) -> None:
+    def _warm_start(self, path: str, logit: float | None, key: str) -> None:
         """Start the logits from a hard MaskSet file (e.g. a one-shot pruner's selection): kept units
-        at the usual keep logit, dropped ones at its negative, so training refines that selection.
-        The target then holds from step 0: a warm-up ramp from zero sparsity would first pull the
-        Lagrangian toward re-enabling every dropped unit. Not stored in the generator's extra state:
-        checkpoints carry the trained logits themselves."""
+        at `logit` (default: the usual keep logit, ln((1 - droprate_init) / droprate_init)), dropped
+        ones at its negative, so training refines that selection. A smaller logit leaves the masks
+        free to swap units within a short run (a gap of 2 * logit to close) at the price of noisier
+        masks. The target then holds from step 0: a warm-up ramp from zero sparsity would first pull
+        the Lagrangian toward re-enabling every dropped unit. Not stored in the generator's extra
+        state: checkpoints carry the trained logits themselves."""
         try:
             masks = MaskSet.load(path, self.cfg)
         except UserError as err:
@@ -184,7 +193,7 @@ class L0MaskGenerator(MaskGenerator):
             for name, gate in self.gates.items():
                 if name in masks:
                     keep = masks[name].reshape(gate.log_alpha.shape) != 0
-                    high = gate.log_alpha.abs().max()
+                    high = gate.log_alpha.abs().max() if logit is None else torch.tensor(float(logit))
                     gate.log_alpha.copy_(torch.where(keep, high, -high))
         if self.warmup:
             log.info("warm start: the masks are already at the target, so the sparsity warm-up "
