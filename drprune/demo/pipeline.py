@@ -112,7 +112,8 @@ def preflight(opts: DemoOptions) -> Path:
     if opts.mask_lr is not None and not opts.mask_lr > 0:
         raise UserError(f"--mask-lr must be > 0, got {opts.mask_lr}")
     if opts.warm_logit is not None and not 0 < opts.warm_logit <= LOG_ALPHA_MAX:
-        raise UserError(f"--warm-logit must be in (0, {LOG_ALPHA_MAX:.2f}] (the L0 logits' clamp), got {opts.warm_logit}")
+        raise UserError(f"--warm-logit must be in (0, {LOG_ALPHA_MAX:.2f}] (the L0 logits' clamp), "
+                        f"got {opts.warm_logit}")
     if not 0.0 <= opts.kd <= 1.0:
         raise UserError(f"--kd is the weight of distillation from the source, in [0, 1]; got {opts.kd}")
     if opts.seq_len < 4:

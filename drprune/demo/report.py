@@ -50,7 +50,8 @@ def selection_line(changes: dict[str, dict[str, int]]) -> str:
     if not moved:
         return ("The L0 phase kept the one-shot selection unit for unit (" + ", ".join(
             f"{k}: {c['units']}" for k, c in changes.items()) + " units compared): the learned model differs from "
-                "the baseline by its training, not by what it removed (a smaller `--warm-logit` or a larger `--mask-lr` lets the masks move).")
+                "the baseline by its training, not by what it removed (a smaller `--warm-logit` or a larger "
+                "`--mask-lr` lets the masks move).")
     return "The L0 phase changed the one-shot selection: " + "; ".join(
         f"{k}: {c['added']} of {c['units']} units added, {c['removed']} removed" for k, c in moved.items()) + "."
 
