@@ -37,7 +37,7 @@ def test_target_checks_report_met_and_unmet_from_numbers():
              "learned": _eval(50, 1, {"x": 45, "y": 110}, 2.0),
              "base": _eval(60, 1, {"x": 40, "y": 120}, 2.0)}
     met = {r["target"]: r["met"] for r in target_checks(evals, "learned", "base", "source", 9.0, 4.5)}
-    assert len(met) == 8
+    assert len(met) == 10
     by_start = {t.split(" ")[0] + " " + t.split(" ")[1]: v for t, v in met.items()}
     assert by_start["learned beats"] is True            # 1 - 50/60 = 16.7%, intervals separated
     assert by_start["learned not"] is False             # x: 45 vs 40 outside the intervals
@@ -47,6 +47,15 @@ def test_target_checks_report_met_and_unmet_from_numbers():
     copy = next(r for r in target_checks(evals, "learned", "base", "source", None, None)
                 if r["target"].startswith("copying"))
     assert copy["met"] is True                          # ln 2 / ln 1.5 = 1.7x
+    assert by_start["copying-probe perplexity"] is True  # 2.0 / 1.5 = 1.33x
+    assert by_start["learned copies"] is False          # 2.0 vs 2.0: a tie
+    evals["learned"]["copy"] = _s(3.5, 0.1)              # 3.5 / 1.5 = 2.3x, and worse than the baseline's 2.0
+    rows = {r["target"].split(" <=")[0]: r for r in target_checks(evals, "learned", "base", "source", None, None)}
+    assert rows["copying-probe perplexity"]["met"] is False and "(2.3x)" in rows["copying-probe perplexity"]["measured"]
+    evals["base"]["copy"] = _s(9.0, 0.5)
+    better = next(r for r in target_checks(evals, "learned", "base", "source", None, None)
+                  if r["target"].startswith("learned copies"))
+    assert better["met"] is True and better["measured"] == "3.5 vs 9 (better)"
 
 
 def test_head_to_head_adds_a_paired_ratio_when_rows_are_kept():

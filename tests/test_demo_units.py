@@ -119,11 +119,15 @@ def test_default_target_is_about_half_of_smollm2():
 
     src = ModelConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
                       intermediate_size=1536, tie_word_embeddings=True)
-    target = resolve_target(src, {})
-    assert target == {"n_layers": 24, "n_heads": 6, "n_kv_heads": 2, "intermediate_size": 1024}
+    target = resolve_target(src, {})  # 90% of layers, 2/3 of KV groups, MLP to fill the size (a multiple of 32)
+    assert target == {"n_layers": 27, "n_heads": 6, "n_kv_heads": 2, "intermediate_size": 864}
     pruned = ModelConfig(**{**src.to_dict(), **target})
     ratio = config_params(pruned, embeddings=False) / config_params(src, embeddings=False)
     assert 0.5 < ratio < 0.56
+    depth_first = ModelConfig(**{**src.to_dict(), "n_layers": 24, "n_heads": 6, "n_kv_heads": 2,
+                                 "intermediate_size": 1024})  # the earlier default: the size it keeps
+    one_more = ModelConfig(**{**pruned.to_dict(), "intermediate_size": 896})
+    assert config_params(pruned) <= config_params(depth_first) < config_params(one_more)
     assert resolve_target(src, {"n_kv_heads": 1})["n_heads"] == 3
     with pytest.raises(UserError):
         resolve_target(src, {"n_layers": 31})

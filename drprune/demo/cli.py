@@ -40,7 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="weight of distillation from the source model in every training run, in [0, 1] (0: none)")
     p.add_argument("--target", type=parse_target, default={},
                    help="target shape overrides, e.g. n_layers=24,n_heads=6,n_kv_heads=2,intermediate_size=1024 "
-                        "(default: 80%% of layers, 2/3 of KV groups and MLP channels); d_model=448 also prunes "
+                        "(default: about half the non-embedding parameters, 90%% of layers, 2/3 of KV groups and "
+                        "the MLP channels that fit: 27 layers, 2 KV groups, MLP 864 on SmolLM2-135M); "
+                        "d_model=448 also prunes "
                         "hidden dims (width-first: n_layers=30,n_kv_heads=3,d_model=448,intermediate_size=896)")
     p.add_argument("--selection", choices=DemoOptions.SELECTIONS, default=d.selection,
                    help="one-shot selection both candidates start from: activation importance, copy (the KV "

@@ -22,6 +22,7 @@ TARGETS = {
     "held_out_ratio": 2.5,       # held-out geo-mean perplexity / source's
     "held_out_domain_ratio": 4.0,  # any single held-out domain / source's
     "copy_loss_ratio": 2.0,      # copying-probe loss / source's
+    "copy_ppl_ratio": 2.0,       # copying-probe perplexity / source's (the pruned model still reads its context)
     "demo_minutes": 12.0,
     "peak_memory_gb": 4.0,
 }
@@ -122,6 +123,16 @@ def target_checks(evals: dict[str, dict[str, Any]], learned: str, baseline: str,
                      "measured": f"{math.log(L['copy']['ppl']):.3f} vs {math.log(S['copy']['ppl']):.3f} nats "
                                  f"({r:.1f}x)",
                      "met": r <= t["copy_loss_ratio"]})
+        r = L["copy"]["ppl"] / S["copy"]["ppl"]
+        rows.append({"target": f"copying-probe perplexity <= {t['copy_ppl_ratio']}x the source's",
+                     "measured": f"{L['copy']['ppl']:.4g} vs {S['copy']['ppl']:.3g} ({r:,.1f}x)",
+                     "met": r <= t["copy_ppl_ratio"]})
+    if L.get("copy") and B.get("copy"):
+        v = verdict(L["copy"], B["copy"])
+        rows.append({"target": "learned copies better than the one-shot baseline from the same selection, outside "
+                               "the intervals",
+                     "measured": f"{L['copy']['ppl']:.4g} vs {B['copy']['ppl']:.4g} ({'tie' if v == 'tie' else v})",
+                     "met": v == "better"})
     if minutes is not None:
         rows.append({"target": f"demo <= {t['demo_minutes']:.0f} minutes", "measured": f"{minutes:.1f} min",
                      "met": minutes <= t["demo_minutes"]})

@@ -66,6 +66,7 @@ DEMO_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model MODEL_F
 PYTHON_PACKAGES = {"gguf": "gguf", "accelerate": "accelerate", "matplotlib": "matplotlib", "yaml": "pyyaml"}
 PROMPTS = ("The history of the United States began", "def read_config(path):")
 TARGET_KEYS = ("n_layers", "n_heads", "n_kv_heads", "intermediate_size", "d_model")  # d_model: hidden pruning
+MLP_MULTIPLE = 32  # the default target's MLP width is a multiple of llama.cpp's quantization block
 TEACHER_DTYPE = "bfloat16"  # of the teacher in every demo training run: half its memory (the L0 stage is the peak)
 REPEATS = "repeats"  # the train-only domain of repeated spans (`DemoOptions.repeats`)
 CALIBRATION_ROWS = 40  # sequences scored by the one-shot selection (activation importance: forward passes only;
@@ -131,10 +132,20 @@ def preflight(opts: DemoOptions) -> Path:
 
 
 def default_target(cfg) -> dict[str, int]:
-    """About half the non-embedding parameters: 80% of layers, 2/3 of KV groups and MLP channels."""
+    """About half the non-embedding parameters (the size of 80% of layers with 2/3 of KV groups and MLP
+    channels), spent on depth: 90% of layers, 2/3 of KV groups, and as many MLP channels (a multiple of
+    32, llama.cpp's quantization block) as fit. Removing fewer layers keeps in-context copying, which
+    layer removal breaks, for the same in-domain perplexity (docs/quality.md)."""
     kv = max(1, round(cfg.n_kv_heads * 2 / 3))
-    return {"n_layers": max(1, round(cfg.n_layers * 0.8)), "n_kv_heads": kv, "n_heads": kv * cfg.group_size,
-            "intermediate_size": max(64, round(cfg.intermediate_size * 2 / 3 / 64) * 64)}
+    heads = {"n_kv_heads": kv, "n_heads": kv * cfg.group_size}
+    size = config_params(replace(cfg, n_layers=max(1, round(cfg.n_layers * 0.8)), **heads,
+                                 intermediate_size=max(64, round(cfg.intermediate_size * 2 / 3 / 64) * 64)),
+                         embeddings=False)
+    layers = max(1, round(cfg.n_layers * 0.9))
+    channels = range(cfg.intermediate_size // MLP_MULTIPLE * MLP_MULTIPLE, 0, -MLP_MULTIPLE)
+    fits = (m for m in channels if config_params(replace(cfg, n_layers=layers, **heads, intermediate_size=m),
+                                                 embeddings=False) <= size)
+    return {"n_layers": layers, **heads, "intermediate_size": next(fits, MLP_MULTIPLE)}
 
 
 def resolve_target(cfg, overrides: dict[str, int]) -> dict[str, int]:
