@@ -83,6 +83,8 @@ def main() -> None:
     p.add_argument("--mask-lr", type=float, help="the L0 phase's mask learning rate (default: the demo's)")
     p.add_argument("--warm-logit", type=float, help="the L0 warm start's logit magnitude (default: the demo's)")
     p.add_argument("--eval-rows", type=int, default=64)
+    p.add_argument("--untrained", action="store_true",
+                   help="also score each arm's one-shot selection before any training (the compacted source)")
     p.add_argument("--ablate", action="store_true", help="also score each part of the one-shot selection alone")
     p.add_argument("--tasks", help="also score every candidate on these lm-eval tasks, comma-separated "
                                    "(e.g. drprune_copy,drprune_cloze; see `drprune eval --tasks`)")
@@ -116,6 +118,13 @@ def main() -> None:
             rows.append([str(budget), f"{kd:g}", shape, b.label, f"{b.tokens:,}", f"{b.wall_s:.0f}",
                          f"{b.cpu_s:.0f}", fmt(e["in_domain"]["geomean"]),
                          fmt(e["held_out"]["geomean"]) if e.get("held_out") else "n/a", fmt(e["copy"], 2)])
+        if args.untrained:  # the shared selection stage holds this arm's selection until the next arm runs
+            data = args.out / "shared" / ("data_repeats" if repeats else "data")
+            e = evaluate_model(c.baseline_selection.dir / "compact.pt", data / "mds", c.data_info, opts)
+            results[-1]["evals"]["untrained"] = e
+            rows.append([str(budget), f"{kd:g}", shape, "one-shot selection, no training", "0", "", "",
+                         fmt(e["in_domain"]["geomean"]), fmt(e["held_out"]["geomean"]) if e.get("held_out") else "n/a",
+                         fmt(e["copy"], 2)])
         changes = json.loads((c.pruned.dir / "history.json").read_text()).get("selection_changes", {})
         results[-1]["selection_changes"] = changes
         lines += [f"{name}:", *head_to_head(c.evals, "pruned", "baseline"), f"- {selection_line(changes)}"]
