@@ -90,7 +90,8 @@ def test_summary_numbers_are_finite_and_consistent(demo):
 
     weights = s["mixture"]["weights"]
     assert [step for step, _ in weights] == [1, 2, 3, 4]  # the L0 phase
-    assert all(abs(sum(w) - 1) < 1e-6 and len(w) == len(domains) for _, w in weights)
+    mixed = len(domains) + (1 if s["options"]["repeats"] else 0)  # the train-only repeats domain (default on)
+    assert s["options"]["repeats"] is True and all(abs(sum(w) - 1) < 1e-6 and len(w) == mixed for _, w in weights)
     assert s["mixture"]["sparsity"]  # expected sparsity was recorded per module
     changes = s["mixture"]["selection_changes"]  # what the L0 phase moved from the one-shot selection
     assert set(changes) == {"head", "intermediate", "layer"}

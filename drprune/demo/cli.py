@@ -58,7 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "units)")
     p.add_argument("--repeats", action=argparse.BooleanOptionalAction, default=d.repeats,
                    help="also train every candidate on a repeats domain (spans of the training text repeated "
-                        "within a row, built by `data prepare --repeats-from`; never evaluated)")
+                        "within a row, built by `data prepare --repeats-from`; never evaluated). On by default: "
+                        "copying 839 -> 311 for +2.7%% in-domain perplexity (docs/quality.md)")
     p.add_argument("--gguf", type=Path, help="another llama-family GGUF model instead of SmolLM2-135M-Instruct")
     p.add_argument("--corpus", type=Path, default=d.corpus, help="corpus YAML (domains -> files/globs)")
     p.add_argument("--source-layers", type=int, help="keep only the first N layers of the source (quick looks, tests)")

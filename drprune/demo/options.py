@@ -31,7 +31,7 @@ class DemoOptions:
     dtype: str | None = None             # of the exported HF folders (default: the source's, fp32 from the GGUF)
     selection: str = "copy-heads"        # one-shot selection: activation | copy (copy-reading KV groups and
     #                                      blocks protected) | copy-heads (the KV groups only)
-    repeats: bool = False                # train every candidate with a repeats domain (drprune.data.repeats) too
+    repeats: bool = True                 # train every candidate with a repeats domain (drprune.data.repeats) too
     mask_lr: float | None = None         # optimizer.lag_lr of the L0 phase (default: configs/demo/prune.yaml's)
     warm_logit: float | None = None      # logit magnitude of the L0 warm start (default: the keep logit, 4.6)
 
