@@ -28,8 +28,8 @@ from pathlib import Path
 from drprune.demo.cli import parse_target as parse_target_spec
 from drprune.demo.compare import fmt, head_to_head
 from drprune.demo.options import DemoOptions
-from drprune.demo.pipeline import (evaluate_model, import_composer_first, oneshot_stage, preflight, run_candidates,
-                                   task_scores)
+from drprune.demo.pipeline import (data_stage, evaluate_model, import_composer_first, oneshot_stage, preflight,
+                                   run_candidates, task_scores)
 from drprune.demo.report import selection_line, task_rows
 from drprune.eval.harness import parse_tasks
 
@@ -50,7 +50,7 @@ def ablate(opts: DemoOptions, shared: Path) -> list[list[str]]:
     from drprune.convert.checkpoint import decoder_checkpoint_state, load_decoder, save_checkpoint
     from drprune.masks.base import MaskSet
 
-    data_info = json.loads((shared / "data" / "data.json").read_text())
+    data_info = json.loads((shared / data_stage(opts) / "data.json").read_text())
     source = load_decoder(shared / "source" / "model.pt")
     masks = MaskSet.load(shared / oneshot_stage(opts.selection) / "masks.safetensors", source.cfg)
     rows, ckpt = [], shared / "ablation.pt"
@@ -59,7 +59,7 @@ def ablate(opts: DemoOptions, shared: Path) -> list[list[str]]:
             continue
         part = MaskSet({k: v for k, v in masks.items() if k in parts}).validate(source.cfg)
         save_checkpoint(decoder_checkpoint_state(compact_decoder(source, part)), ckpt, overwrite=True)
-        e = evaluate_model(ckpt, shared / "data" / "mds", data_info, opts)
+        e = evaluate_model(ckpt, shared / data_stage(opts) / "mds", data_info, opts)
         rows.append([name, fmt(e["in_domain"]["geomean"]), fmt(e["held_out"]["geomean"]), fmt(e["copy"], 2)])
         print(" | ".join(rows[-1]), flush=True)
     ckpt.unlink()
@@ -119,8 +119,8 @@ def main() -> None:
                          f"{b.cpu_s:.0f}", fmt(e["in_domain"]["geomean"]),
                          fmt(e["held_out"]["geomean"]) if e.get("held_out") else "n/a", fmt(e["copy"], 2)])
         if args.untrained:  # the shared selection stage holds this arm's selection until the next arm runs
-            data = args.out / "shared" / ("data_repeats" if repeats else "data")
-            e = evaluate_model(c.baseline_selection.dir / "compact.pt", data / "mds", c.data_info, opts)
+            data = args.out / "shared" / data_stage(opts) / "mds"
+            e = evaluate_model(c.baseline_selection.dir / "compact.pt", data, c.data_info, opts)
             results[-1]["evals"]["untrained"] = e
             rows.append([str(budget), f"{kd:g}", shape, "one-shot selection, no training", "0", "", "",
                          fmt(e["in_domain"]["geomean"]), fmt(e["held_out"]["geomean"]) if e.get("held_out") else "n/a",
@@ -131,7 +131,7 @@ def main() -> None:
         if tasks:
             ckpts = {"source": c.source.dir / "model.pt", "baseline": c.baseline_continued.dir / "model.pt",
                      "pruned": c.pruned_continued.dir / "model.pt"}
-            scores = task_scores(ckpts, opts, args.out / "shared" / "data" / "mds", c.source.dir / "hf")
+            scores = task_scores(ckpts, opts, args.out / "shared" / data_stage(opts) / "mds", c.source.dir / "hf")
             results[-1]["tasks"] = scores
             task_table += [[str(budget), f"{kd:g}", *r] for r in task_rows(scores, list(MODELS))]
     if args.ablate:

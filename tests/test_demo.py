@@ -123,7 +123,7 @@ def test_hf_folder_loads_in_transformers_and_matches_the_report(demo):
     assert model.config.num_key_value_heads == s["target"]["n_kv_heads"]
     assert model.config.intermediate_size == s["target"]["intermediate_size"]
     for domain in s["domains"][:2]:
-        rows = torch.from_numpy(read_token_rows(out / "work" / "data" / "mds" / "eval" / domain, 2))
+        rows = torch.from_numpy(read_token_rows(out / "work" / "data_repeats" / "mds" / "eval" / domain, 2))
         with torch.no_grad():
             logits = model(rows).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), rows[:, 1:].flatten())
@@ -137,7 +137,7 @@ def test_second_run_reuses_valid_stages_and_rebuilds_the_rest(demo):
     from drprune.demo.pipeline import oneshot_stage
 
     oneshot = oneshot_stage(DemoOptions(out=out).selection)
-    kept = {name: (work / name / "stage.json").stat().st_mtime_ns for name in ("source", "data", oneshot)}
+    kept = {name: (work / name / "stage.json").stat().st_mtime_ns for name in ("source", "data_repeats", oneshot)}
     (work / "baseline_continued" / "stage.json").unlink()  # an interrupted/invalid stage
     second = _run(out, "--prune-steps", "5")  # a new pruning recipe at the same budget
     assert {n: (work / n / "stage.json").stat().st_mtime_ns for n in kept} == kept
@@ -169,12 +169,15 @@ def test_copy_aware_selection_and_repeats_domain(demo):
 
 def test_width_first_target_prunes_hidden_dims(demo):
     """`--target d_model=...`: both candidates are pruned to the smaller hidden size (L0 hidden masks
-    warm-started from the one-shot selection's), and their HF folders load at that width."""
+    warm-started from the one-shot selection's), and their HF folders load at that width. Run with
+    `--no-repeats`: the five domains alone are mixed, from the data stage without the repeats domain."""
     from transformers import AutoConfig
 
     out, first = demo
-    s = _run(out, "--target", "d_model=448,intermediate_size=896")
-    assert s["target"]["d_model"] == 448
+    s = _run(out, "--target", "d_model=448,intermediate_size=896", "--no-repeats")
+    assert s["target"]["d_model"] == 448 and s["options"]["repeats"] is False
+    assert all(len(w) == len(s["domains"]) for _, w in s["mixture"]["weights"])
+    assert (out / "work" / "data" / "stage.json").is_file()
     for model in ("pruned", "baseline"):
         assert s["parameters"][model]["shape"]["d_model"] == 448
         assert s["parameters"][model]["shape"]["intermediate_size"] == 896

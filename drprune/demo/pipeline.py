@@ -613,6 +613,12 @@ def import_composer_first() -> None:
     import composer  # noqa: F401
 
 
+def data_stage(opts: DemoOptions) -> str:
+    """The folder of the data stage: the repeats domain makes another one, so runs with and without it
+    share the source and keep both."""
+    return "data" + ("_repeats" if opts.repeats else "")
+
+
 def oneshot_stage(selection: str) -> str:
     """The folder of the one-shot selection stage: one per selection, so runs of several share them."""
     return "baseline" if selection == "activation" else f"baseline_{selection}"
@@ -632,7 +638,7 @@ def run_candidates(opts: DemoOptions, gguf_file: Path, work: Path, timings: dict
     timed("convert", lambda: src.ensure(lambda d: build_source(gguf_file, opts.source_layers, d)))
     target = resolve_target(config_of_state(load_model_state(src.dir / "model.pt")), opts.target)
 
-    data = Stage(shared, "data" + ("_repeats" if opts.repeats else ""),
+    data = Stage(shared, data_stage(opts),
                  {"tokenizer": model_id, "corpus": fingerprint({"yaml": opts.corpus.read_text()}),
                   "seq_len": opts.seq_len, "eval_fraction": opts.eval_fraction, "seed": opts.seed,
                   **({"repeats": REPEATS} if opts.repeats else {})})
@@ -727,7 +733,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     timed_into(timings, "gguf", lambda: export_gguf(out / "hf", out / "pruned.gguf"))
     folders = {"source": c.source.dir / "hf", "pruned": out / "hf", "baseline": work / "baseline_hf"}
     checks = timed_into(timings, "generate_and_speed", lambda: hf_checks(folders, ("source", "pruned")))
-    tasks = (timed_into(timings, "tasks", lambda: task_scores(folders, opts, work / "data" / "mds"))
+    tasks = (timed_into(timings, "tasks", lambda: task_scores(folders, opts, work / data_stage(opts) / "mds"))
              if opts.tasks else None)
 
     summary = _summary(opts, gguf_file, c.target, c.data_info, c.evals, c.budgets, checks, timings, {
